@@ -1,0 +1,181 @@
+"""Chat prompts: OpenAI-style messages -> the exact prompt string of Phi-4's official chat template.
+
+The official template (tokenizer_config.json, SPEC §6) is tiny, so we render it in plain Python instead of
+pulling in jinja; tests check byte equality with jinja2 and with transformers' `apply_chat_template`:
+
+    <|system|>SYS<|tool|>[tools json]<|/tool|><|end|><|user|>Q<|end|><|assistant|>A<|end|>...<|assistant|>
+
+Choices the template leaves open (documented here because the model card does not):
+- `tools=[...]` goes into the system turn as `<|tool|>JSON<|/tool|>`. With no system message we add an empty
+  one first (`<|system|><|tool|>[...]<|/tool|><|end|>`): the template only places tools in a system turn, and
+  an empty system prompt changes nothing else. OpenAI wrappers `{"type": "function", "function": {...}}` are
+  unwrapped to the flat `{"name", "description", "parameters"}` objects the model card shows.
+- JSON is written with `json.dumps(..., ensure_ascii=False)`: the default separators match the model card's
+  examples; raw non-ASCII text costs fewer tokens than `\\uXXXX` escapes.
+- An assistant message's OpenAI `tool_calls` are appended to its content as
+  `<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>`, the format the model emits (SPEC §6).
+- Tool results (role "tool") render as `<|tool|>RESULT<|end|>`: that is what the official template produces
+  for that role; `<|tool_response|>` is never used by it.
+- Images and audio become `<|image_N|>` / `<|audio_N|>` placeholders, numbered from 1 in order of appearance
+  across the whole conversation (the processor matches them in order and ignores N; SPEC §6).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool")
+EOS_TOKEN = "<|endoftext|>"
+
+# Part types that carry an image / audio, and where each keeps its payload. The payload is handed on
+# untouched: decoding URLs, base64 and files is the processor's job.
+_IMAGE_PARTS = {"image_url": "image_url", "image": "image"}
+_AUDIO_PARTS = {"input_audio": "input_audio", "audio": "audio", "audio_url": "audio_url"}
+
+
+class ChatError(ValueError):
+    """A message list that cannot be rendered; the message says which message and what to fix."""
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def _payload(part: dict[str, Any], key: str, where: str) -> Any:
+    if key in part:
+        value = part[key]
+        # {"image_url": {"url": ...}} and {"audio_url": {"url": ...}}: the url string is the payload.
+        if key in ("image_url", "audio_url") and isinstance(value, dict):
+            if "url" not in value:
+                raise ChatError(f"{where}: {key!r} needs a 'url' field, e.g. {{'{key}': {{'url': 'https://...'}}}}")
+            return value["url"]
+        return value
+    # transformers-style parts: {"type": "image", "url"/"path"/"base64": ...}
+    for alt in ("url", "path", "base64"):
+        if alt in part:
+            return part[alt]
+    raise ChatError(f"{where}: a {part.get('type')!r} part needs a {key!r} field holding the data")
+
+
+def flatten_content(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
+    """Replace list-of-parts contents by strings with media placeholders.
+
+    Returns (messages with str content, image payloads, audio payloads). Placeholders are numbered globally
+    in order of appearance: the k-th image anywhere in the conversation becomes `<|image_k|>`. Messages are
+    shallow-copied; other keys (tool_calls, name, tools...) are kept.
+    """
+    if not isinstance(messages, list):
+        raise ChatError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    images: list[Any] = []
+    audios: list[Any] = []
+    out: list[dict[str, Any]] = []
+    for m, msg in enumerate(messages):
+        where = f"messages[{m}]"
+        if not isinstance(msg, dict):
+            raise ChatError(f"{where} must be a dict with 'role' and 'content', got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise ChatError(f"{where} has role {role!r}; Phi-4 knows only {ROLES}")
+        content = msg.get("content")
+        if isinstance(content, list):
+            pieces: list[str] = []
+            for p, part in enumerate(content):
+                pwhere = f"{where}.content[{p}]"
+                if isinstance(part, str):  # a bare string part is plain text
+                    pieces.append(part)
+                    continue
+                if not isinstance(part, dict) or "type" not in part:
+                    raise ChatError(f"{pwhere} must be a dict with a 'type' field, got {part!r:.80}")
+                kind = part["type"]
+                if kind == "text":
+                    text = part.get("text")
+                    if not isinstance(text, str):
+                        raise ChatError(f"{pwhere}: a 'text' part needs a str 'text' field, got {text!r:.80}")
+                    pieces.append(text)
+                elif kind in _IMAGE_PARTS:
+                    images.append(_payload(part, _IMAGE_PARTS[kind], pwhere))
+                    pieces.append(f"<|image_{len(images)}|>")
+                elif kind in _AUDIO_PARTS:
+                    audios.append(_payload(part, _AUDIO_PARTS[kind], pwhere))
+                    pieces.append(f"<|audio_{len(audios)}|>")
+                else:
+                    raise ChatError(f"{pwhere} has unknown type {kind!r}; use one of 'text', "
+                                    f"{', '.join(repr(k) for k in [*_IMAGE_PARTS, *_AUDIO_PARTS])}")
+            content = "".join(pieces)
+        elif content is None:
+            # OpenAI sends content None on assistant turns that only call tools.
+            if role != "assistant":
+                raise ChatError(f"{where} ({role}) has no content; give a str or a list of parts")
+        elif not isinstance(content, str):
+            raise ChatError(f"{where}.content must be a str or a list of parts, got {type(content).__name__}")
+        out.append({**msg, "content": content})
+    return out, images, audios
+
+
+def _tool_spec(tool: Any, i: int) -> Any:
+    if not isinstance(tool, dict):
+        raise ChatError(f"tools[{i}] must be a dict describing a function, got {type(tool).__name__}")
+    if tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+        return tool["function"]
+    return tool
+
+
+def _render_tool_calls(calls: Any, where: str) -> str:
+    if not isinstance(calls, list):
+        raise ChatError(f"{where}.tool_calls must be a list, got {type(calls).__name__}")
+    rendered = []
+    for c, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ChatError(f"{where}.tool_calls[{c}] needs a function name: "
+                            "{'type': 'function', 'function': {'name': ..., 'arguments': '{...}'}}")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):  # OpenAI sends arguments as a JSON string; the model writes an object
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                pass  # keep the string; better a faithful odd prompt than a refusal
+        rendered.append({"name": fn["name"], "arguments": args})
+    return f"<|tool_call|>{_dumps(rendered)}<|/tool_call|>"
+
+
+def render_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                  add_generation_prompt: bool = True, eos_token: str = EOS_TOKEN) -> str:
+    """The official chat template's output for `messages`, byte for byte (see the module docstring).
+
+    List-of-parts contents are flattened with `flatten_content` (use it directly to get the media).
+    """
+    msgs, _, _ = flatten_content(messages)
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise ChatError(f"tools must be a list of function descriptions, got {type(tools).__name__}")
+        spec = _dumps([_tool_spec(t, i) for i, t in enumerate(tools)])
+        sys_at = next((i for i, m in enumerate(msgs) if m["role"] == "system"), None)
+        if sys_at is None:
+            msgs.insert(0, {"role": "system", "content": "", "tools": spec})
+        elif msgs[sys_at].get("tools") is not None:
+            raise ChatError("tools were given both as render_prompt(tools=...) and in the system message; "
+                            "pass them once")
+        else:
+            msgs[sys_at] = {**msgs[sys_at], "tools": spec}
+    parts: list[str] = []
+    for m, msg in enumerate(msgs):
+        role, content = msg["role"], msg["content"] or ""
+        if role == "assistant" and msg.get("tool_calls"):
+            content += _render_tool_calls(msg["tool_calls"], f"messages[{m}]")
+        msg_tools = msg.get("tools")
+        if role == "system" and msg_tools is not None:
+            if not isinstance(msg_tools, str):  # the template concatenates a string; accept a list too
+                msg_tools = _dumps([_tool_spec(t, i) for i, t in enumerate(msg_tools)])
+            parts.append(f"<|{role}|>{content}<|tool|>{msg_tools}<|/tool|><|end|>")
+        else:
+            parts.append(f"<|{role}|>{content}<|end|>")
+    parts.append("<|assistant|>" if add_generation_prompt else eos_token)
+    return "".join(parts)
+
+
+def prepare_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                     add_generation_prompt: bool = True) -> tuple[str, list[Any], list[Any]]:
+    """(prompt, images, audios): the rendered prompt with placeholders and the media in placeholder order."""
+    flat, images, audios = flatten_content(messages)
+    return render_prompt(flat, tools, add_generation_prompt), images, audios

@@ -1,0 +1,169 @@
+"""Phi-4-mini text decoder: fused qkv / gate_up, GQA, RMSNorm, partial rotary LongRoPE, LoRA on every linear.
+
+The decoder is a pure function of (input embeddings, positions, KV cache, adapter plan). It never samples and
+keeps no per-request state: the cache is an explicit object owned by the caller.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoraConfig, TextConfig
+from .lora import NO_ADAPTER, AdapterPlan, LoraLinear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back to the activation dtype, *then* scale: the order matters in bf16.
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class LongRope:
+    """Partial rotary embedding with LongRoPE short/long frequency factors (SPEC §1.2).
+
+    Not a module: it has no weights, and its tables are derived from the config on whichever device asks.
+    """
+
+    def __init__(self, cfg: TextConfig):
+        self.cfg = cfg
+        self.rotary_dim = cfg.rotary_dim
+        self.scaling = cfg.rope_scaling_factor  # sqrt(17/12) for the published model, short and long alike
+        # Explicit CPU: the model may be built under a meta-device context; these tables are never weights.
+        cpu = torch.device("cpu")
+        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=cpu) / self.rotary_dim
+        base = cfg.rope_theta ** exponent  # (rotary_dim/2,)
+        self.inv_freq = {
+            False: 1.0 / (torch.tensor(cfg.short_factor, dtype=torch.float32, device=cpu) * base),
+            True: 1.0 / (torch.tensor(cfg.long_factor, dtype=torch.float32, device=cpu) * base),
+        }
+
+    def use_long(self, total_len: int) -> bool:
+        """Long factors once the sequence is longer than the original context (4096), as HF/MS do."""
+        return total_len > self.cfg.original_max_position_embeddings
+
+    def cos_sin(self, positions: torch.Tensor, long: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, 1, T, rotary_dim), computed in fp32 then cast."""
+        inv = self.inv_freq[long].to(positions.device)
+        freqs = positions.float()[..., None] * inv  # (B, T, rotary_dim/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, rotary_dim)
+        cos = (emb.cos() * self.scaling).to(dtype)[:, None]  # (B, 1, T, rotary_dim)
+        sin = (emb.sin() * self.scaling).to(dtype)[:, None]
+        return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D): rotate the first rotary_dim dims (halves convention), pass the rest through."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    x1, x2 = rot[..., : rd // 2], rot[..., rd // 2:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+class KVCache:
+    """Contiguous per-layer key/value cache: (layers, B, kv_heads, max_len, head_dim) for keys and values.
+
+    `length` is the number of filled slots (shared by all rows; left padding is handled by a key mask).
+    The fast engine has its own paged cache; this one serves the reference loop and the tests.
+    """
+
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, kv, T, D) at slots [length, length+T) and return all keys/values so far."""
+        t0, t1 = self.length, self.length + k.shape[2]
+        if t1 > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {t1} were asked for")
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, loras: dict[str, LoraConfig]):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        # Fused projection: rows [0:q_out] are Q, then K, then V.
+        self.qkv_proj = LoraLinear(cfg.hidden_size, q_out + 2 * kv_out, loras)
+        self.o_proj = LoraLinear(q_out, cfg.hidden_size, loras)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                plan: AdapterPlan, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv_proj(x, plan)
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q = qkv[..., :q_out].view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = qkv[..., q_out:q_out + kv_out].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = qkv[..., q_out + kv_out:].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)
+        # GQA: each KV head serves n_heads / n_kv query heads. With no mask and no cache, plain causal.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                             enable_gqa=True)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, q_out), plan)  # (B, T, H*D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig, loras: dict[str, LoraConfig]):
+        super().__init__()
+        # Fused: the first `intermediate_size` output rows are the gate, the rest are "up".
+        self.gate_up_proj = LoraLinear(cfg.hidden_size, 2 * cfg.intermediate_size, loras)
+        self.down_proj = LoraLinear(cfg.intermediate_size, cfg.hidden_size, loras)
+
+    def forward(self, x: torch.Tensor, plan: AdapterPlan) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, plan).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate), plan)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, loras: dict[str, LoraConfig]):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, loras)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, loras)
+
+    def forward(self, x, cos, sin, mask, plan, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, plan, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x), plan)
+
+
+def attention_mask(key_mask: torch.Tensor | None, q_len: int, past: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor | None:
+    """Additive mask (B|1, 1, T, past+T): causal, plus padded keys (key_mask False) hidden.
+
+    Returns None for the common unpadded prefill, so SDPA can take its causal fast path.
+    """
+    if key_mask is None and past == 0:
+        return None
+    total = past + q_len
+    q_idx = torch.arange(past, total, device=device)[:, None]
+    allowed = torch.arange(total, device=device)[None, :] <= q_idx  # (T, S)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :total].bool()  # (B, 1, T, S)
+        # A fully padded query row (left padding) sees only finfo.min scores: softmax stays finite (uniform),
+        # and its output is never read.
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)

@@ -1,0 +1,85 @@
+"""Mixture of LoRAs: per-request adapters beside untouched base weights.
+
+`y = W x + (alpha / r) * B(A(dropout(x)))` (PEFT's LoRA). Every decoder linear holds the base weight and one
+(A, B) pair per adapter ("vision", r=256 and "speech", r=320 in the published model). The base weight is never
+modified: a request names its adapter, and a batch may mix rows with different adapters (or none).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoraConfig
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """Which rows of a batch use which adapter, computed once per forward (not per layer).
+
+    `groups` holds (adapter name, row indices) pairs; indices None means "every row". Rows that appear in no
+    group run the base weights only (text-only requests).
+    """
+
+    groups: tuple[tuple[str, torch.Tensor | None], ...] = ()
+
+    @staticmethod
+    def build(adapters: str | list[str | None] | None, device: torch.device | str = "cpu") -> "AdapterPlan":
+        """`adapters`: one name for the whole batch, or one name (or None) per row."""
+        if adapters is None:
+            return AdapterPlan()
+        if isinstance(adapters, str):
+            return AdapterPlan(((adapters, None),))
+        names = [a for a in dict.fromkeys(adapters) if a is not None]
+        if len(names) == 1 and all(a == names[0] for a in adapters):
+            return AdapterPlan(((names[0], None),))
+        groups = tuple((n, torch.tensor([i for i, a in enumerate(adapters) if a == n], device=device))
+                       for n in names)
+        return AdapterPlan(groups)
+
+
+NO_ADAPTER = AdapterPlan()
+
+
+class LoraLinear(nn.Module):
+    """A bias-free linear layer with any number of named LoRA adapters.
+
+    Parameters: `weight` [out, in]; `lora_A.<name>` [r, in]; `lora_B.<name>` [out, r].
+    """
+
+    def __init__(self, in_features: int, out_features: int, loras: dict[str, LoraConfig]):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(c.r, in_features)) for n, c in loras.items()})
+        self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.empty(out_features, c.r)) for n, c in loras.items()})
+        self.scale = {n: c.scale for n, c in loras.items()}
+        self.dropout = {n: c.dropout for n, c in loras.items()}
+
+    def add_adapter(self, name: str, cfg: LoraConfig) -> None:
+        """Create a new adapter (training); B starts at zero so the model is unchanged until it trains."""
+        dev, dt = self.weight.device, self.weight.dtype
+        a = torch.empty(cfg.r, self.in_features, device=dev, dtype=dt)
+        nn.init.kaiming_uniform_(a, a=5 ** 0.5)  # PEFT's default init for lora_A
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, cfg.r, device=dev, dtype=dt))
+        self.scale[name], self.dropout[name] = cfg.scale, cfg.dropout
+
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.training and self.dropout[name] > 0:
+            x = F.dropout(x, self.dropout[name])
+        return F.linear(F.linear(x, self.lora_A[name]), self.lora_B[name]) * self.scale[name]
+
+    def forward(self, x: torch.Tensor, plan: AdapterPlan = NO_ADAPTER) -> torch.Tensor:
+        """x: (B, T, in) -> (B, T, out)."""
+        y = F.linear(x, self.weight)
+        for name, rows in plan.groups:
+            if name not in self.lora_A:
+                raise KeyError(f"adapter {name!r} is not loaded (loaded: {sorted(self.lora_A)})")
+            if rows is None:
+                y = y + self._delta(x, name)
+            else:
+                y = y.index_add(0, rows, self._delta(x.index_select(0, rows), name))
+        return y

@@ -1,0 +1,121 @@
+"""Prompt + media -> token ids with exactly expanded placeholders, tower inputs, and the adapter to use.
+
+`<|image_N|>` / `<|audio_N|>` name the N-th image / audio passed with the request. The original processor
+ignores N and matches placeholders in order of appearance; for prompts written in order (every example in
+the model card) both agree. phi4mm honours N, and refuses a reference to a missing item or an item nobody
+references, instead of silently guessing.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .audio_processing import AudioInputs, load_audio, preprocess_audios
+from .config import ModelConfig
+from .image_processing import ImageInputs, load_image, preprocess_images
+from .tokenizer import Tokenizer
+
+PLACEHOLDER = re.compile(r"<\|(image|audio)_(\d+)\|>")
+
+
+class InputError(ValueError):
+    """A request whose text and media do not fit together; the message says what to fix."""
+
+
+@dataclass
+class Prepared:
+    input_ids: list[int]
+    images: ImageInputs | None
+    audios: AudioInputs | None
+    adapter: str | None  # "vision" | "speech" | None: the mixture-of-LoRAs choice for this request
+    audio_projector: str  # "speech", or "vision" when the prompt also has images
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def choose_adapter(has_images: bool, has_audio: bool) -> tuple[str | None, str]:
+    """SPEC §2: text -> no adapter; audio -> speech; image (with or without audio) -> vision."""
+    if has_images:
+        return "vision", "vision"
+    if has_audio:
+        return "speech", "speech"
+    return None, "speech"
+
+
+def prepare(prompt: str | Sequence[dict[str, Any]], tokenizer: Tokenizer, cfg: ModelConfig,
+            images: Sequence[Any] | None = None, audios: Sequence[Any] | None = None,
+            tools: list[dict] | None = None, max_audio_seconds: float = 1800.0) -> Prepared:
+    """Turn a prompt string in the model-card format, or a list of chat messages, into model inputs.
+
+    Chat messages may carry OpenAI-style content parts; their images/audios come after `images`/`audios`.
+    Images: anything `load_image` takes; audios: `(array, sample_rate)` pairs, paths or bytes.
+    """
+    images, audios = list(images or []), list(audios or [])
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        from .chat import flatten_content, render_prompt
+        messages, part_images, part_audios = flatten_content(list(prompt), image_offset=len(images),
+                                                             audio_offset=len(audios))
+        images += part_images
+        audios += part_audios
+        text = render_prompt(messages, tools=tools, add_generation_prompt=True)
+    if images and cfg.vision is None or audios and cfg.audio is None:
+        raise InputError("this checkpoint is text-only (no vision/audio tower); send text only")
+    pil = [load_image(im) for im in images]
+    wavs = [load_audio(a, max_seconds=max_audio_seconds) for a in audios]
+    img_in = preprocess_images(pil, dynamic_hd=cfg.dynamic_hd) if pil else None
+    aud_in = preprocess_audios(wavs) if wavs else None
+    counts = {"image": img_in.num_tokens if img_in else [], "audio": aud_in.num_tokens if aud_in else []}
+    media_ids = {"image": cfg.image_token_id, "audio": cfg.audio_token_id}
+
+    ids: list[int] = []
+    used = {"image": [], "audio": []}
+    pos = 0
+    for m in PLACEHOLDER.finditer(text):
+        ids += tokenizer.encode(text[pos:m.start()])
+        kind, n = m.group(1), int(m.group(2))
+        if not 1 <= n <= len(counts[kind]):
+            raise InputError(f"the prompt names <|{kind}_{n}|> but {len(counts[kind])} {kind}(s) were given; "
+                             f"number {kind}s from 1 in the order you pass them")
+        used[kind].append(n - 1)
+        ids += [media_ids[kind]] * counts[kind][n - 1]
+        pos = m.end()
+    ids += tokenizer.encode(text[pos:])
+    for kind in ("image", "audio"):
+        missing = sorted(set(range(len(counts[kind]))) - set(used[kind]))
+        if missing:
+            raise InputError(f"{kind} {missing[0] + 1} was given but the prompt has no <|{kind}_{missing[0] + 1}|> "
+                             f"placeholder; put it where the {kind} belongs in the text")
+        if len(used[kind]) != len(set(used[kind])):
+            raise InputError(f"a <|{kind}_N|> placeholder appears twice; reference each {kind} once "
+                             f"(pass the same {kind} twice if it is needed twice)")
+    # Features must follow the placeholder order: reorder the tower inputs to match it.
+    if img_in is not None and used["image"] != sorted(used["image"]):
+        img_in = preprocess_images([pil[i] for i in used["image"]], dynamic_hd=cfg.dynamic_hd)
+    if aud_in is not None and used["audio"] != sorted(used["audio"]):
+        aud_in = preprocess_audios([wavs[i] for i in used["audio"]])
+    adapter, projector = choose_adapter(img_in is not None, aud_in is not None)
+    if adapter is not None and adapter not in cfg.loras:
+        adapter = None  # e.g. a transformers-native directory loaded without its adapter folders
+    return Prepared(ids, img_in, aud_in, adapter, projector)
+
+
+def encode_media(net, prep: Prepared, device: torch.device | str, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Run the towers: (image embeddings, audio embeddings), each (N, hidden) in prompt order, or None."""
+    img = aud = None
+    if prep.images is not None:
+        i = prep.images
+        feats = net.vision(i.pixel_values.to(device, dtype), i.attention_mask.to(device), i.image_sizes.to(device))
+        img = torch.cat(feats)
+    if prep.audios is not None:
+        a = prep.audios
+        feats = net.audio(a.features.to(device, dtype), a.frame_lengths.to(device), projector=prep.audio_projector)
+        aud = torch.cat(feats)
+    return img, aud

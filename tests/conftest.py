@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random checkpoints in both layouts, made once per test session."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+
+@pytest.fixture(scope="session")
+def tiny_official(tmp_path_factory):
+    from phi4mm.checkpoint import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_official"), "tiny", "official", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    from phi4mm.checkpoint import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_hf"), "tiny", "hf", seed=0)
+
+
+def scene(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A picture with structure (shapes on a gradient), not pure noise."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None, None]
+    arr = np.concatenate([x.repeat(h, 0), y.repeat(w, 1), (x + y).repeat(1, 1) / 2 * np.ones((h, w, 1))], -1)
+    img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        d.ellipse([x0, y0, x0 + w // 4 + 1, y0 + h // 4 + 1], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return img
+
+
+def tone(seconds: float, rate: int = 16000, seed: int = 0) -> tuple[np.ndarray, int]:
+    """A chirp with a little noise: speech-like energy across the mel range."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    wav = 0.3 * np.sin(2 * np.pi * (200 + 900 * t / max(seconds, 1e-3)) * t) + 0.02 * rng.standard_normal(t.size)
+    return wav.astype(np.float32), rate
