@@ -109,7 +109,10 @@ class Model:
     def generate_ids(self, prompt_or_messages, images=None, audios=None, max_new_tokens: int = 256,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                      tools: list[dict] | None = None) -> list[int]:
-        prep = self.prepare(prompt_or_messages, images, audios, tools)
+        if isinstance(prompt_or_messages, Prepared):
+            prep = prompt_or_messages  # already tokenised and preprocessed (the engine, the tests)
+        else:
+            prep = self.prepare(prompt_or_messages, images, audios, tools)
         embeds = self._embed(prep)
         n_prompt = embeds.shape[1]
         limit = self.config.text.max_position_embeddings

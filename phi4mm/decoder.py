@@ -118,8 +118,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(layer, k, v)
-        # GQA: each KV head serves n_heads / n_kv query heads. With no mask and no cache, plain causal.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+        # GQA: each KV head serves n_heads / n_kv query heads. No mask means an unpadded first chunk (with or
+        # without a cache to fill): plain causal attention.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=True)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, q_out), plan)  # (B, T, H*D)
 

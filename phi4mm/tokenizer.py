@@ -30,6 +30,10 @@ Id layout (SPEC §6) and what we concluded about the uncertain entries:
 - Every id 0..200063 is an entry of the BPE vocab; the added tokens point at entries that already exist, so
   `tokenizers` keeps their ids instead of renumbering them (it renumbers added tokens that are missing from
   the model vocab to "next free id", silently closing gaps; SPEC §10).
+- transformers 5.17 loads a `tokenizer_class: GPT2Tokenizer` directory (the published layout) by rebuilding
+  BPE from vocab + merges with GPT-2's ByteLevel regex, dropping tokenizer.json's o200k pre-tokenizer: digit
+  runs and some other text then get different ids than the model was trained with. Our transformers-native
+  layout therefore names `PreTrainedTokenizerFast`, which loads tokenizer.json as written.
 - `ignore_merges=True`: tiktoken looks a whole pre-token up in the ranks before running BPE; this makes the
   `tokenizers` BPE do the same.
 """

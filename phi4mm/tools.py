@@ -125,7 +125,8 @@ class ToolCallStreamParser:
     """Feed decoded text deltas (any size, e.g. one token's text); get content and tool-call events.
 
     Content is released at once unless it could be the start of `<|tool_call|>`; a call is released when
-    its JSON object (or list) closes. Call ids are `f"{id_prefix}{index}"` unless the model wrote an "id";
+    its JSON object closes. The calls of a list `[{...}, {...}]` are released together when the list closes:
+    the whole-text parse accepts or rejects a list as one value, and the stream must agree with it. Call ids are `f"{id_prefix}{index}"` unless the model wrote an "id";
     give each response its own prefix when ids must be unique across responses.
     """
 

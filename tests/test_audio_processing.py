@@ -160,6 +160,8 @@ def test_preprocess_batch_pads_and_matches_single(hf_extractor) -> None:
         np.testing.assert_allclose(preprocess_audios([w], "hf").features[0].numpy(), hf[i, :t], atol=PARITY_ATOL)
     with pytest.raises(AudioError, match="empty list"):
         preprocess_audios([])
+    with pytest.raises(AudioError, match="waveform 1 has NaN"):
+        preprocess_audios([wavs[0], np.full(1000, np.nan, np.float32)])
 
 
 def test_long_audio_45s_and_30min_limit() -> None:
@@ -185,7 +187,8 @@ def test_long_audio_45s_and_30min_limit() -> None:
 def test_resampling_is_soxr_vhq_and_close_to_resample_poly(rate: int) -> None:
     scipy_signal = pytest.importorskip("scipy.signal")
     t = np.arange(rate) / rate
-    x = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1330 * t + 1) + 0.1 * np.sin(2 * np.pi * 3000 * t))
+    # Three tones below 4 kHz, so every rate (8 kHz included) carries them without aliasing.
+    x = sum(a * np.sin(2 * np.pi * f * t + ph) for a, f, ph in [(0.3, 440, 0), (0.2, 1330, 1), (0.1, 3000, 0)])
     x = x.astype(np.float32)
     ours = load_audio((x, rate))
     assert ours.dtype == np.float32 and len(ours) == SR
@@ -318,6 +321,7 @@ def test_integer_arrays_are_scaled() -> None:
         ("data:audio/wav;base64", {}, "no ','"),
         ("data:audio/wav;base64,@@@@", {}, "not valid base64"),
         (12345, {}, "unsupported audio input type int"),
+        (np.full(1000, 1200.0, np.float32), {"sampling_rate": SR}, "divide by 32768"),
     ],
 )
 def test_bad_input(src: object, kwargs: dict, match: str) -> None:
@@ -334,6 +338,8 @@ def test_bad_files(tmp_path: Path) -> None:
         load_audio(DATA / CLIPS[0], max_seconds=2.0)  # refused from the header, before decoding
     with pytest.raises(AudioError, match="directory"):
         load_audio(tmp_path)
+    with pytest.raises(AudioError, match="cannot open"):
+        load_audio(tmp_path / "missing.wav")
     truncated = encode(np.zeros(100, np.float32), SR, "WAV", "PCM_16")[:30]
     with pytest.raises(AudioError, match="could not decode"):
         load_audio(truncated)

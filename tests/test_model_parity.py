@@ -15,6 +15,7 @@ import torch
 
 import phi4mm
 from phi4mm.lora import AdapterPlan
+from phi4mm.processor import Prepared
 from tests.conftest import scene, tone
 
 transformers = pytest.importorskip("transformers")
@@ -140,3 +141,48 @@ def test_base_weights_never_change(ours):
     ours.logits("<|user|><|audio_1|>x<|end|><|assistant|>", audios=[tone(1.0)])
     for k, v in ours.net.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_long_prompt_uses_long_rope_factors(ours, reference):
+    """Past 4096 tokens both switch to the long factors for the whole sequence."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, 199000, (1, 4200))
+    with torch.no_grad():
+        reference.disable_adapters()
+        want = reference(input_ids=ids).logits[0, -50:].float()
+        got = ours.net(ours.net.embed(ids), torch.arange(4200)[None])[0, -50:].float()
+        short = ours.net(ours.net.embed(ids), torch.arange(4200)[None], long_rope=False)[0, -50:].float()
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < TOL
+    assert (short - want).abs().max() / want.abs().max() > 100 * TOL  # the choice matters
+
+
+def test_greedy_generation_across_the_4096_switch_matches_reference(ours, reference):
+    """Crossing 4096 tokens, every key is recomputed with the long factors (MS/HF re-prefill at 4097).
+
+    The correct reference is HF's full forward at each step. HF 5.17's own `generate` is wrong here: it drops
+    the cache at 4097 tokens but still slices the input by cache_position, so the model sees only the newest
+    token (its scores equal a one-token forward with no context exactly); asserted below as documentation.
+    """
+    torch.manual_seed(2)
+    text_ids = torch.randint(0, 199000, (4090,)).tolist()
+    prompt_ids = ours.tokenizer.encode("<|user|>") + text_ids + ours.tokenizer.encode("<|end|><|assistant|>")
+    n = len(prompt_ids)
+    steps = 6
+    assert n < 4096 < n + steps
+    reference.disable_adapters()
+    want, seq = [], list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            want.append(int(reference(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+            seq.append(want[-1])
+    got = ours.generate_ids(Prepared(prompt_ids, None, None, None, "speech"), max_new_tokens=steps)
+    assert got == want[: len(got)] and len(got) >= 5
+
+    with torch.no_grad():  # the reference generate bug, for the record
+        out = reference.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=5, min_new_tokens=5,
+                                 do_sample=False, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+        first_long = 4097 - n  # index of the token predicted from 4097 tokens
+        last = out.sequences[:, n + first_long - 1:n + first_long]
+        alone = reference(input_ids=last, position_ids=torch.tensor([[4096]])).logits[0, -1]
+    torch.testing.assert_close(out.scores[first_long][0], alone, rtol=1e-5, atol=1e-5)

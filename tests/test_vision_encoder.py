@@ -7,6 +7,7 @@ exactly what the reference sees.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -222,6 +223,30 @@ def test_two_images_of_different_sizes_in_one_batch(hf_model, ours, processor):
     with torch.no_grad():
         (single,) = ours(b["image_pixel_values"], b["image_attention_mask"], b["image_sizes"])
     torch.testing.assert_close(single, batched[0], atol=1e-5, rtol=0)
+
+
+# ---- devices ------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(ours, processor):
+    """CUDA SDPA (masked and unmasked crops) equals the CPU result in fp32, and bf16 stays close."""
+    batch = processor([_image(640, 480, seed=7), _image(200, 3000, seed=8)], return_tensors="pt")
+    args = (batch["image_pixel_values"], batch["image_attention_mask"], batch["image_sizes"])
+    gpu = copy.deepcopy(ours).cuda()
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the patch conv would otherwise run in TF32
+    try:
+        with torch.no_grad():
+            expected = ours(*args)
+            got = gpu(*(a.cuda() for a in args))
+            got_bf16 = gpu.to(torch.bfloat16)(*(a.cuda() for a in args))
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    for g, g16, e in zip(got, got_bf16, expected):
+        torch.testing.assert_close(g.cpu(), e, atol=1e-4, rtol=0)
+        assert g16.dtype == torch.bfloat16
+        rel = (g16.float().cpu() - e).norm() / e.norm()
+        assert rel < 3e-2, rel
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------
