@@ -78,7 +78,8 @@ def load_audio(src: AudioSource, sampling_rate: int | None = None, max_seconds: 
         flac, ogg/vorbis, ogg/opus, mp3 (libsndfile >= 1.1), aiff, ...
       * raw file bytes (bytes / bytearray / memoryview) of such a file,
       * a base64 string of such bytes, or a data URL `data:audio/wav;base64,....`,
-      * a `(samples, rate)` tuple, or a numpy array / torch tensor of samples with `sampling_rate=` given.
+      * a `(samples, rate)` tuple, or a numpy array / torch tensor of samples with `sampling_rate=` given,
+      * an OpenAI `input_audio` object `{"data": base64, "format": ...}`.
     Array samples: floats are taken as-is (nominal range [-1, 1]); int8/16/32 are scaled by 2^(bits-1) to
     [-1, 1); uint8 is offset-binary (128 = silence), as in 8-bit WAV. A 2-D array is (samples, channels)
     soundfile style or (channels, samples) torchaudio style: the channel axis is the *shorter* one, since real
@@ -86,6 +87,12 @@ def load_audio(src: AudioSource, sampling_rate: int | None = None, max_seconds: 
     Raises AudioError for empty, too short (< 25 ms), NaN/inf, too long (> max_seconds), undecodable input,
     a rate outside 8..192 kHz, or float samples peaking above 256 (unscaled integer PCM).
     """
+    if isinstance(src, dict):
+        # OpenAI `input_audio` content part: {"data": base64, "format": "wav"|"mp3"|...}; the bytes say the format.
+        if not isinstance(src.get("data"), str):
+            raise AudioError("an input_audio object needs a base64 'data' string, e.g. "
+                             "{'data': '<base64 wav>', 'format': 'wav'}")
+        src = src["data"]
     name = _describe(src)
     if isinstance(src, tuple):
         if len(src) != 2:

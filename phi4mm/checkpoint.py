@@ -149,20 +149,26 @@ def _unused_vision_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Deterministic, well-scaled random values: activations stay O(1) through any depth of tiny model."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, device: str = "cpu") -> torch.Tensor:
+    """Deterministic, well-scaled random values: activations stay O(1) through any depth of tiny model.
+
+    Values depend on (seed, name, device type): a CUDA generator makes full-size weights in seconds.
+    """
+    g = torch.Generator(device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    kw = {"generator": g, "device": device}
     leaf = name.rsplit(".", 1)[-1]
     if "norm" in name and leaf == "weight" or name.endswith("global_invstd"):
-        return 1.0 + 0.1 * torch.rand(shape, generator=g)  # norm gains and inverse std stay positive
+        return 1.0 + 0.1 * torch.rand(shape, **kw)  # norm gains and inverse std stay positive
     if name.endswith("embed_tokens.weight"):
-        return 0.02 * torch.randn(shape, generator=g)
+        return 0.02 * torch.randn(shape, **kw)
     if len(shape) <= 1 or leaf in ("b1", "b2") or name.endswith("global_mean"):
-        return 0.05 * torch.randn(shape, generator=g)
+        return 0.05 * torch.randn(shape, **kw)
     fan_in = 1
     for s in shape[1:]:
         fan_in *= s
-    return torch.randn(shape, generator=g) / fan_in ** 0.5
+    # Trained LoRA updates are small next to the base weights; random full-size ones would swamp them.
+    gain = 0.1 if ".lora_B." in name else 1.0
+    return gain * torch.randn(shape, **kw) / fan_in ** 0.5
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], out: Path, n_shards: int) -> None:
@@ -198,8 +204,12 @@ def _adapter_folder(out: Path, name: str, lora, tensors: dict[str, torch.Tensor]
 
 
 def make_checkpoint(out: str | Path, size: str = "tiny", layout: str = "official", seed: int = 0,
-                    dtype: torch.dtype = torch.bfloat16, n_shards: int | None = None) -> Path:
-    """Write a random-weight checkpoint directory; returns its path."""
+                    dtype: torch.dtype = torch.bfloat16, n_shards: int | None = None, device: str = "cpu") -> Path:
+    """Write a random-weight checkpoint directory; returns its path.
+
+    device: where the random numbers are drawn ("cuda" for full size); the same (seed, device) gives the
+    same weights in both layouts.
+    """
     if layout not in ("official", "hf"):
         raise ValueError(f"layout {layout!r} is not known; use 'official' or 'hf'")
     out = Path(out)
@@ -214,8 +224,8 @@ def make_checkpoint(out: str | Path, size: str = "tiny", layout: str = "official
     main: dict[str, torch.Tensor] = {}
     adapters: dict[str, dict[str, torch.Tensor]] = {n: {} for n in cfg.loras}
     for name, shape in {**ours, **extra}.items():
-        t = random_tensor(name, shape, seed)
-        t = t.to(dtype) if not name.endswith(("global_mean", "global_invstd")) else t.float()
+        t = random_tensor(name, shape, seed, device)
+        t = (t.to(dtype) if not name.endswith(("global_mean", "global_invstd")) else t.float()).cpu()
         lora = name.split(".lora_")
         if len(lora) == 2:
             ab, adapter = lora[1].split(".")

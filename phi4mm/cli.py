@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     mk.add_argument("--layout", choices=["official", "hf"], default="official")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    mk.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda: seconds at full size)")
     ch = sub.add_parser("chat", help="one-shot chat: a prompt with optional images and audio files")
     ch.add_argument("prompt", help="the user message; refer to media as <|image_1|>, <|audio_1|> (added at the "
                     "start when absent)")
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "make-checkpoint":
             import torch
             from .checkpoint import make_checkpoint
-            out = make_checkpoint(args.out, args.size, args.layout, args.seed, getattr(torch, args.dtype))
+            out = make_checkpoint(args.out, args.size, args.layout, args.seed, getattr(torch, args.dtype),
+                                  device=args.device)
             print(f"wrote {args.size} {args.layout} checkpoint to {out}")
             return 0
         if args.cmd == "chat":

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from .audio_processing import AudioInputs, load_audio, preprocess_audios
+from .chat import prepare_messages
 from .config import ModelConfig
 from .image_processing import ImageInputs, load_image, preprocess_images
 from .tokenizer import Tokenizer
@@ -52,19 +53,19 @@ def prepare(prompt: str | Sequence[dict[str, Any]], tokenizer: Tokenizer, cfg: M
             tools: list[dict] | None = None, max_audio_seconds: float = 1800.0) -> Prepared:
     """Turn a prompt string in the model-card format, or a list of chat messages, into model inputs.
 
-    Chat messages may carry OpenAI-style content parts; their images/audios come after `images`/`audios`.
+    Chat messages may carry OpenAI-style content parts (text, image_url, input_audio, ...) instead of
+    `images`/`audios` arguments.
     Images: anything `load_image` takes; audios: `(array, sample_rate)` pairs, paths or bytes.
     """
     images, audios = list(images or []), list(audios or [])
     if isinstance(prompt, str):
         text = prompt
     else:
-        from .chat import flatten_content, render_prompt
-        messages, part_images, part_audios = flatten_content(list(prompt), image_offset=len(images),
-                                                             audio_offset=len(audios))
-        images += part_images
-        audios += part_audios
-        text = render_prompt(messages, tools=tools, add_generation_prompt=True)
+        text, part_images, part_audios = prepare_messages(list(prompt), tools=tools, add_generation_prompt=True)
+        if (part_images and images) or (part_audios and audios):
+            raise InputError("media were given both as message content parts and as arguments; pass each "
+                             "image/audio one way (content parts are numbered from 1 in order)")
+        images, audios = images or part_images, audios or part_audios
     if images and cfg.vision is None or audios and cfg.audio is None:
         raise InputError("this checkpoint is text-only (no vision/audio tower); send text only")
     pil = [load_image(im) for im in images]
