@@ -49,9 +49,17 @@ class LongRope:
         """Long factors once the sequence is longer than the original context (4096), as HF/MS do."""
         return total_len > self.cfg.original_max_position_embeddings
 
-    def cos_sin(self, positions: torch.Tensor, long: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) -> cos, sin (B, 1, T, rotary_dim), computed in fp32 then cast."""
-        inv = self.inv_freq[long].to(positions.device)
+    def cos_sin(self, positions: torch.Tensor, long: bool | torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, 1, T, rotary_dim), computed in fp32 then cast.
+
+        long: one choice for the batch, or a (B, T) bool tensor (packed sequences on both sides of 4096).
+        """
+        if isinstance(long, torch.Tensor):
+            inv = torch.where(long[..., None], self.inv_freq[True].to(positions.device),
+                              self.inv_freq[False].to(positions.device))  # (B, T, rotary_dim/2)
+        else:
+            inv = self.inv_freq[long].to(positions.device)
         freqs = positions.float()[..., None] * inv  # (B, T, rotary_dim/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, rotary_dim)
         cos = (emb.cos() * self.scaling).to(dtype)[:, None]  # (B, 1, T, rotary_dim)
@@ -107,8 +115,8 @@ class Attention(nn.Module):
         self.qkv_proj = LoraLinear(cfg.hidden_size, q_out + 2 * kv_out, loras)
         self.o_proj = LoraLinear(q_out, cfg.hidden_size, loras)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                plan: AdapterPlan, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AdapterPlan,
+                attn: "AttentionBackend", layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv_proj(x, plan)
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
@@ -116,13 +124,34 @@ class Attention(nn.Module):
         k = qkv[..., q_out:q_out + kv_out].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = qkv[..., q_out + kv_out:].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(layer, k, v)
+        out = attn(layer, q, k, v)  # (B, H, T, D): the backend stores k/v in its cache and attends
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, q_out), plan)  # (B, T, H*D)
+
+
+class AttentionBackend:
+    """Where keys/values live and how attention over them is computed, for one forward call.
+
+    The decoder hands each layer's rotated q, k, v (B, heads, T, D) to the backend; the backend stores k/v in
+    its cache (contiguous here, paged in the engine) and returns the attention output (B, H, T, D).
+    """
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DenseAttention(AttentionBackend):
+    """SDPA over an optional contiguous KVCache, with an additive mask (None: plain causal)."""
+
+    def __init__(self, mask: torch.Tensor | None, cache: "KVCache | None"):
+        self.mask, self.cache = mask, cache
+
+    def __call__(self, layer, q, k, v):
+        if self.cache is not None:
+            k, v = self.cache.write(layer, k, v)
         # GQA: each KV head serves n_heads / n_kv query heads. No mask means an unpadded first chunk (with or
         # without a cache to fill): plain causal attention.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=True)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, q_out), plan)  # (B, T, H*D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None,
+                                              enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -145,8 +174,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, loras)
 
-    def forward(self, x, cos, sin, mask, plan, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, plan, cache, layer)
+    def forward(self, x, cos, sin, plan, attn, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, attn, layer)
         return x + self.mlp(self.post_attention_layernorm(x), plan)
 
 

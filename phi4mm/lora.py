@@ -19,15 +19,18 @@ from .config import LoraConfig
 class AdapterPlan:
     """Which rows of a batch use which adapter, computed once per forward (not per layer).
 
-    `groups` holds (adapter name, row indices) pairs; indices None means "every row". Rows that appear in no
-    group run the base weights only (text-only requests).
+    `groups` holds (adapter name, indices) pairs; indices None means "everything". Indices count batch rows
+    (`per_token` False: x is (B, T, in) with one request per row) or tokens of the flattened (B*T) batch
+    (`per_token` True: the engine packs several requests into one row). Positions in no group run the base
+    weights only (text-only requests).
     """
 
     groups: tuple[tuple[str, torch.Tensor | None], ...] = ()
+    per_token: bool = False
 
     @staticmethod
     def build(adapters: str | list[str | None] | None, device: torch.device | str = "cpu") -> "AdapterPlan":
-        """`adapters`: one name for the whole batch, or one name (or None) per row."""
+        """`adapters`: one name for the whole batch, or one name (or None) per batch row."""
         if adapters is None:
             return AdapterPlan()
         if isinstance(adapters, str):
@@ -38,6 +41,20 @@ class AdapterPlan:
         groups = tuple((n, torch.tensor([i for i, a in enumerate(adapters) if a == n], device=device))
                        for n in names)
         return AdapterPlan(groups)
+
+    @staticmethod
+    def for_spans(spans: list[tuple[str | None, int]], device: torch.device | str = "cpu") -> "AdapterPlan":
+        """Packed layout: consecutive (adapter, num_tokens) spans of one (1, N) row."""
+        names = {a for a, _ in spans}
+        if len(names) == 1:
+            return AdapterPlan.build(next(iter(names)))
+        idx: dict[str, list[int]] = {}
+        pos = 0
+        for a, n in spans:
+            if a is not None:
+                idx.setdefault(a, []).extend(range(pos, pos + n))
+            pos += n
+        return AdapterPlan(tuple((a, torch.tensor(i, device=device)) for a, i in idx.items()), per_token=True)
 
 
 NO_ADAPTER = AdapterPlan()
@@ -80,6 +97,10 @@ class LoraLinear(nn.Module):
                 raise KeyError(f"adapter {name!r} is not loaded (loaded: {sorted(self.lora_A)})")
             if rows is None:
                 y = y + self._delta(x, name)
+            elif plan.per_token:
+                flat_x = x.reshape(-1, x.shape[-1])  # (B*T, in)
+                flat_y = y.reshape(-1, y.shape[-1]).index_add(0, rows, self._delta(flat_x.index_select(0, rows), name))
+                y = flat_y.view(y.shape)  # (B, T, out)
             else:
                 y = y.index_add(0, rows, self._delta(x.index_select(0, rows), name))
         return y

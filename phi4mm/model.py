@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import LEGACY_AUDIO_MAX, LEGACY_IMAGE_RANGE, ModelConfig
-from .decoder import DecoderLayer, KVCache, LongRope, RMSNorm, attention_mask
+from .decoder import AttentionBackend, DecoderLayer, DenseAttention, KVCache, LongRope, RMSNorm, attention_mask
 from .lora import NO_ADAPTER, AdapterPlan
 
 
@@ -61,23 +61,29 @@ class Phi4MM(nn.Module):
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 plan: AdapterPlan = NO_ADAPTER, key_mask: torch.Tensor | None = None,
-                long_rope: bool | None = None, last_only: bool = False) -> torch.Tensor:
+                long_rope: bool | torch.Tensor | None = None, last_only: bool | torch.Tensor = False,
+                attn: AttentionBackend | None = None) -> torch.Tensor:
         """embeds (B, T, hidden), positions (B, T) -> logits (B, T|1, vocab) in the model dtype.
 
         cache: keys/values of earlier tokens are read from and these tokens' written to it (slots
         [cache.length, cache.length+T)); the caller advances it. key_mask (B, S) marks real (non-padding)
         tokens over all slots. long_rope: LongRoPE factor choice; default by the sequence length (> 4096: long).
+        last_only: True keeps the last position's logits; a (B,) index tensor keeps one given position per
+        row (packed prefill). attn: an attention backend (the engine's paged cache); it replaces cache/key_mask.
         """
         B, T, _ = embeds.shape
         past = 0 if cache is None else cache.length
         if long_rope is None:
             long_rope = self.rope.use_long(int(positions.max()) + 1)
         cos, sin = self.rope.cos_sin(positions, long_rope, embeds.dtype)
-        mask = attention_mask(key_mask, T, past, embeds.dtype, embeds.device)
+        if attn is None:
+            attn = DenseAttention(attention_mask(key_mask, T, past, embeds.dtype, embeds.device), cache)
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, plan, cache, i)
-        if last_only:
+            x = layer(x, cos, sin, plan, attn, i)
+        if isinstance(last_only, torch.Tensor):
+            x = x[0, last_only][:, None]  # (N, 1, hidden): the chosen rows of a packed (1, T) batch
+        elif last_only:
             x = x[:, -1:]
         x = self.norm(x)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -81,3 +81,20 @@ def test_generation_is_deterministic_and_stops(model):
     with pytest.raises(ValueError, match="context holds"):
         model.generate_ids("x" * 10, max_new_tokens=1) if False else model.generate_ids(
             __import__("phi4mm.processor", fromlist=["Prepared"]).Prepared([1] * 131072, None, None, None, "speech"))
+
+
+def test_packed_spans_with_mixed_adapters_equal_each_alone(model):
+    """The engine's packed layout: three requests in one (1, N) row, each with its own adapter."""
+    net = model.net
+    torch.manual_seed(4)
+    lens, adapters = [5, 7, 3], ["vision", None, "speech"]
+    ids = [torch.randint(0, 199000, (1, n)) for n in lens]
+    x = net.embed(torch.cat(ids, 1))
+    for layer in net.layers[:1]:
+        lin = layer.self_attn.qkv_proj
+        y = lin(x, AdapterPlan.for_spans(list(zip(adapters, lens))))
+        start = 0
+        for i, (a, n) in enumerate(zip(adapters, lens)):
+            alone = lin(x[:, start:start + n], AdapterPlan.build(a))
+            torch.testing.assert_close(y[:, start:start + n], alone, rtol=1e-6, atol=1e-6)
+            start += n

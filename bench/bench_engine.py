@@ -1,0 +1,155 @@
+"""Engine throughput against transformers in the same run (full-size random weights, bf16, one GPU).
+
+usage: python bench/bench_engine.py [--ckpt DIR] [--out bench/results/engine.json] [--skip-peer]
+Cases follow the engine issue: decode at batch 1 and 64 (512-token prompts), time to first token for text
+and an 896x896 image, and batched 30 s speech recognition (real-time factor). The peer is driven as in
+../shared/peer/hf_baseline.py (default generate, min_new_tokens forcing full length).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BOUND_B1 = 401.0  # tok/s: 7.67 GB of weights per step at the 3.08 TB/s measured on the H100 (peer/limits_h100.log)
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def rand_prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(1000, 190000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def ours(ckpt: str, cases: list[str]) -> list[dict]:
+    import phi4mm
+    from phi4mm.engine import Engine
+    from phi4mm.processor import Prepared
+    from phi4mm.sampling import SamplingParams
+    from tests.conftest import scene, tone
+    m = phi4mm.load(ckpt, device="cuda", dtype=torch.bfloat16)
+    eng = Engine(m, max_batch=64, max_tokens_per_step=4096)
+    rows = []
+
+    def run(preps, new):
+        p = SamplingParams(max_tokens=new, ignore_eos=True)
+        sync()
+        t0 = time.perf_counter()
+        first = None
+        ids = [eng.add_request(x, params=p) for x in preps]
+        done = 0
+        while eng.has_work():
+            for o in eng.step():
+                if first is None and o.token_id is not None:
+                    sync()
+                    first = time.perf_counter() - t0
+                done += o.finished
+        sync()
+        return first, time.perf_counter() - t0
+
+    for case in cases:
+        if case.startswith("text"):
+            b, new = (1, 256) if case == "text b=1" else (64, 128)
+            preps = [Prepared(rand_prompt(512, i), None, None, None, "speech") for i in range(b)]
+            run(preps[:1], 4)  # warm-up
+            ttft, total = run(preps, new)
+            _, one = run(preps, 1)
+            dec = b * (new - 1) / max(total - one, 1e-9)
+            rows.append({"case": f"{case} prompt=512 new={new}", "ttft_s": round(ttft, 4), "decode_tok_s": round(dec, 1)})
+        elif case == "image ttft":
+            prep = m.prepare("<|user|><|image_1|>Describe.<|end|><|assistant|>", images=[scene(896, 896)])
+            run([prep], 2)
+            eng._media_cache.clear()
+            sync()
+            t0 = time.perf_counter()
+            prep = m.prepare("<|user|><|image_1|>Describe.<|end|><|assistant|>", images=[scene(896, 896, 7)])
+            ttft, _ = run([prep], 1)
+            rows.append({"case": "image ttft 896x896", "media_tokens": prep.num_tokens,
+                         "ttft_s_incl_preprocess": round(time.perf_counter() - t0, 4)})
+        elif case == "asr":
+            wav = (0.1 * np.random.default_rng(0).standard_normal(16000 * 30)).astype(np.float32)
+            preps = [m.prepare("<|user|><|audio_1|>Transcribe the audio to text.<|end|><|assistant|>",
+                               audios=[(wav + 1e-4 * i, 16000)]) for i in range(64)]
+            run(preps[:2], 2)
+            _, total = run(preps, 100)
+            rows.append({"case": "asr b=64 30s new=100", "rtfx": round(64 * 30 / total, 1), "total_s": round(total, 2)})
+        rows[-1]["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def peer(ckpt: str, cases: list[str]) -> list[dict]:
+    import warnings
+
+    import transformers
+    warnings.simplefilter("ignore")
+    ref = transformers.Phi4MultimodalForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, device_map="cuda").eval()
+    rows = []
+
+    def gen(new, **kw):
+        sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            ref.generate(**kw, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        sync()
+        return time.perf_counter() - t0
+
+    for case in cases:
+        if case.startswith("text"):
+            b, new = (1, 256) if case == "text b=1" else (64, 128)
+            ids = torch.tensor([rand_prompt(512, i) for i in range(b)], device="cuda")
+            kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+            gen(2, **kw)
+            ttft = gen(1, **kw)
+            total = gen(new, **kw)
+            rows.append({"case": f"{case} prompt=512 new={new}", "ttft_s": round(ttft, 4),
+                         "decode_tok_s": round(b * (new - 1) / max(total - ttft, 1e-9), 1)})
+        print(json.dumps(rows[-1]) if rows else "", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/phi4mm_bench")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/engine.json"))
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--cases", default="text b=1,text b=64,image ttft,asr")
+    args = ap.parse_args()
+    from phi4mm.checkpoint import make_checkpoint
+    work = Path(args.work)
+    for layout in ("official", "hf"):
+        if not (work / layout / "config.json").exists():
+            make_checkpoint(work / layout, "full", layout, seed=0, device="cuda")
+    cases = args.cases.split(",")
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    res["ours"] = ours(str(work / "official"), cases)
+    torch.cuda.empty_cache()
+    if not args.skip_peer:
+        import transformers
+        res["transformers"] = transformers.__version__
+        res["peer"] = peer(str(work / "hf"), [c for c in cases if c.startswith("text")])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print("\n| case | phi4mm | transformers | ratio | % of bound |\n|---|---|---|---|---|")
+    peer_rows = {r["case"]: r for r in res.get("peer", [])}
+    for r in res["ours"]:
+        p = peer_rows.get(r["case"], {})
+        if "decode_tok_s" in r:
+            ratio = f"{r['decode_tok_s'] / p['decode_tok_s']:.2f}x" if p else "-"
+            bound = f"{100 * r['decode_tok_s'] / BOUND_B1:.0f}%" if "b=1" in r["case"] else "-"
+            print(f"| {r['case']} decode tok/s | {r['decode_tok_s']} | {p.get('decode_tok_s', '-')} | {ratio} | {bound} |")
+            print(f"| {r['case']} ttft s | {r['ttft_s']} | {p.get('ttft_s', '-')} | | |")
+        else:
+            print(f"| {r['case']} | {json.dumps({k: v for k, v in r.items() if k != 'case'})} | | | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""The engine: continuous batching over a paged KV cache, one adapter per request, chunked prefill.
+
+Each `step()` packs the new tokens of every scheduled sequence into one (1, N) row: one token for each running
+decode, and a chunk of prompt for sequences still prefilling, under a token budget so a long image or audio
+prompt never stalls the decodes. The model sees a pure function call (embeddings, positions, paged attention
+backend, per-span adapter plan); the engine owns blocks, sampling, stopping and streaming.
+
+LongRoPE: a sequence whose length passes 4096 tokens switches to the long factors for *all* its keys, as the
+reference does: its cache is dropped and the whole sequence is recomputed (the same path as preemption).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence as Seq
+
+import numpy as np
+import torch
+
+from .api import Model
+from .kv_cache import BlockPool, CacheFull, PagedAttention
+from .lora import AdapterPlan
+from .processor import Prepared, encode_media
+from .sampling import SamplingBatch, SamplingParams, apply_min_tokens, sample
+
+
+class EngineBusy(RuntimeError):
+    """The waiting queue is full: retry later (a server answers 429/503)."""
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_id: int | None
+    text: str  # newly completed text (stop strings and partial UTF-8 held back)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_generated: int = 0
+
+
+@dataclass
+class Sequence:
+    id: str
+    prep: Prepared
+    params: SamplingParams
+    prompt_embeds: torch.Tensor  # (P, hidden): text and media embeddings of the prompt
+    media_key: bytes  # content hash of the media, folded into prefix-cache hashes
+    arrival: float
+    generated: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose keys/values are in `blocks`
+    long_rope: bool = False
+    decoder: Any = None
+    text: str = ""
+    emitted: int = 0  # chars of `text` already streamed
+    cancelled: bool = False
+    hasher: Any = None  # running prefix-hash chain over this sequence's full blocks...
+    hashed: int = 0  # ...covering this many blocks (registered in the pool)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prep.input_ids + self.generated
+
+    @property
+    def length(self) -> int:
+        return len(self.prep.input_ids) + len(self.generated)
+
+    @property
+    def prefilling(self) -> bool:
+        # Every token but the newest sampled one must be in the cache before we can decode.
+        return self.num_cached < self.length - (1 if self.generated else 0)
+
+
+class Engine:
+    """Continuous-batching engine over a loaded `Model`.
+
+    num_blocks: KV blocks of `block_size` tokens (default: most of the free GPU memory, or 4096 on CPU).
+    max_batch: sequences in flight; max_tokens_per_step: budget of packed tokens per forward (prefill chunk).
+    """
+
+    def __init__(self, model: Model, num_blocks: int | None = None, block_size: int = 16, max_batch: int = 64,
+                 max_tokens_per_step: int = 2048, max_waiting: int = 1024, prefix_caching: bool = True,
+                 media_cache_items: int = 64):
+        self.model, self.net, self.cfg = model, model.net, model.config
+        self.device, self.dtype = model.device, model.dtype
+        self.block_size, self.max_batch = block_size, max_batch
+        self.max_tokens_per_step, self.max_waiting = max_tokens_per_step, max_waiting
+        self.prefix_caching = prefix_caching
+        if num_blocks is None:
+            num_blocks = _default_blocks(self.cfg.text, block_size, self.dtype, self.device)
+        self.pool = BlockPool(self.cfg.text, num_blocks, block_size, self.dtype, self.device)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._media_cache: dict[bytes, tuple] = {}
+        self._media_cache_items = media_cache_items
+        self.eos = set(model.tokenizer.eos_token_ids)
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "prefix_hit_tokens": 0}
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, prompt: str | Seq[dict] | Prepared, images: Seq[Any] | None = None,
+                    audios: Seq[Any] | None = None, params: SamplingParams | None = None,
+                    tools: list[dict] | None = None, request_id: str | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises ValueError for bad input, EngineBusy when full."""
+        params = params or SamplingParams()
+        params.validate()
+        if len(self.waiting) >= self.max_waiting:
+            raise EngineBusy(f"{len(self.waiting)} requests are already waiting (limit {self.max_waiting}); "
+                             "retry shortly")
+        prep = prompt if isinstance(prompt, Prepared) else self.model.prepare(prompt, images, audios, tools)
+        limit = self.cfg.text.max_position_embeddings
+        if prep.num_tokens + 1 > limit:
+            raise ValueError(f"the prompt has {prep.num_tokens} tokens; the context holds {limit}: shorten it")
+        need = -(-min(prep.num_tokens + params.max_tokens, limit) // self.block_size)
+        if need > self.pool.num_blocks:
+            raise ValueError(f"prompt + max_tokens needs {need} KV blocks but the cache has {self.pool.num_blocks}; "
+                             "lower max_tokens or start the engine with more cache memory")
+        embeds, key = self._prompt_embeds(prep)
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise ValueError(f"request id {rid!r} is already in use")
+        seq = Sequence(rid, prep, params, embeds, key, time.monotonic())
+        seq.long_rope = self.net.rope.use_long(prep.num_tokens)
+        seq.decoder = self.model.tokenizer.stream_decoder(skip_special_tokens=True)
+        self.seqs[rid] = seq
+        self.waiting.append(seq)
+        return rid
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request now; its blocks return to the pool at once. False if it is unknown or finished."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return False
+        seq.cancelled = True
+        self._release(seq)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---------------------------------------------------------------- media
+    def _prompt_embeds(self, prep: Prepared) -> tuple[torch.Tensor, bytes]:
+        """(P, hidden) prompt embeddings; tower outputs are cached by content hash (same image asked twice)."""
+        h = hashlib.blake2b(digest_size=16)
+        for part in (prep.images and (prep.images.pixel_values, prep.images.image_sizes),
+                     prep.audios and (prep.audios.features,)):
+            for t in part or ():
+                h.update(t.numpy().tobytes())
+        h.update(prep.audio_projector.encode())
+        key = h.digest()
+        if prep.images is None and prep.audios is None:
+            img = aud = None
+        elif key in self._media_cache:
+            img, aud = self._media_cache[key]
+        else:
+            with torch.inference_mode():
+                img, aud = encode_media(self.net, prep, self.device, self.dtype)
+            if len(self._media_cache) >= self._media_cache_items:
+                self._media_cache.pop(next(iter(self._media_cache)))
+            self._media_cache[key] = (img, aud)
+        with torch.inference_mode():
+            ids = torch.tensor([prep.input_ids], device=self.device)
+            return self.net.embed(ids, img, aud)[0], key
+
+    # ---------------------------------------------------------------- scheduling
+    def _hasher(self, seq: Sequence):
+        # Blocks are only interchangeable between requests with the same media, adapter and RoPE factors.
+        key = seq.media_key + (seq.prep.adapter or "-").encode() + (b"L" if seq.long_rope else b"S")
+        return hashlib.blake2b(key, digest_size=8)
+
+    def _block_hash(self, h, toks: list[int], b: int) -> int:
+        """Extend the chain `h` by block b's tokens; the chain's digest identifies the whole prefix."""
+        h.update(np.asarray(toks[b * self.block_size:(b + 1) * self.block_size], dtype=np.int64).tobytes())
+        return int.from_bytes(h.copy().digest(), "little") >> 1
+
+    def _block_hashes(self, seq: Sequence, upto: int) -> list[int]:
+        """Hash chain over the full blocks of the first `upto` tokens."""
+        h, toks = self._hasher(seq), seq.tokens
+        return [self._block_hash(h, toks, b) for b in range(upto // self.block_size)]
+
+    def _ensure_blocks(self, seq: Sequence, upto: int) -> bool:
+        need = -(-upto // self.block_size) - len(seq.blocks)
+        if need <= 0:
+            return True
+        try:
+            seq.blocks += self.pool.allocate(need)
+            return True
+        except CacheFull:
+            return False
+
+    def _admit_prefix(self, seq: Sequence) -> None:
+        if not self.prefix_caching or seq.num_cached or seq.blocks:
+            return
+        hashes = self._block_hashes(seq, seq.length - 1)  # always leave >= 1 token to compute
+        hit = self.pool.match_prefix(hashes)
+        seq.blocks = list(hit)
+        seq.num_cached = len(hit) * self.block_size
+        self.stats["prefix_hit_tokens"] += seq.num_cached
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's cache; it is recomputed from its tokens when readmitted."""
+        self.pool.free(seq.blocks)
+        seq.blocks, seq.num_cached, seq.hasher = [], 0, None
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.stats["preemptions"] += 1
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """-> (sequence, number of new tokens) for this step."""
+        budget = self.max_tokens_per_step
+        plan: list[tuple[Sequence, int]] = []
+        # Running decodes first (oldest first); preempt the newest when blocks run out.
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if seq not in self.running or seq.prefilling:
+                continue
+            if not seq.long_rope and self.net.rope.use_long(seq.length):
+                seq.long_rope = True  # crossing 4096: every key must be recomputed with the long factors
+                self._preempt(seq)
+                continue
+            while not self._ensure_blocks(seq, seq.length):
+                victim = max(self.running, key=lambda s: s.arrival)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq in self.running and budget > 0:
+                plan.append((seq, 1))
+                budget -= 1
+        # Then prefill chunks: partially prefilled running sequences, then admissions.
+        for seq in [s for s in self.running if s.prefilling] + list(self.waiting):
+            if budget <= 0:
+                break
+            if seq in self.waiting:
+                if len(self.running) >= self.max_batch:
+                    break
+                self._admit_prefix(seq)
+            # A recompute (preemption, LongRoPE switch) covers every token, the newest sampled one included.
+            remaining = seq.length - seq.num_cached
+            n = min(remaining, budget)
+            if n <= 0 or not self._ensure_blocks(seq, seq.num_cached + n):
+                if seq in self.waiting and seq.blocks:
+                    # Not admitted after all: give back the prefix blocks it matched, or it would hold them
+                    # while waiting and starve the running decodes (a livelock).
+                    self.pool.free(seq.blocks)
+                    seq.blocks, seq.num_cached = [], 0
+                break
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+                self.running.append(seq)
+            plan.append((seq, n))
+            budget -= n
+        return plan
+
+    # ---------------------------------------------------------------- the step
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        outs = [self._finish(s, "cancelled") for s in list(self.seqs.values()) if s.cancelled]
+        plan = self._schedule()
+        if not plan:
+            return outs
+        self.stats["steps"] += 1
+        embeds, positions, longs, spans, last = [], [], [], [], []
+        n_total = 0
+        for seq, n in plan:
+            start = seq.num_cached
+            embeds.append(self._embeds(seq, start, start + n))
+            positions.append(torch.arange(start, start + n))
+            longs.append(torch.full((n,), seq.long_rope))
+            spans.append((seq.prep.adapter, n))
+            n_total += n
+            last.append(n_total - 1)
+        x = torch.cat(embeds)[None]  # (1, N, hidden)
+        pos = torch.cat(positions)[None].to(self.device)  # (1, N)
+        long = torch.cat(longs)[None].to(self.device)
+        attn = PagedAttention.build(self.pool, [(s.blocks, s.num_cached, n) for s, n in plan], self.device)
+        try:
+            logits = self.net(x, pos, plan=AdapterPlan.for_spans(spans, self.device), long_rope=long,
+                              last_only=torch.tensor(last, device=self.device), attn=attn)[:, 0]  # (S, V)
+        except torch.OutOfMemoryError as e:  # fail the prefills of this step, keep serving the others
+            torch.cuda.empty_cache()
+            return outs + [self._finish(s, "error", f"out of memory during prefill: {e}") for s, n in plan if n > 1]
+        for seq, n in plan:
+            seq.num_cached += n
+            if self.prefix_caching:
+                self._register_full_blocks(seq)
+        # Sample only where this step's tokens reach the sequence's newest token: a prompt fully prefilled,
+        # a decode, or the last chunk of a recompute.
+        ready = [(i, s) for i, (s, _) in enumerate(plan) if s.num_cached == s.length]
+        if ready:
+            rows = torch.tensor([i for i, _ in ready], device=self.device)
+            seqs = [s for _, s in ready]
+            picked = logits.index_select(0, rows)
+            if all(_plain_greedy(s.params) for s in seqs):
+                # No per-row state needed: skip building the sampling batch (its (B, V) penalty tables).
+                toks, lps, tops = picked.argmax(-1).tolist(), [None] * len(seqs), [None] * len(seqs)
+            else:
+                batch = SamplingBatch.build([s.params for s in seqs], self.device, self.cfg.text.vocab_size,
+                                            [s.prep.input_ids for s in seqs], [s.generated for s in seqs])
+                picked = apply_min_tokens(picked.float(), batch, None, sorted(self.eos))
+                res = sample(picked, batch)
+                toks = res.tokens.tolist()  # the one host sync of the step
+                want_lp = [s.params.logprobs is not None for s in seqs]
+                lps = [lp if w else None for lp, w in zip(res.logprobs.tolist(), want_lp)]
+                tops = (list(zip(res.top_ids.tolist(), res.top_logprobs.tolist())) if res.top_ids is not None
+                        else [None] * len(seqs))
+                tops = [(t[0][:s.params.logprobs], t[1][:s.params.logprobs]) if t and s.params.logprobs else None
+                        for t, s in zip(tops, seqs)]
+            for seq, tok, lp, top in zip(seqs, toks, lps, tops):
+                outs.append(self._append(seq, tok, lp, top))
+        self.stats["prefill_tokens"] += sum(n for _, n in plan if n > 1)
+        self.stats["decode_tokens"] += sum(1 for _, n in plan if n == 1)
+        return outs
+
+    def _embeds(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        p = seq.prep.num_tokens
+        parts = []
+        if start < p:
+            parts.append(seq.prompt_embeds[start:min(end, p)])
+        if end > p:
+            gen = torch.tensor(seq.generated[max(start - p, 0):end - p], device=self.device)
+            parts.append(self.net.embed_tokens(gen))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Make newly filled blocks findable by later requests (incremental: each block hashed once)."""
+        full = seq.num_cached // self.block_size
+        if seq.hasher is None or seq.hashed > full:
+            seq.hasher, seq.hashed = self._hasher(seq), 0
+        toks = seq.tokens if seq.hashed < full else None
+        while seq.hashed < full:
+            self.pool.register(seq.blocks[seq.hashed], self._block_hash(seq.hasher, toks, seq.hashed))
+            seq.hashed += 1
+
+    # ---------------------------------------------------------------- stopping
+    def _append(self, seq: Sequence, tok: int, lp, top) -> StepOutput:
+        p = seq.params
+        seq.generated.append(tok)
+        reason = None
+        stop_tok = (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids
+        if not stop_tok:
+            seq.text += seq.decoder.push(tok)
+        if stop_tok:
+            reason = "stop"
+        if p.stop:
+            for s in p.stop:
+                i = seq.text.find(s, max(0, seq.emitted - len(s)))
+                if i >= 0:
+                    seq.text, reason = seq.text[:i], "stop"
+        if reason is None and (len(seq.generated) >= p.max_tokens or seq.length >= self.cfg.text.max_position_embeddings):
+            reason = "length"
+        if reason is not None and not stop_tok:
+            seq.text += seq.decoder.flush() if reason == "length" else ""
+        # Hold back a tail that could still become a stop string.
+        hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
+        delta = seq.text[seq.emitted:len(seq.text) - hold] if len(seq.text) - hold > seq.emitted else ""
+        seq.emitted += len(delta)
+        out = StepOutput(seq.id, tok, delta, logprob=lp, top_logprobs=top and list(zip(*top)),
+                         num_prompt_tokens=seq.prep.num_tokens, num_generated=len(seq.generated))
+        if reason:
+            fin = self._finish(seq, reason)
+            out.text += fin.text
+            out.finished, out.finish_reason = True, reason
+        return out
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.blocks:
+            self.pool.free(seq.blocks)
+            seq.blocks = []
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> StepOutput:
+        self._release(seq)
+        self.seqs.pop(seq.id, None)
+        rest = seq.text[seq.emitted:] if reason != "cancelled" else ""
+        seq.emitted = len(seq.text)
+        return StepOutput(seq.id, None, rest, True, reason, error=error, num_prompt_tokens=seq.prep.num_tokens,
+                          num_generated=len(seq.generated))
+
+    # ---------------------------------------------------------------- conveniences
+    def stream(self) -> Iterator[StepOutput]:
+        while self.has_work():
+            yield from self.step()
+
+    def generate(self, requests: Seq[dict], progress: bool = False) -> list[dict]:
+        """Offline: each request is a dict of add_request's arguments; returns text, tokens, finish reason."""
+        ids = [self.add_request(**r) for r in requests]
+        res = {i: {"text": "", "token_ids": [], "finish_reason": None} for i in ids}
+        for out in self.stream():
+            r = res.get(out.request_id)
+            if r is None:
+                continue
+            r["text"] += out.text
+            if out.token_id is not None:
+                r["token_ids"].append(out.token_id)
+            if out.finished:
+                r["finish_reason"], r["error"] = out.finish_reason, out.error
+        return [res[i] for i in ids]
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    return (p.temperature == 0 and p.repetition_penalty == 1 and p.presence_penalty == 0
+            and p.frequency_penalty == 0 and p.logprobs is None and p.min_tokens == 0)
+
+
+def _default_blocks(cfg, block_size: int, dtype: torch.dtype, device: torch.device) -> int:
+    per_block = 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(16, int(free * 0.85) // per_block)  # leave room for activations
+    return 4096
