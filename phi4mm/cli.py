@@ -1,54 +1,476 @@
-"""The `phi4mm` command line. Errors a user can fix end with one sentence and exit code 2."""
+"""The `phi4mm` command line. Errors a user can fix end with one sentence on stderr and exit code 2.
+
+Subcommands: chat (one-shot or interactive), transcribe / translate (files, folders, globs -> txt/srt/vtt/json),
+serve (the OpenAI-compatible server), bench (offline engine throughput), make-checkpoint (random weights).
+Heavy imports (torch, the model) happen inside the commands so `--help` stays instant.
+"""
 from __future__ import annotations
 
 import argparse
+import glob
+import re
 import sys
+import time
 from pathlib import Path
 
 EXAMPLES = """examples:
   phi4mm make-checkpoint ./tiny --size tiny --layout official
-  phi4mm chat --model ./tiny "Describe the image <|image_1|>" --image cat.jpg
-  phi4mm chat --model ./tiny "Transcribe the audio to text. <|audio_1|>" --audio speech.wav
+  phi4mm chat --model ./tiny "Describe the image." --image cat.jpg
+  phi4mm chat --model ./tiny                       # interactive (on a terminal)
+  phi4mm transcribe --model ./tiny talk.flac --format srt
+  phi4mm translate --model ./tiny interviews/ --language French --output-dir out/
+  phi4mm serve --model ./Phi-4-multimodal-instruct --device cuda --port 8000
+  phi4mm bench --model ./tiny --requests 8
 """
+CHAT_EXAMPLES = """examples:
+  phi4mm chat --model DIR "What is the capital of France?"
+  phi4mm chat --model DIR "Describe the image." --image cat.jpg
+  phi4mm chat --model DIR "<|audio_1|>Transcribe the audio clip into text." --audio speech.wav
+  phi4mm chat --model DIR --interactive < questions.txt
+
+interactive commands: /image PATH and /audio PATH attach media to your next message, /reset starts over,
+/exit (or end of input) quits, /help lists them.
+"""
+TRANSCRIBE_EXAMPLES = """examples:
+  phi4mm {cmd} --model DIR talk.flac                      # text to stdout
+  phi4mm {cmd} --model DIR talk.flac --format srt > talk.srt
+  phi4mm {cmd} --model DIR recordings/ "more/*.wav" --format vtt --output-dir subs/
+inputs: files, folders (searched recursively for {exts}) and glob patterns. One input file with no
+--output-dir prints to stdout; otherwise each file's result is written as <name>.<ext> next to it (or into
+--output-dir). Audio longer than --max-seconds is cut at pauses into timed segments.
+"""
+SERVE_EXAMPLES = """examples:
+  phi4mm serve --model DIR --device cuda
+  phi4mm serve --model DIR --host 0.0.0.0 --port 8080 --api-key secret --allow-remote-media
+"""
+BENCH_EXAMPLES = """examples:
+  phi4mm bench --model DIR --device cuda --requests 64 --prompt-tokens 512 --new-tokens 128
+Random prompt tokens, ignore_eos: every request generates exactly --new-tokens tokens. Reports wall time,
+generated tokens/s (all requests together) and prompt tokens/s; one warm-up request runs first.
+"""
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf")
+TRANSCRIBE_FORMATS = ("txt", "text", "srt", "vtt", "json", "verbose_json")
+CPU_KV_TOKENS = 16384  # CPU KV pool: 16k tokens (4 GiB fp32 at full size); on GPU the engine sizes it itself
+NO_MODEL = ("no --model given: the embedded default model is not shipped yet, so pass --model DIR (a tiny "
+            "random one can be made with `phi4mm make-checkpoint DIR`)")
+
+
+class UserError(ValueError):
+    """A mistake on the command line; printed as one sentence, exit code 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="phi4mm", description="Run Phi-4-multimodal-instruct: text, image and "
-                                "audio in, text out.", epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint laid out like the official one")
+                                "audio in, text out.", epilog=EXAMPLES, formatter_class=raw)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def model_args(sp: argparse.ArgumentParser, device: str = "cpu") -> None:
+        sp.add_argument("--model", type=Path, help="checkpoint directory (required for now)")
+        sp.add_argument("--device", default=device, help=f"cpu, cuda, cuda:1, ... (default {device})")
+        sp.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, "
+                        "fp32 on CPU)")
+
+    mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint laid out like the official one",
+                        description="Write a random-weight checkpoint (for tests and trying the tools).")
     mk.add_argument("out", type=Path)
     mk.add_argument("--size", choices=["tiny", "full"], default="tiny")
     mk.add_argument("--layout", choices=["official", "hf"], default="official")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     mk.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda: seconds at full size)")
-    ch = sub.add_parser("chat", help="one-shot chat: a prompt with optional images and audio files")
-    ch.add_argument("prompt", help="the user message; refer to media as <|image_1|>, <|audio_1|> (added at the "
-                    "start when absent)")
-    ch.add_argument("--model", type=Path, required=True, help="checkpoint directory")
-    ch.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    ch.add_argument("--audio", action="append", default=[], help="audio file (repeatable)")
-    ch.add_argument("--max-tokens", type=int, default=256)
-    ch.add_argument("--temperature", type=float, default=0.0)
-    ch.add_argument("--device", default="cpu")
-    ch.add_argument("--dtype", default=None)
+
+    ch = sub.add_parser("chat", help="chat: one-shot with a prompt, interactive without one",
+                        description="Chat with the model. With a prompt: answer it and exit. Without one on a "
+                        "terminal, or with --interactive: a conversation read line by line from stdin.",
+                        epilog=CHAT_EXAMPLES, formatter_class=raw)
+    ch.add_argument("prompt", nargs="?", help="the user message; refer to media as <|image_1|>, <|audio_1|> "
+                    "(added at the start when absent)")
+    model_args(ch)
+    ch.add_argument("--image", action="append", default=[], help="image file for the first message (repeatable)")
+    ch.add_argument("--audio", action="append", default=[], help="audio file for the first message (repeatable)")
+    ch.add_argument("--system", default=None, help="a system message")
+    ch.add_argument("--interactive", "-i", action="store_true", help="converse on stdin even when it is not a "
+                    "terminal (the prompt, if given, is the first message)")
+    ch.add_argument("--max-tokens", type=int, default=256, help="per reply (default 256)")
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ch.add_argument("--seed", type=int, default=None)
+
+    for cmd, what in (("transcribe", "speech to text in the spoken language"),
+                      ("translate", "speech to text in another language (English by default)")):
+        tr = sub.add_parser(cmd, help=what, description=f"{cmd.capitalize()} audio: {what}.",
+                            epilog=TRANSCRIBE_EXAMPLES.format(cmd=cmd, exts=" ".join(AUDIO_EXTENSIONS)),
+                            formatter_class=raw)
+        tr.add_argument("inputs", nargs="+", help="audio files, folders or glob patterns")
+        model_args(tr)
+        tr.add_argument("--format", "-f", default="txt", help=f"one of {', '.join(TRANSCRIBE_FORMATS)} "
+                        "(default txt); several comma-separated (e.g. srt,vtt) write one file each")
+        tr.add_argument("--language", default=None, help="spoken language hint (transcribe) or target language "
+                        "(translate): a name or ISO code, e.g. French or fr")
+        tr.add_argument("--prompt", default=None, help="context for names and spelling, added to the instruction")
+        tr.add_argument("--output-dir", "-o", type=Path, default=None, help="write <name>.<ext> files here")
+        tr.add_argument("--max-seconds", type=float, default=30.0, help="longest segment (default 30)")
+        tr.add_argument("--max-tokens", type=int, default=448, help="per segment (default 448)")
+        tr.add_argument("--max-batch", type=int, default=32, help="segments decoded together (default 32)")
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server", epilog=SERVE_EXAMPLES, formatter_class=raw,
+                        description="Serve the model over an OpenAI-compatible HTTP API.")
+    model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: no auth)")
+    sv.add_argument("--max-batch", type=int, default=64, help="requests decoded together (default 64)")
+    sv.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503 "
+                    "(default 256)")
+    sv.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image/audio URLs")
+    sv.add_argument("--allow-local-files", action="store_true", help="let requests name file:// paths on this "
+                    "machine")
+
+    be = sub.add_parser("bench", help="quick offline engine throughput", epilog=BENCH_EXAMPLES,
+                        formatter_class=raw, description="Offline throughput of the engine on this model.")
+    model_args(be)
+    be.add_argument("--requests", type=int, default=8, help="number of requests (default 8)")
+    be.add_argument("--prompt-tokens", type=int, default=128, help="per request (default 128)")
+    be.add_argument("--new-tokens", type=int, default=64, help="per request (default 64)")
+    be.add_argument("--max-batch", type=int, default=64)
+    tn = sub.add_parser("train", help="fine-tune one stage of the recipe on JSONL chats; writes a loadable checkpoint",
+                        description="Fine-tune a stage (adapter / encoder / projector); OUT is a checkpoint "
+                        "directory that phi4mm and transformers+peft load.")
+    tn.add_argument("data", type=Path, help='JSONL, one {"messages": [...]} per line; media paths relative to it')
+    tn.add_argument("out", type=Path)
+    tn.add_argument("--model", type=Path, help="base checkpoint directory")
+    tn.add_argument("--stage", required=True, choices=["vision-projector", "vision-encoder", "vision-lora",
+                    "speech-encoder", "speech-lora", "vision-speech", "text"])
+    for flag, kind, default in (("--epochs", int, 1), ("--max-steps", int, None), ("--lr", float, 1e-4),
+                                ("--batch-tokens", int, 16384), ("--grad-accum", int, 1), ("--lora-rank", int, None),
+                                ("--seed", int, 0), ("--warmup-steps", int, 0), ("--save-every", int, 500)):
+        tn.add_argument(flag, type=kind, default=default)
+    tn.add_argument("--device", default="cpu")
+    tn.add_argument("--dtype", default="float32", help="frozen weights' dtype (trained parameters stay fp32)")
+    tn.add_argument("--amp", action="store_true", help="bf16 autocast")
+    tn.add_argument("--grad-checkpointing", action="store_true")
+    tn.add_argument("--resume", action="store_true", help="continue from the latest OUT/checkpoint-*")
+    tn.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed lines instead of stopping")
     return p
 
 
-def _chat(args) -> int:
+# ------------------------------------------------------------------------------------------------ helpers
+def _load(args):
+    """Load --model with --device / --dtype; UserError (one sentence) when it is missing."""
+    if args.model is None:
+        raise UserError(NO_MODEL)
     import phi4mm
-    model = phi4mm.load(args.model, device=args.device, dtype=args.dtype)
-    refs = "".join(f"<|image_{i + 1}|>" for i in range(len(args.image)) if f"<|image_{i + 1}|>" not in args.prompt)
-    refs += "".join(f"<|audio_{i + 1}|>" for i in range(len(args.audio)) if f"<|audio_{i + 1}|>" not in args.prompt)
-    messages = [{"role": "user", "content": refs + args.prompt}]
-    audios = [Path(a) for a in args.audio]
-    print(model.generate(messages, images=[Path(i) for i in args.image], audios=audios,
-                         max_new_tokens=args.max_tokens, temperature=args.temperature))
+    return phi4mm.load(args.model, device=args.device, dtype=args.dtype)
+
+
+def _engine(model, max_batch: int = 64, max_waiting: int = 1024):
+    from .engine import Engine
+    blocks = None if model.device.type == "cuda" else CPU_KV_TOKENS // 16
+    return Engine(model, num_blocks=blocks, max_batch=max_batch, max_waiting=max_waiting)
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise UserError(f"--{name} must be positive; got {value}")
+
+
+# ------------------------------------------------------------------------------------------------ chat
+def _chat(args) -> int:
+    from .sampling import SamplingParams
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed).validate()
+    for f in args.image + args.audio:
+        if not Path(f).is_file():
+            raise UserError(f"{f}: no such file")
+    interactive = args.interactive or (args.prompt is None and sys.stdin.isatty())
+    if args.prompt is None and not interactive:
+        raise UserError("give a prompt, or use --interactive to read the conversation from stdin")
+    model = _load(args)
+    chat = Conversation(_engine(model, max_batch=1), params, args.system)
+    for f in args.image:
+        chat.attach("image", f)
+    for f in args.audio:
+        chat.attach("audio", f)
+    if args.prompt is not None:
+        chat.say(args.prompt, sys.stdout)
+    if interactive:
+        _repl(chat)
     return 0
 
 
+class Conversation:
+    """Messages so far plus every image and audio attached (numbered across the whole conversation)."""
+
+    def __init__(self, engine, params, system: str | None = None):
+        self.engine, self.params, self.system = engine, params, system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.images, self.audios, self.pending = [], [], ""
+
+    def attach(self, kind: str, path: str) -> None:
+        """Decode now (so a bad file is reported at once) and reference it in the next user message."""
+        if kind == "image":
+            from .image_processing import load_image
+            self.images.append(load_image(Path(path)))
+            self.pending += f"<|image_{len(self.images)}|>"
+        else:
+            from .audio_processing import SAMPLE_RATE, load_audio
+            self.audios.append((load_audio(Path(path)), SAMPLE_RATE))
+            self.pending += f"<|audio_{len(self.audios)}|>"
+
+    def say(self, text: str, out) -> str:
+        """Add a user turn, stream the reply to `out` as it is generated, keep it in the history."""
+        refs = "".join(m.group(0) for m in re.finditer(r"<\|(?:image|audio)_\d+\|>", self.pending)
+                       if m.group(0) not in text)
+        self.messages.append({"role": "user", "content": refs + text})
+        try:
+            rid = self.engine.add_request(self.messages, images=self.images, audios=self.audios, params=self.params)
+        except ValueError:
+            self.messages.pop()
+            raise
+        self.pending, reply = "", ""
+        while self.engine.has_work():
+            for o in self.engine.step():
+                if o.request_id != rid:
+                    continue
+                out.write(o.text)
+                out.flush()
+                reply += o.text
+                if o.finished and o.finish_reason == "error":
+                    raise RuntimeError(o.error)
+        out.write("\n")
+        out.flush()
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+
+def _repl(chat: Conversation) -> None:
+    tty = sys.stdin.isatty()
+    if tty:
+        print("phi4mm chat: /image PATH, /audio PATH, /reset, /exit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if tty else "")
+        except EOFError:
+            return
+        line = line.strip()
+        if not line:
+            continue
+        cmd, _, arg = line.partition(" ")
+        try:
+            if cmd in ("/exit", "/quit"):
+                return
+            if cmd == "/reset":
+                chat.reset()
+                print("(conversation cleared)", file=sys.stderr)
+            elif cmd in ("/image", "/audio"):
+                if not arg.strip():
+                    raise UserError(f"{cmd} needs a file path")
+                chat.attach(cmd[1:], arg.strip())
+                print(f"(attached {arg.strip()} to your next message)", file=sys.stderr)
+            elif cmd == "/help":
+                print("/image PATH, /audio PATH: attach to the next message; /reset; /exit", file=sys.stderr)
+            elif cmd.startswith("/") and cmd[1:].isalpha():
+                raise UserError(f"unknown command {cmd}; try /help")
+            else:
+                chat.say(line, sys.stdout)
+        except (ValueError, OSError) as e:  # report and keep the conversation going
+            print(f"error: {e}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ transcribe
+def expand_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """(audio file, path relative to where its name came from) for files, folders (recursive) and globs."""
+    out: dict[Path, Path] = {}
+    for item in inputs:
+        p = Path(item)
+        if p.is_file():
+            found = [(p, Path(p.name))]
+        elif p.is_dir():
+            found = [(f, f.relative_to(p)) for f in sorted(p.rglob("*"))
+                     if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS]
+            if not found:
+                raise UserError(f"folder {item} holds no audio files ({' '.join(AUDIO_EXTENSIONS)})")
+        elif glob.has_magic(item):
+            found = [(Path(f), Path(Path(f).name)) for f in sorted(glob.glob(item, recursive=True))
+                     if Path(f).is_file()]
+            if not found:
+                raise UserError(f"the pattern {item} matches no files")
+        else:
+            raise UserError(f"{item}: no such file or folder")
+        for f, rel in found:
+            out.setdefault(f, rel)
+    return list(out.items())
+
+
+def _output_paths(files: list[tuple[Path, Path]], out_dir: Path | None, formats: list[str]
+                  ) -> list[dict[str, Path | None]]:
+    """Per file: format -> where to write it (None = stdout: one file, one format, no --output-dir)."""
+    if len(files) == 1 and out_dir is None and len(formats) == 1:
+        return [{formats[0]: None}]
+    seen: dict[Path, str] = {}
+    outs = []
+    for f, rel in files:
+        outs.append({})
+        for fmt in formats:
+            p = (out_dir / rel if out_dir else f).with_suffix("." + {"text": "txt", "verbose_json": "json"}.get(fmt, fmt))
+            if p in seen:
+                raise UserError(f"{seen[p]} and {f} ({fmt}) would both be written to {p}; rename one, pick other "
+                                "formats or run them separately")
+            seen[p], outs[-1][fmt] = f"{f} ({fmt})", p
+    return outs
+
+
+def _transcribe(args) -> int:
+    formats = list(dict.fromkeys(f.strip() for f in args.format.split(",")))
+    for fmt in formats:
+        if fmt not in TRANSCRIBE_FORMATS:
+            raise UserError(f"--format {fmt!r} is not supported; use one of {', '.join(TRANSCRIBE_FORMATS)} "
+                            "(or several, comma-separated)")
+    for name in ("max_seconds", "max_tokens", "max_batch"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    files = expand_inputs(args.inputs)
+    outs = _output_paths(files, args.output_dir, formats)
+    _check_readable([f for f, _ in files])  # before importing torch and loading the model: fail in a blink
+    from .transcribe import transcription_prompt
+    transcription_prompt(args.cmd, args.language, args.prompt)  # validate language and prompt up front
+    engine = _engine(_load(args), max_batch=args.max_batch)
+    _run_files(engine, args, files, outs)
+    return 0
+
+
+def _check_readable(paths: list[Path]) -> None:
+    """Header check of every input with libsndfile: cheap, and a typo'd or corrupt file fails in a second."""
+    import soundfile as sf
+    for p in paths:
+        try:
+            sf.info(str(p))
+        except Exception as e:  # libsndfile raises several types; all mean the same to the user
+            raise UserError(f"audio file {str(p)!r}: could not decode ({e}); supported containers are wav, flac, "
+                            "ogg (vorbis/opus), mp3, aiff") from e
+
+
+def _run_files(engine, args, files, outs) -> None:
+    """Feed files' segments to the engine while it has room, so short files batch together; write each
+    file's result as soon as its last segment finishes."""
+    from tqdm import tqdm
+
+    from .transcribe import Segment, render, transcription_requests
+    bar = tqdm(total=0, unit="segment", file=sys.stderr, disable=None, dynamic_ncols=True)
+    todo = list(range(len(files)))
+    segs: dict[int, list] = {}  # file index -> its Segments, in time order
+    owner: dict[str, tuple[int, int]] = {}  # request id -> (file index, piece index)
+    left: dict[int, int] = {}  # file index -> pieces still decoding
+    while todo or engine.has_work():
+        while todo and len(engine.waiting) + len(engine.running) < args.max_batch:
+            i = todo.pop(0)
+            reqs = transcription_requests(files[i][0], args.cmd, args.language, args.prompt, args.max_seconds,
+                                          args.max_tokens)
+            segs[i], left[i] = [Segment(a, b, "") for a, b, _ in reqs], len(reqs)
+            bar.total += len(reqs)
+            bar.set_description(f"file {len(files) - len(todo)}/{len(files)}")
+            for k, (_, _, r) in enumerate(reqs):
+                owner[engine.add_request(**r)] = (i, k)
+        for o in engine.step():
+            i, k = owner[o.request_id]
+            seg = segs[i][k]
+            seg.text += o.text
+            if o.token_id is not None:
+                seg.tokens.append(o.token_id)
+            if not o.finished:
+                continue
+            if o.finish_reason == "error":
+                raise RuntimeError(f"{files[i][0]}: {o.error}")
+            seg.text = seg.text.strip()
+            left[i] -= 1
+            bar.update(1)
+            if left[i] == 0:
+                done = segs.pop(i)
+                for fmt, path in outs[i].items():
+                    _write(render(done, fmt, language=args.language, duration=done[-1].end, task=args.cmd), path)
+    bar.close()
+
+
+def _write(text: str, path: Path | None) -> None:
+    if path is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ serve, bench
+def _serve(args) -> int:
+    _positive("max-batch", args.max_batch)
+    _positive("max-waiting", args.max_waiting)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be 1..65535; got {args.port}")
+    if args.model is None:
+        raise UserError(NO_MODEL)
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise UserError(f"the server is not available in this build ({e})") from e
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype,
+          max_batch=args.max_batch, max_waiting=args.max_waiting, allow_remote_media=args.allow_remote_media,
+          allow_local_files=args.allow_local_files)
+    return 0
+
+
+def _bench(args) -> int:
+    import torch
+
+    from .processor import Prepared
+    from .sampling import SamplingParams
+    for name in ("requests", "prompt_tokens", "new_tokens", "max_batch"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    model = _load(args)
+    engine = _engine(model, max_batch=args.max_batch)
+    vocab = model.config.text.vocab_size
+    gen = torch.Generator().manual_seed(0)
+
+    def run(n: int, new: int) -> float:
+        params = SamplingParams(max_tokens=new, ignore_eos=True)
+        preps = [Prepared(torch.randint(100, vocab - 1, (args.prompt_tokens,), generator=gen).tolist(), None, None,
+                          None, "speech") for _ in range(n)]
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        t0 = time.perf_counter()
+        for p in preps:
+            engine.add_request(p, params=params)
+        while engine.has_work():
+            engine.step()
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        return time.perf_counter() - t0
+
+    run(1, 2)  # warm-up: first-call allocations, kernel selection
+    steps0 = engine.stats["steps"]
+    wall = run(args.requests, args.new_tokens)  # includes admission (tokenizer stream setup), as a user sees it
+    n_gen, n_prompt = args.requests * args.new_tokens, args.requests * args.prompt_tokens
+    print(f"model {args.model} on {model.device} ({str(model.dtype).replace('torch.', '')}): {args.requests} "
+          f"requests x ({args.prompt_tokens} prompt + {args.new_tokens} new tokens), max batch {args.max_batch}")
+    print(f"wall {wall:.3f} s | generated {n_gen / wall:.1f} tok/s | prompt+generated "
+          f"{(n_gen + n_prompt) / wall:.1f} tok/s | {engine.stats['steps'] - steps0} steps")
+    return 0
+
+
+def _train(args) -> int:
+    from .train import train
+    s = train(args.model, args.data, args.stage, args.out, epochs=args.epochs, max_steps=args.max_steps,
+              lr=args.lr, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum, seed=args.seed,
+              lora_rank=args.lora_rank, device=args.device, dtype=args.dtype, amp=args.amp,
+              grad_checkpointing=args.grad_checkpointing, warmup_steps=args.warmup_steps,
+              save_every=args.save_every, resume=args.resume, skip_bad=args.skip_bad)
+    print(f"trained {s['stage']}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
+          f"{len(s['skipped'])} bad lines skipped; wrote {s['out']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -59,12 +481,18 @@ def main(argv: list[str] | None = None) -> int:
                                   device=args.device)
             print(f"wrote {args.size} {args.layout} checkpoint to {out}")
             return 0
-        if args.cmd == "chat":
-            return _chat(args)
-    except (ValueError, FileNotFoundError, OSError) as e:  # our errors are ValueErrors that say what to do
-        print(f"phi4mm {args.cmd}: {e}", file=sys.stderr)
+        if getattr(args, "model", "") is None:
+            raise UserError(NO_MODEL)
+        handler = {"chat": _chat, "transcribe": _transcribe, "translate": _transcribe, "serve": _serve,
+                   "bench": _bench, "train": _train}[args.cmd]
+        return handler(args)
+    except (ValueError, OSError) as e:  # our errors are ValueErrors (AudioError, InputError, ...) that say what to do
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"phi4mm {args.cmd}: {msg}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print(f"phi4mm {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

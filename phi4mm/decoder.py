@@ -44,6 +44,14 @@ class LongRope:
             False: 1.0 / (torch.tensor(cfg.short_factor, dtype=torch.float32, device=cpu) * base),
             True: 1.0 / (torch.tensor(cfg.long_factor, dtype=torch.float32, device=cpu) * base),
         }
+        self._on_device: dict[tuple[str, bool], torch.Tensor] = {}
+
+    def _inv(self, long: bool, device: torch.device) -> torch.Tensor:
+        # Cached per device: no host-to-device copy per call (and none inside a CUDA graph capture).
+        key = (str(device), long)
+        if key not in self._on_device:
+            self._on_device[key] = self.inv_freq[long].to(device)
+        return self._on_device[key]
 
     def use_long(self, total_len: int) -> bool:
         """Long factors once the sequence is longer than the original context (4096), as HF/MS do."""
@@ -55,11 +63,11 @@ class LongRope:
 
         long: one choice for the batch, or a (B, T) bool tensor (packed sequences on both sides of 4096).
         """
+        dev = positions.device
         if isinstance(long, torch.Tensor):
-            inv = torch.where(long[..., None], self.inv_freq[True].to(positions.device),
-                              self.inv_freq[False].to(positions.device))  # (B, T, rotary_dim/2)
+            inv = torch.where(long[..., None], self._inv(True, dev), self._inv(False, dev))  # (B, T, rotary_dim/2)
         else:
-            inv = self.inv_freq[long].to(positions.device)
+            inv = self._inv(long, dev)
         freqs = positions.float()[..., None] * inv  # (B, T, rotary_dim/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, rotary_dim)
         cos = (emb.cos() * self.scaling).to(dtype)[:, None]  # (B, 1, T, rotary_dim)

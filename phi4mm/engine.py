@@ -89,7 +89,7 @@ class Engine:
 
     def __init__(self, model: Model, num_blocks: int | None = None, block_size: int = 16, max_batch: int = 64,
                  max_tokens_per_step: int = 2048, max_waiting: int = 1024, prefix_caching: bool = True,
-                 media_cache_items: int = 64):
+                 media_cache_items: int = 64, static_decode: bool | None = None):
         self.model, self.net, self.cfg = model, model.net, model.config
         self.device, self.dtype = model.device, model.dtype
         self.block_size, self.max_batch = block_size, max_batch
@@ -98,6 +98,12 @@ class Engine:
         if num_blocks is None:
             num_blocks = _default_blocks(self.cfg.text, block_size, self.dtype, self.device)
         self.pool = BlockPool(self.cfg.text, num_blocks, block_size, self.dtype, self.device)
+        # Pure-decode steps run with static shapes (CUDA graphs on GPU, by default); padding rows of those
+        # buckets write into one reserved scratch block.
+        self.graphs = None
+        if static_decode if static_decode is not None else self.device.type == "cuda":
+            from .cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(self.net, self.pool, self.pool.allocate(1)[0], max_rows=max_batch)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
@@ -105,6 +111,7 @@ class Engine:
         self._media_cache: dict[bytes, tuple] = {}
         self._media_cache_items = media_cache_items
         self.eos = set(model.tokenizer.eos_token_ids)
+        model.tokenizer.token_bytes()  # build the streaming-decode table now, not on the first request
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "prefix_hit_tokens": 0}
 
     # ---------------------------------------------------------------- requests
@@ -146,7 +153,8 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        # A cancelled request still owes its caller a final "cancelled" output from the next step.
+        return bool(self.waiting or self.running or any(s.cancelled for s in self.seqs.values()))
 
     # ---------------------------------------------------------------- media
     def _prompt_embeds(self, prep: Prepared) -> tuple[torch.Tensor, bytes]:
@@ -268,23 +276,8 @@ class Engine:
         if not plan:
             return outs
         self.stats["steps"] += 1
-        embeds, positions, longs, spans, last = [], [], [], [], []
-        n_total = 0
-        for seq, n in plan:
-            start = seq.num_cached
-            embeds.append(self._embeds(seq, start, start + n))
-            positions.append(torch.arange(start, start + n))
-            longs.append(torch.full((n,), seq.long_rope))
-            spans.append((seq.prep.adapter, n))
-            n_total += n
-            last.append(n_total - 1)
-        x = torch.cat(embeds)[None]  # (1, N, hidden)
-        pos = torch.cat(positions)[None].to(self.device)  # (1, N)
-        long = torch.cat(longs)[None].to(self.device)
-        attn = PagedAttention.build(self.pool, [(s.blocks, s.num_cached, n) for s, n in plan], self.device)
         try:
-            logits = self.net(x, pos, plan=AdapterPlan.for_spans(spans, self.device), long_rope=long,
-                              last_only=torch.tensor(last, device=self.device), attn=attn)[:, 0]  # (S, V)
+            logits = self._forward(plan)  # (S, V): each planned sequence's last new token
         except torch.OutOfMemoryError as e:  # fail the prefills of this step, keep serving the others
             torch.cuda.empty_cache()
             return outs + [self._finish(s, "error", f"out of memory during prefill: {e}") for s, n in plan if n > 1]
@@ -319,6 +312,29 @@ class Engine:
         self.stats["prefill_tokens"] += sum(n for _, n in plan if n > 1)
         self.stats["decode_tokens"] += sum(1 for _, n in plan if n == 1)
         return outs
+
+    def _forward(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
+        if self.graphs is not None and all(n == 1 for _, n in plan) and \
+                self.graphs.fits(len(plan), max(len(s.blocks) for s, _ in plan)):
+            return self.graphs.run([s.tokens[s.num_cached] for s, _ in plan], [s.num_cached for s, _ in plan],
+                                   [s.long_rope for s, _ in plan], [s.blocks for s, _ in plan],
+                                   [s.prep.adapter for s, _ in plan])
+        embeds, positions, longs, spans, last = [], [], [], [], []
+        n_total = 0
+        for seq, n in plan:
+            start = seq.num_cached
+            embeds.append(self._embeds(seq, start, start + n))
+            positions.append(torch.arange(start, start + n))
+            longs.append(torch.full((n,), seq.long_rope))
+            spans.append((seq.prep.adapter, n))
+            n_total += n
+            last.append(n_total - 1)
+        x = torch.cat(embeds)[None]  # (1, N, hidden)
+        pos = torch.cat(positions)[None].to(self.device)  # (1, N)
+        long = torch.cat(longs)[None].to(self.device)  # (1, N)
+        attn = PagedAttention.build(self.pool, [(s.blocks, s.num_cached, n) for s, n in plan], self.device)
+        return self.net(x, pos, plan=AdapterPlan.for_spans(spans, self.device), long_rope=long,
+                        last_only=torch.tensor(last, device=self.device), attn=attn)[:, 0]  # (S, V)
 
     def _embeds(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         p = seq.prep.num_tokens

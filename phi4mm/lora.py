@@ -27,6 +27,9 @@ class AdapterPlan:
 
     groups: tuple[tuple[str, torch.Tensor | None], ...] = ()
     per_token: bool = False
+    # Masked plan (CUDA graphs: shapes must not depend on which rows use which adapter): each group's tensor
+    # is a (B, T, 1) 0/1 mask and every adapter present runs on every row, masked.
+    masked: bool = False
 
     @staticmethod
     def build(adapters: str | list[str | None] | None, device: torch.device | str = "cpu") -> "AdapterPlan":
@@ -41,6 +44,11 @@ class AdapterPlan:
         groups = tuple((n, torch.tensor([i for i, a in enumerate(adapters) if a == n], device=device))
                        for n in names)
         return AdapterPlan(groups)
+
+    @staticmethod
+    def from_masks(names: list[str], masks: torch.Tensor) -> "AdapterPlan":
+        """masks: (len(names), B, T, 1) float, 1 where that adapter applies."""
+        return AdapterPlan(tuple((n, masks[i]) for i, n in enumerate(names)), masked=True)
 
     @staticmethod
     def for_spans(spans: list[tuple[str | None, int]], device: torch.device | str = "cpu") -> "AdapterPlan":
@@ -97,6 +105,8 @@ class LoraLinear(nn.Module):
                 raise KeyError(f"adapter {name!r} is not loaded (loaded: {sorted(self.lora_A)})")
             if rows is None:
                 y = y + self._delta(x, name)
+            elif plan.masked:
+                y = y + self._delta(x, name) * rows.to(y.dtype)
             elif plan.per_token:
                 flat_x = x.reshape(-1, x.shape[-1])  # (B*T, in)
                 flat_y = y.reshape(-1, y.shape[-1]).index_add(0, rows, self._delta(flat_x.index_select(0, rows), name))

@@ -44,7 +44,8 @@ def _run(engine: Engine, requests, params=None) -> list[list[int]]:
     params = params or SamplingParams(max_tokens=N_NEW)
     out = engine.generate([dict(r, params=params) for r in requests])
     assert all(o["finish_reason"] in ("stop", "length") for o in out)
-    assert engine.pool.num_free == engine.pool.num_blocks  # every block back in the pool
+    scratch = 1 if engine.graphs is not None else 0  # the static decode path reserves one scratch block
+    assert engine.pool.num_free == engine.pool.num_blocks - scratch  # every block back in the pool
     return [o["token_ids"] for o in out]
 
 
@@ -58,8 +59,8 @@ def test_one_at_a_time_equals_reference(model, requests, expected):
 
 
 def test_chunked_prefill_equals_reference(model, requests, expected):
-    """A 7-token budget: long prompts are prefilled in many chunks between other requests' decodes."""
-    assert _run(Engine(model, num_blocks=512, max_tokens_per_step=7), requests) == expected
+    """A 61-token budget: long prompts are prefilled in many chunks between other requests' decodes."""
+    assert _run(Engine(model, num_blocks=512, max_tokens_per_step=61), requests) == expected
 
 
 @pytest.mark.parametrize("block_size", [1, 16])
@@ -171,3 +172,30 @@ def test_sampling_features_through_the_engine(model, requests):
     greedy = model.generate_ids(requests[0]["prompt"], max_new_tokens=4)
     plain = Engine(model, num_blocks=256).generate([dict(requests[0], params=SamplingParams(max_tokens=4, logprobs=0))])
     assert plain[0]["token_ids"] == greedy  # the general path at temperature 0 is greedy too
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_static_decode_path_equals_reference(model, requests, expected, block_size):
+    """The CUDA-graph decode path (static buckets, masked adapters, scratch padding rows), run eagerly here."""
+    eng = Engine(model, num_blocks=400, block_size=block_size, static_decode=True)
+    assert _run(eng, requests) == expected
+    assert eng.graphs.steps >= N_NEW - 1 and eng.graphs.graphs  # the decode steps went through the static path
+
+
+@pytest.mark.parametrize("budget", [64, 8192])
+def test_static_decode_under_preemption_and_chunking(model, requests, expected, budget):
+    lens = [model.prepare(r["prompt"], r.get("images"), r.get("audios")).num_tokens for r in requests]
+    eng = Engine(model, num_blocks=sum(-(-n // 8) for n in lens) + 2, block_size=8, max_tokens_per_step=budget,
+                 static_decode=True)  # +2: one scratch block, one spare
+    assert _run(eng, requests) == expected
+    assert eng.graphs.steps > 0 and (budget == 64 or eng.stats["preemptions"] > 0)
+
+
+def test_cancel_alone_still_reports(model, requests):
+    eng = Engine(model, num_blocks=128)
+    rid = eng.add_request(requests[0]["prompt"])
+    eng.step()
+    assert eng.cancel(rid) and eng.has_work()
+    outs = list(eng.stream())
+    assert [(o.request_id, o.finish_reason) for o in outs] == [(rid, "cancelled")]
+    assert not eng.has_work() and eng.pool.num_free == eng.pool.num_blocks

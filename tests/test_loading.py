@@ -145,25 +145,25 @@ def test_wrong_shape(tiny_official, tmp_path):
         phi4mm.load(d)
 
 
-def test_missing_tensor(tiny_official, tmp_path):
-    d = _copy(tiny_official, tmp_path)
+def _edit_shard(ckpt, tmp_path, edit):
+    """A copy of the checkpoint whose second shard's tensor dict went through `edit`."""
+    d = _copy(ckpt, tmp_path)
     f = d / "model-00002-of-00002.safetensors"
     with safe_open(str(f), "pt") as sf:
         tensors = {k: sf.get_tensor(k) for k in sf.keys()}
-    dropped = sorted(tensors)[0]
-    del tensors[dropped]
+    edit(tensors)
     save_file(tensors, str(f))
+    return d
+
+
+def test_missing_tensor(tiny_official, tmp_path):
+    d = _edit_shard(tiny_official, tmp_path, lambda t: t.pop(sorted(t)[0]))
     with pytest.raises(CheckpointError, match="is missing from the shards"):
         phi4mm.load(d)
 
 
 def test_unexpected_tensor(tiny_official, tmp_path):
-    d = _copy(tiny_official, tmp_path)
-    f = d / "model-00002-of-00002.safetensors"
-    with safe_open(str(f), "pt") as sf:
-        tensors = {k: sf.get_tensor(k) for k in sf.keys()}
-    tensors["model.layers.0.mystery.weight"] = torch.zeros(2)
-    save_file(tensors, str(f))
+    d = _edit_shard(tiny_official, tmp_path, lambda t: t.update({"model.layers.0.mystery.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.mystery.weight'"):
         phi4mm.load(d)
 

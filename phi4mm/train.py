@@ -1,0 +1,455 @@
+"""`phi4mm train`: fine-tune one stage of Phi-4-multimodal (RECIPE.md) on JSONL conversations.
+
+    summary = train("Phi-4-multimodal-instruct", "asr.jsonl", "speech-lora", "out/", max_steps=1000, lr=1e-4)
+
+Each stage trains exactly the parts its recipe stage trains; everything else is frozen and stays bit-identical:
+
+| stage            | trains                                                   | adapter samples run through |
+|------------------|----------------------------------------------------------|-----------------------------|
+| vision-projector | image projector (up/down) + the two learned separators   | model rule                  |
+| vision-encoder   | SigLIP + image projector + separators                    | model rule                  |
+| vision-lora      | LoRA "vision" on all decoder linears                     | model rule                  |
+| speech-encoder   | Conformer audio encoder + speech projector               | model rule                  |
+| speech-lora      | speech projector + LoRA "speech"                         | model rule                  |
+| vision-speech    | LoRA "vision" + SigLIP + image projector (audio frozen)  | model rule                  |
+| text             | a new decoder LoRA "text"                                | text-only samples -> "text" |
+
+The output directory is a complete checkpoint in the base's layout (config and tokenizer copied, shards with
+the trained tensors rewritten under their stored names, `<adapter>-lora/` PEFT folders), so `phi4mm.load(out)`
+and transformers (`from_pretrained(out)` + `load_adapter(out/"vision-lora")`, for a transformers-native base)
+read it. A new "text" adapter lives only in `out/text-lora/`; `load_adapter` adds it to a loaded model.
+`out/checkpoint-STEP/` holds what an exact resume needs; `out/log.jsonl` one line per optimizer step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .checkpoint import PEFT_TARGET, _adapter_folder
+from .config import LoraConfig, ModelConfig
+from .decoder import DenseAttention, attention_mask
+from .lora import AdapterPlan, LoraLinear
+from .processor import encode_media
+from .train_data import (
+    IGNORE,
+    Batch,
+    DataError,
+    Example,
+    collate,
+    encode,
+    make_batches,
+    read_jsonl,
+)
+from .weights import _PEFT, MAIN, _rename, name_table
+
+_LORA = r"layers\.\d+\.(self_attn|mlp)\.\w+\.lora_[AB]\.{}"
+_VISION_PROJ = r"vision\.(img_projection_(up|down)\.\w+|(global|sub)_img_feature_extensor)"
+_VISION_ENC = r"vision\.img_processor\..+"
+_AUDIO_ENC = r"audio\.encoder\..+"
+_SPEECH_PROJ = r"audio\.(up|down)_proj_for_speech\.\w+"
+TEXT_ADAPTER = "text"
+DEFAULT_TEXT_RANK = 16  # new adapters get lora_alpha = 2 * r, the published ratio (256/512, 320/640)
+
+
+@dataclass(frozen=True)
+class Stage:
+    towers: tuple[str, ...]  # towers the checkpoint must have ("vision", "audio")
+    patterns: tuple[str, ...]  # regexes over our parameter names: exactly these train
+    adapter: str | None  # the LoRA this stage trains (created when missing or when lora_rank is given)
+    uses: Callable[[Example], bool]  # does a sample reach a trained parameter?
+
+
+def _has_image(e: Example) -> bool:
+    return e.prep.images is not None
+
+
+STAGES = {
+    "vision-projector": Stage(("vision",), (_VISION_PROJ,), None, _has_image),
+    "vision-encoder": Stage(("vision",), (_VISION_PROJ, _VISION_ENC), None, _has_image),
+    "vision-lora": Stage(("vision",), (_LORA.format("vision"),), "vision", lambda e: e.adapter == "vision"),
+    "speech-encoder": Stage(("audio",), (_AUDIO_ENC, _SPEECH_PROJ), None, lambda e: e.prep.audios is not None),
+    "speech-lora": Stage(("audio",), (_SPEECH_PROJ, _LORA.format("speech")), "speech",
+                         lambda e: e.adapter == "speech"),
+    "vision-speech": Stage(("vision", "audio"), (_LORA.format("vision"), _VISION_ENC, _VISION_PROJ), "vision",
+                           _has_image),
+    "text": Stage((), (_LORA.format(TEXT_ADAPTER),), TEXT_ADAPTER, lambda e: e.adapter == TEXT_ADAPTER),
+}
+
+
+def trainable_names(net: nn.Module, stage: str) -> list[str]:
+    """Our parameter names that `stage` trains (after its adapter exists)."""
+    pats = [re.compile(p) for p in STAGES[stage].patterns]
+    return [n for n, _ in net.named_parameters() if any(p.fullmatch(n) for p in pats)]
+
+
+def check_stage(cfg: ModelConfig, stage: str, model_dir: Path) -> Stage:
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is not known; use one of {', '.join(STAGES)}")
+    st = STAGES[stage]
+    for tower in st.towers:
+        if getattr(cfg, tower) is None:
+            raise ValueError(f"stage {stage!r} trains the {tower} side, but the checkpoint at {model_dir} has no "
+                             f"{tower} tower (a text-only Phi-4-mini?); use stage 'text' or a multimodal checkpoint")
+    return st
+
+
+def setup_stage(model, stage: str, lora_rank: int | None) -> list[str]:
+    """Create/re-initialise the stage's adapter, freeze everything else; returns the trainable names."""
+    st = STAGES[stage]
+    net = model.net
+    name = st.adapter
+    if name is not None and (lora_rank is not None or name not in model.config.loras):
+        if lora_rank is None and name != TEXT_ADAPTER:
+            raise ValueError(f"the checkpoint has no {name!r} adapter to train; pass lora_rank=R to create one")
+        old = model.config.loras.get(name)
+        r = lora_rank or DEFAULT_TEXT_RANK
+        cfg = LoraConfig(r=r, lora_alpha=2.0 * r, dropout=old.dropout if old else 0.0)
+        for m in net.modules():
+            if isinstance(m, LoraLinear):
+                m.add_adapter(name, cfg)  # B = 0: the model is unchanged until it trains
+        model.config.loras[name] = cfg
+    names = trainable_names(net, stage)
+    for n, p in net.named_parameters():
+        p.requires_grad_(n in names)
+        if n in names and p.dtype != torch.float32:
+            p.data = p.data.float()  # fp32 master copies of what trains; frozen weights keep the load dtype
+    return names
+
+
+class LossModule(nn.Module):
+    """(batch) -> summed cross-entropy over its target tokens. One module so DDP can wrap the whole step."""
+
+    def __init__(self, model, grad_checkpointing: bool = False):
+        super().__init__()
+        self.net = model.net
+        self.device, self.dtype = model.device, model.dtype
+        self.grad_checkpointing = grad_checkpointing
+        towers = [m for m in (self.net.vision, self.net.audio) if m is not None]
+        self.towers_train = any(p.requires_grad for m in towers for p in m.parameters())
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        net, dev = self.net, self.device
+        imgs, auds = [], []
+        # Frozen towers keep no activations for backward (LoRA stages: the decoder alone needs them).
+        with torch.set_grad_enabled(self.towers_train and torch.is_grad_enabled()):
+            for e in batch.examples:  # the towers run per sample: their outputs are in prompt order
+                img, aud = encode_media(net, e.prep, dev, self.dtype)
+                imgs += [] if img is None else [img]
+                auds += [] if aud is None else [aud]
+        ids = batch.input_ids.to(dev)
+        x = net.embed(ids, torch.cat(imgs) if imgs else None, torch.cat(auds) if auds else None)  # (B, T, hidden)
+        B, T = ids.shape
+        positions = torch.arange(T, device=dev)[None].expand(B, T)  # (B, T): right padding, every row from 0
+        long = (batch.lengths.to(dev) > net.cfg.text.original_max_position_embeddings)[:, None].expand(B, T)
+        cos, sin = net.rope.cos_sin(positions, long, x.dtype)
+        key_mask = None if batch.key_mask is None else batch.key_mask.to(dev)
+        attn = DenseAttention(attention_mask(key_mask, T, 0, x.dtype, x.device), None)
+        plan = AdapterPlan.build([e.adapter for e in batch.examples], dev)
+        for i, layer in enumerate(net.layers):
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, plan, attn, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, plan, attn, i)
+        # Only target positions reach the vocabulary projection: (N, vocab) instead of (B, T, vocab).
+        targets = batch.labels[:, 1:].to(dev)  # (B, T-1): position t predicts token t+1
+        keep = targets != IGNORE
+        h = net.norm(x[:, :-1][keep])  # (N, hidden)
+        weight = net.embed_tokens.weight if net.lm_head is None else net.lm_head.weight
+        logits = F.linear(h, weight).float()  # (N, vocab)
+        return F.cross_entropy(logits, targets[keep], reduction="sum")
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------
+
+
+def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, *, epochs: int = 1,
+          max_steps: int | None = None, lr: float = 1e-4, batch_tokens: int = 16384, grad_accum: int = 1,
+          seed: int = 0, lora_rank: int | None = None, device: str = "cpu", dtype: str = "float32",
+          amp: bool = False, grad_checkpointing: bool = False, warmup_steps: int = 0, weight_decay: float = 0.0,
+          max_grad_norm: float = 1.0, save_every: int = 500, resume: bool | str | Path = False,
+          skip_bad: bool = False, progress: bool = True) -> dict:
+    """Train `stage` on the JSONL conversations in `data`; write the result to `out`. Returns a summary dict.
+
+    lr: peak AdamW learning rate (linear warmup over warmup_steps, cosine decay to 0 at the last step).
+    batch_tokens: padded tokens per micro-batch (length bucketing); grad_accum micro-batches per step.
+    dtype: the frozen weights' dtype; trained parameters are always fp32 masters. amp: bf16 autocast
+    (forced on when dtype is not float32). resume: True (latest out/checkpoint-*) or a checkpoint path.
+    Raises ValueError before any training for a bad stage, checkpoint, data line or media file.
+    """
+    from . import api
+    t_start = time.perf_counter()
+    model_dir, out = Path(model_dir), Path(out)
+    cfg = ModelConfig.from_dir(model_dir)
+    st = check_stage(cfg, stage, model_dir)
+    if out.resolve() == model_dir.resolve():
+        raise ValueError(f"out {out} is the base checkpoint itself; write to a new directory")
+    records, bad = read_jsonl(data, skip_bad)
+    rank, world = _distributed()
+    amp = amp or api._dtype(dtype, torch.device(device)) != torch.float32
+
+    torch.manual_seed(seed)
+    model = api.load(model_dir, device, dtype)
+    names = setup_stage(model, stage, lora_rank)
+    text_adapter = TEXT_ADAPTER if stage == "text" else None
+    examples = []
+    for rec in records:
+        try:
+            examples.append(encode(model, rec, text_adapter))
+        except ValueError as e:
+            if not skip_bad:
+                raise DataError(f"{data}:{rec.line}: {e}; fix the sample, or pass skip_bad=True") from None
+            bad.append(f"{data}:{rec.line}: {e}")
+    examples = [e for e in examples if e.num_targets > 0]
+    if not any(st.uses(e) for e in examples):
+        raise DataError(f"none of the {len(examples)} samples in {data} reaches what stage {stage!r} trains "
+                        "(e.g. speech stages need audio samples, vision stages image samples)")
+
+    per_epoch = len(_epoch_batches([e.length for e in examples], batch_tokens, seed, 0, rank, world))
+    total = max_steps or math.ceil(epochs * per_epoch / grad_accum)
+    params = [p for n, p in model.net.named_parameters() if n in names]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=model.device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup_steps, total))
+    step, epoch, pos, losses = 0, 0, 0, []
+    if resume:
+        ckpt = _latest(out) if resume is True else Path(resume)
+        if ckpt is not None:
+            step, epoch, pos, losses = _load_state(ckpt, model.net, names, opt, sched, stage)
+    model.net.train()
+    loss_mod = LossModule(model, grad_checkpointing)
+    runner = loss_mod
+    if world > 1:  # untested here: one process per GPU under torchrun
+        runner = nn.parallel.DistributedDataParallel(loss_mod, find_unused_parameters=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "log.jsonl").open("a") if rank == 0 else None
+    bar = _bar(total, step, progress and rank == 0)
+    stream = _micro_batches(examples, batch_tokens, seed, rank, world, epoch, pos)
+    tokens_seen, t0 = 0, time.perf_counter()
+    while step < total:
+        window = [next(stream) for _ in range(grad_accum)]
+        batches = [collate([examples[i] for i in idx], cfg.text.pad_token_id) for _, _, idx in window]
+        n_targets = sum(b.num_targets for b in batches)
+        loss_sum = 0.0
+        for b in batches:
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = runner(b)
+            if not loss.requires_grad:  # no sample of this window reached a trained parameter
+                loss = loss + sum(p.sum() * 0.0 for p in params)
+            (loss / n_targets).backward()
+            loss_sum += float(loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        epoch, pos = window[-1][0], window[-1][1] + 1
+        losses.append(loss_sum / n_targets)
+        tokens_seen += sum(int(b.lengths.sum()) for b in batches)
+        rate = tokens_seen / (time.perf_counter() - t0)
+        if log is not None:
+            log.write(json.dumps({"step": step, "loss": losses[-1], "lr": sched.get_last_lr()[0], "epoch": epoch,
+                                  "grad_norm": grad_norm, "targets": n_targets, "tokens_per_s": rate}) + "\n")
+            log.flush()
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}")
+        bar.update(1)
+        if rank == 0 and save_every and step % save_every == 0 and step < total:
+            _save_state(out / f"checkpoint-{step}", model.net, names, opt, sched, stage, step, epoch, pos, losses)
+    bar.close()
+    if log is not None:
+        log.close()
+    if rank == 0:
+        export(model, model_dir, out, names)
+    return {"stage": stage, "steps": step, "losses": losses, "final_loss": losses[-1] if losses else None,
+            "trainable": names, "trainable_params": sum(p.numel() for p in params), "samples": len(examples),
+            "skipped": bad, "out": str(out), "seconds": time.perf_counter() - t_start}
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); under torchrun (WORLD_SIZE > 1) the process group is initialised here."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _epoch_batches(lengths: list[int], batch_tokens: int, seed: int, epoch: int, rank: int,
+                   world: int) -> list[list[int]]:
+    """This rank's share of an epoch's batches; every rank gets as many (DDP steps in lockstep)."""
+    batches = make_batches(lengths, batch_tokens, seed, epoch)
+    if world > 1 and len(batches) < world:
+        raise DataError(f"{len(batches)} batches cannot feed {world} processes; lower batch_tokens or add data")
+    return batches[: len(batches) // world * world][rank::world]
+
+
+def _micro_batches(examples: list[Example], batch_tokens: int, seed: int, rank: int, world: int, epoch: int,
+                   pos: int):
+    """Endless (epoch, index, sample indices) stream, starting at a saved data position."""
+    lengths = [e.length for e in examples]
+    while True:
+        batches = _epoch_batches(lengths, batch_tokens, seed, epoch, rank, world)
+        for i in range(pos, len(batches)):
+            yield epoch, i, batches[i]
+        epoch, pos = epoch + 1, 0
+
+
+def _schedule(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return factor
+
+
+def _bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+# ---- checkpoints (exact resume) -----------------------------------------------------------------------------
+
+
+def _save_state(path: Path, net: nn.Module, names: list[str], opt, sched, stage: str, step: int, epoch: int,
+                pos: int, losses: list[float]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    params = dict(net.named_parameters())
+    save_file({n: params[n].detach().contiguous() for n in names}, str(path / "trainable.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path / "optimizer.pt")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(rng, path / "rng.pt")
+    (path / "state.json").write_text(json.dumps({"stage": stage, "step": step, "epoch": epoch, "position": pos,
+                                                 "losses": losses}, indent=1))
+
+
+def _latest(out: Path) -> Path | None:
+    found = [(int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(found)[1] if found else None
+
+
+def _load_state(path: Path, net: nn.Module, names: list[str], opt, sched, stage: str):
+    if not (path / "state.json").is_file():
+        raise ValueError(f"{path} is not a training checkpoint (no state.json); pass an out/checkpoint-STEP folder")
+    state = json.loads((path / "state.json").read_text())
+    if state["stage"] != stage:
+        raise ValueError(f"{path} was written by stage {state['stage']!r}, not {stage!r}")
+    saved = load_file(str(path / "trainable.safetensors"))
+    if sorted(saved) != sorted(names):
+        raise ValueError(f"{path} holds {len(saved)} trainable tensors, this run trains {len(names)}; "
+                         "resume with the same stage and lora_rank")
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(saved[n])
+    o = torch.load(path / "optimizer.pt", weights_only=False)
+    opt.load_state_dict(o["optimizer"])
+    sched.load_state_dict(o["scheduler"])
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"], state["epoch"], state["position"], state["losses"]
+
+
+# ---- output: a complete checkpoint directory -----------------------------------------------------------------
+
+
+def export(model, base: Path, out: Path, names: list[str]) -> None:
+    """Write `out` as a checkpoint of the base's layout with the trained tensors in place (see module doc)."""
+    net, cfg = model.net, model.config
+    table = name_table(net, cfg.layout)
+    params = dict(net.named_parameters())
+    adapters = sorted({n.rsplit(".", 1)[1] for n in names if ".lora_" in n})
+    declared = set(cfg.loras) - {TEXT_ADAPTER} if cfg.layout == "phi4mm" else set()
+    for item in base.iterdir():  # config, tokenizer, processor files and untouched adapter folders
+        if item.suffix == ".safetensors" or item.name == "model.safetensors.index.json" \
+                or item.name.startswith("checkpoint-") or item.name == "log.jsonl" \
+                or item.name in {f"{a}-lora" for a in adapters}:
+            continue
+        dst = out / item.name
+        if item.is_dir():
+            shutil.copytree(item, dst, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, dst)
+    # Shards: the trained tensors stored in them (towers; LoRA of the official layout) replace the old ones.
+    replace = {table[n][1]: params[n].detach().cpu().contiguous() for n in names
+               if table[n][0] == MAIN and not (".lora_" in n and n.rsplit(".", 1)[1] not in declared)}
+    index = base / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    if index.is_file():
+        shutil.copy2(index, out / index.name)
+    for shard in shards:
+        with safe_open(str(base / shard), framework="pt") as f:
+            hit = [k for k in f.keys() if k in replace]  # noqa: SIM118 (safe_open is not iterable)
+            if hit:
+                tensors = {k: replace[k] if k in replace else f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                meta = f.metadata()
+        dst = out / shard
+        if dst.exists():
+            dst.unlink()
+        if hit:
+            save_file(tensors, str(dst), metadata=meta or {"format": "pt"})
+        else:
+            try:
+                os.link(base / shard, dst)  # unchanged shard: no second copy on disk
+            except OSError:
+                shutil.copy2(base / shard, dst)
+    for a in adapters:  # PEFT folders, the format transformers + peft and the official code read
+        tensors = {_rename(n, [_PEFT]): params[n].detach().cpu().contiguous() for n in names
+                   if n.endswith((".lora_A." + a, ".lora_B." + a))}
+        _adapter_folder(out, a, cfg.loras[a], tensors, PEFT_TARGET)
+    if cfg.layout == "phi4mm" and adapters:  # the official config.json declares the adapter shapes
+        conf = json.loads((out / "config.json").read_text())
+        for a in adapters:
+            if a in declared:
+                lc = cfg.loras[a]
+                conf[f"{a}_lora"].update(r=lc.r, lora_alpha=lc.lora_alpha, dp=lc.dropout)
+        (out / "config.json").write_text(json.dumps(conf, indent=2))
+
+
+def load_adapter(model, folder: str | Path, name: str) -> None:
+    """Add a PEFT LoRA folder (e.g. out/text-lora) to a loaded model as adapter `name`, strictly."""
+    folder = Path(folder)
+    conf_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not conf_file.is_file() or not weights.is_file():
+        raise ValueError(f"{folder} is not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    d = json.loads(conf_file.read_text())
+    lc = LoraConfig(r=int(d["r"]), lora_alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)))
+    net = model.net
+    for m in net.modules():
+        if isinstance(m, LoraLinear):
+            m.add_adapter(name, lc)
+    stored = load_file(str(weights))
+    params = dict(net.named_parameters())
+    wanted = {_rename(n, [_PEFT]): n for n in params if re.fullmatch(_LORA.format(re.escape(name)), n)}
+    if set(stored) != set(wanted):
+        diff = sorted(set(stored) ^ set(wanted))
+        raise ValueError(f"{weights} does not fit this model: {len(diff)} mismatched tensors, first {diff[0]!r}")
+    with torch.no_grad():
+        for key, n in wanted.items():
+            if stored[key].shape != params[n].shape:
+                raise ValueError(f"{weights}: {key!r} has shape {tuple(stored[key].shape)}, the model needs "
+                                 f"{tuple(params[n].shape)}")
+            params[n].copy_(stored[key])
+    model.config.loras[name] = lc

@@ -1,0 +1,196 @@
+"""The `phi4mm` command line, run as a user runs it: the installed entry point in a subprocess, on the tiny
+random checkpoint. Subprocesses cost ~6 s each (torch import + tokenizer), so each one covers several cases;
+errors found before the model loads are checked in-process through `cli.main`."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from phi4mm import cli
+
+DATA = Path(__file__).parent / "data"
+FLACS = sorted(DATA.glob("*.flac"))
+SCRIPT = Path(sys.executable).parent / "phi4mm"
+ENTRY = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "phi4mm.cli"]
+SRT_CUE = re.compile(r"(\d+)\n(\d\d:\d\d:\d\d,\d{3}) --> (\d\d:\d\d:\d\d,\d{3})\n(.+?)\n(?:\n|$)", re.DOTALL)
+VTT_CUE = re.compile(r"(\d\d:\d\d:\d\d\.\d{3}) --> (\d\d:\d\d:\d\d\.\d{3})\n(.+?)\n(?:\n|$)", re.DOTALL)
+
+
+def run(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(ENTRY + [str(a) for a in args], input=stdin, capture_output=True, text=True,
+                          timeout=120, env=env, cwd=cwd)
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    return p
+
+
+def one_line_error(p: subprocess.CompletedProcess | tuple[int, str], *words: str) -> str:
+    rc, err = (p.returncode, p.stderr) if isinstance(p, subprocess.CompletedProcess) else p
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def in_process(capsys, *argv: str) -> tuple[int, str]:
+    rc = cli.main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def srt_cues(text: str) -> list[tuple]:
+    cues = SRT_CUE.findall(text)
+    assert [int(c[0]) for c in cues] == list(range(1, len(cues) + 1))
+    return cues
+
+
+# ------------------------------------------------------------------------------------------------ help
+@pytest.mark.parametrize("cmd", [[], ["chat"], ["transcribe"], ["translate"], ["serve"], ["bench"],
+                                 ["make-checkpoint"]])
+def test_help(cmd):
+    p = ok(run(*cmd, "--help"))
+    assert p.stdout.startswith("usage: phi4mm")
+    if cmd and cmd[0] != "make-checkpoint":
+        assert "examples:" in p.stdout and "--model" in p.stdout
+    if cmd == ["serve"]:
+        for flag in ("--host", "--port", "--api-key", "--device", "--dtype", "--max-batch", "--max-waiting",
+                     "--allow-remote-media", "--allow-local-files"):
+            assert flag in p.stdout
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_errors_before_loading_are_one_sentence(capsys, tiny_official, tmp_path):
+    m = ["--model", tiny_official]
+    one_line_error(in_process(capsys, "transcribe", "nope.wav", *m), "nope.wav", "no such file")
+    one_line_error(in_process(capsys, "transcribe", str(tmp_path / "*.flac"), *m), "matches no files")
+    (tmp_path / "empty").mkdir()
+    one_line_error(in_process(capsys, "transcribe", tmp_path / "empty", *m), "no audio files")
+    one_line_error(in_process(capsys, "transcribe", FLACS[0], "--format", "docx", *m), "docx", "srt, vtt")
+    one_line_error(in_process(capsys, "transcribe", FLACS[0], "-f", "json,verbose_json", "-o", tmp_path, *m),
+                   "both be written")
+    one_line_error(in_process(capsys, "translate", FLACS[0], "--language", "xx", *m), "'xx'", "French (fr)")
+    one_line_error(in_process(capsys, "transcribe", FLACS[0], "--max-seconds", "0", *m), "--max-seconds")
+    one_line_error(in_process(capsys, "chat", "hi", "--image", "missing.jpg", *m), "missing.jpg")
+    one_line_error(in_process(capsys, "chat", "hi", "--max-tokens", "0", *m), "max_tokens")
+    one_line_error(in_process(capsys, "serve", "--port", "70000", *m), "--port")
+    one_line_error(in_process(capsys, "bench"), "--model", "make-checkpoint")
+    one_line_error(in_process(capsys, "chat", "hi", "--model", tmp_path / "nowhere"), "not a directory")
+    # two inputs that would write the same file
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        shutil.copy(FLACS[0], tmp_path / d / "x.flac")
+    one_line_error(in_process(capsys, "transcribe", tmp_path / "a/x.flac", tmp_path / "b/x.flac", "-o", tmp_path,
+                              *m), "both be written")
+
+
+def test_errors_in_a_subprocess(tiny_official, tmp_path):
+    one_line_error(run("transcribe", FLACS[0]), "--model", "not shipped yet")
+    one_line_error(run("chat", "hi"), "--model", "not shipped yet")
+    bad = tmp_path / "corrupt.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" * 10)
+    one_line_error(run("transcribe", bad, "--model", tiny_official), "corrupt.wav", "could not decode")
+    assert run("transcribe").returncode == 2  # argparse usage error
+
+
+# ------------------------------------------------------------------------------------------------ chat
+def test_chat_one_shot_with_image_and_audio(tiny_official):
+    p = ok(run("chat", "--model", tiny_official, "Describe both.", "--image", DATA / "coffee_300x200.jpg",
+               "--audio", FLACS[0], "--max-tokens", "5"))
+    assert p.stdout.endswith("\n") and len(p.stdout.strip().splitlines()) >= 1
+
+
+def test_chat_interactive(tiny_official):
+    script = "\n".join(["Hello there", "/image " + str(DATA / "astronaut_192.jpg"), "What is this?",
+                        "/audio " + str(DATA / "no_such.flac"), "/frobnicate", "", "/audio " + str(FLACS[1]),
+                        "And this?", "/reset", "/exit", "never sent"]) + "\n"
+    p = ok(run("chat", "--model", tiny_official, "--interactive", "--max-tokens", "4", stdin=script))
+    assert p.stdout.count("\n") >= 3  # one streamed reply per user turn, each ended by a newline
+    assert p.stderr.count("attached") == 2 and "no_such.flac" in p.stderr and "unknown command" in p.stderr
+    assert "cleared" in p.stderr
+
+
+# ------------------------------------------------------------------------------------------------ transcribe
+def test_transcribe_folder_srt(tiny_official, tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for f in FLACS[:2]:
+        shutil.copy(f, src / f.name)
+    shutil.copy(FLACS[2], src / "sub" / FLACS[2].name)
+    (src / "notes.txt").write_text("not audio")
+    out = tmp_path / "out"
+    ok(run("transcribe", src, "--model", tiny_official, "--format", "srt", "--output-dir", out,
+           "--max-tokens", "4"))
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert written == sorted([f.stem + ".srt" for f in FLACS[:2]] + ["sub", f"sub/{FLACS[2].stem}.srt"])
+    for f in out.rglob("*.srt"):
+        cues = srt_cues(f.read_text())
+        assert len(cues) <= 1 and all(c[1] == "00:00:00,000" for c in cues)
+
+
+def test_transcribe_glob_vtt_next_to_inputs(tiny_official, tmp_path):
+    for f in FLACS:
+        shutil.copy(f, tmp_path / f.name)
+    ok(run("transcribe", "*.flac", "--model", tiny_official, "-f", "vtt", "--max-tokens", "3", cwd=tmp_path))
+    for f in FLACS:
+        text = (tmp_path / (f.stem + ".vtt")).read_text()
+        assert text.startswith("WEBVTT\n\n")
+        assert len(VTT_CUE.findall(text)) == text.count(" --> ")
+
+
+def test_transcribe_json_several_files_and_long_audio(tiny_official, tmp_path):
+    import numpy as np
+    import soundfile as sf
+    from phi4mm.audio_processing import load_audio
+    long = np.concatenate([load_audio(f) for f in FLACS] * 3)  # ~35 s: two timed segments
+    sf.write(tmp_path / "long.wav", long, 16000)
+    out = tmp_path / "out"
+    ok(run("transcribe", tmp_path / "long.wav", FLACS[0], "--model", tiny_official, "--format",
+           "txt,verbose_json", "-o", out, "--max-tokens", "3"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(["long.txt", "long.json", FLACS[0].stem + ".txt",
+                                                            FLACS[0].stem + ".json"])
+    v = json.loads((out / "long.json").read_text())
+    assert (out / "long.txt").read_text() == v["text"] + "\n"
+    assert v["task"] == "transcribe" and v["duration"] == pytest.approx(long.size / 16000, abs=1e-3)
+    assert len(v["segments"]) == 2 and v["segments"][0]["start"] == 0
+    assert v["segments"][0]["end"] == v["segments"][1]["start"] and v["segments"][1]["end"] == v["duration"]
+    assert set(json.loads((out / (FLACS[0].stem + ".json")).read_text())) >= {"text", "segments"}
+    assert len(v["segments"][0]["tokens"]) <= 3
+
+
+def test_translate_one_file_json_to_stdout(tiny_official):
+    p = ok(run("translate", FLACS[1], "--model", tiny_official, "--language", "fr", "--format", "json",
+               "--max-tokens", "3"))
+    assert set(json.loads(p.stdout)) == {"text"} and "wrote" not in p.stderr
+
+
+def test_train_command_runs_a_stage_and_refuses_bad_data(tiny_official, tmp_path, capsys):
+    import json as _json
+
+    from phi4mm import cli
+    data = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+            for w in ("red", "blue")]
+    data.write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "trained"
+    assert cli.main(["train", str(data), str(out), "--model", str(tiny_official), "--stage", "text",
+                     "--max-steps", "2", "--lr", "1e-3"]) == 0
+    assert "trained text: 2 steps" in capsys.readouterr().out
+    assert (out / "config.json").is_file() and (out / "text-lora" / "adapter_model.safetensors").is_file()
+    data.write_text(_json.dumps(rows[0]) + "\n{not json\n")
+    assert cli.main(["train", str(data), str(tmp_path / "bad"), "--model", str(tiny_official), "--stage", "text"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert ":2" in err and len(err.splitlines()) == 1

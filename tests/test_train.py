@@ -1,0 +1,271 @@
+"""Training: stages freeze what RECIPE.md freezes, tiny runs overfit, outputs reload (phi4mm and transformers +
+peft), resume is exact, bad data fails before training with the file and line named.
+
+The tiny random checkpoints tie a 0.02-scale embedding to the output: logits then span about +-1.5 whatever
+the hidden state, so no adapter could push the loss below ~10 nats. The training bases here scale the
+embedding by 50 (still random) so that overfitting can show.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import phi4mm
+from phi4mm.config import ModelConfig
+from phi4mm.model import Phi4MM
+from phi4mm.train import STAGES, load_adapter, setup_stage, train, trainable_names
+from phi4mm.train_data import IGNORE, assistant_labels, make_batches
+from phi4mm.weights import load_weights, lora_configs_from_folders
+
+DATA = Path(__file__).parent / "data"
+EMBED = "model.embed_tokens.weight"
+TEXT = [("Say hi.", "Hi there."), ("Name a colour.", "Blue."), ("Two plus two?", "Four."),
+        ("Capital of France?", "Paris.")]
+ASR = [("espeak_weather.flac", "the weather is fine"), ("flite_quick_brown_fox.flac", "the quick brown fox")]
+IMAGES = [("astronaut_192.jpg", "An astronaut."), ("coffee_300x200.jpg", "A cup of coffee.")]
+
+
+def _trainable_base(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = dst / index[EMBED]
+    tensors = load_file(str(shard))
+    tensors[EMBED] = tensors[EMBED] * 50
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def base(tiny_official, tmp_path_factory):
+    return _trainable_base(tiny_official, tmp_path_factory.mktemp("train") / "base")
+
+
+@pytest.fixture(scope="module")
+def base_hf(tiny_hf, tmp_path_factory):
+    return _trainable_base(tiny_hf, tmp_path_factory.mktemp("train_hf") / "base")
+
+
+def _write(path: Path, rows: list[dict | str]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _chat(question, answer, media=None):
+    content = [media, {"type": "text", "text": question}] if media else question
+    return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]}
+
+
+def _media_dir(tmp: Path, names: list[str]) -> Path:
+    (tmp / "media").mkdir(exist_ok=True)
+    for n in names:
+        shutil.copy(DATA / n, tmp / "media" / n)
+    return tmp
+
+
+def _asr_data(tmp: Path) -> Path:
+    _media_dir(tmp, [f for f, _ in ASR])
+    return _write(tmp / "asr.jsonl", [_chat("Transcribe the audio.", text, {"type": "audio", "path": f"media/{f}"})
+                                      for f, text in ASR])
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    """Every weight as phi4mm loads it (the production loader, without the slow tokenizer build)."""
+    cfg = ModelConfig.from_dir(path)
+    if cfg.layout == "phi4_multimodal":
+        cfg.loras = lora_configs_from_folders(path)
+    with torch.device("meta"):
+        net = Phi4MM(cfg)
+    load_weights(net, path, cfg.layout, "cpu", torch.float32)
+    return net.state_dict()
+
+
+def _assert_only_trained_changed(before: dict, after: dict, trained: list[str]) -> None:
+    assert before.keys() == after.keys()
+    for k in before:
+        if k in trained:
+            assert not torch.equal(before[k], after[k]), f"{k} did not train"
+        else:
+            assert torch.equal(before[k], after[k]), f"{k} changed but stage freezes it"
+
+
+# ---- stages ------------------------------------------------------------------------------------------------
+
+
+def test_stage_parameter_sets(base):
+    model = phi4mm.load(base, dtype=torch.float32)
+    net = model.net
+    all_names = [n for n, _ in net.named_parameters()]
+    vision = {n for n in all_names if n.startswith("vision.")}
+    audio = {n for n in all_names if n.startswith("audio.")}
+    lora = {a: {n for n in all_names if ".lora_" in n and n.endswith("." + a)} for a in ("vision", "speech")}
+    speech_proj = {f"audio.{p}_proj_for_speech.{w}" for p in ("up", "down") for w in ("weight", "bias")}
+    assert len(lora["vision"]) == 2 * 4 * 2  # layers x linears x (A, B)
+    got = {s: set(trainable_names(net, s)) for s in STAGES if s != "text"}
+    assert got["vision-projector"] == {f"vision.img_projection_{p}.{w}" for p in ("up", "down")
+                                       for w in ("weight", "bias")} | {"vision.global_img_feature_extensor",
+                                                                       "vision.sub_img_feature_extensor"}
+    assert got["vision-encoder"] == vision
+    assert got["vision-lora"] == lora["vision"]
+    assert got["speech-encoder"] == {n for n in audio if "vision_speech" not in n}
+    assert got["speech-lora"] == speech_proj | lora["speech"]
+    assert got["vision-speech"] == vision | lora["vision"]  # audio encoder and both audio projectors frozen
+    names = setup_stage(model, "text", lora_rank=4)
+    assert set(names) == {n for n, _ in net.named_parameters() if ".lora_" in n and n.endswith(".text")}
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == set(names)
+    assert net.layers[0].mlp.down_proj.lora_B["text"].abs().sum() == 0  # a new adapter starts as a no-op
+
+
+def test_labels_cover_assistant_replies_with_end():
+    A, E, X = 1, 2, 3
+    ids = [9, A, 5, 6, E, 7, A, 8, E, X]
+    assert assistant_labels(ids, A, E, X) == [IGNORE, IGNORE, 5, 6, E, IGNORE, IGNORE, 8, E, X]
+
+
+def test_batches_respect_the_token_budget():
+    lengths = [5, 50, 7, 48, 6, 100, 49, 300]
+    batches = make_batches(lengths, 150, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    for b in batches:
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 150
+    assert make_batches(lengths, 150, 1, 0) == batches != make_batches(lengths, 150, 1, 1)
+
+
+# ---- training runs --------------------------------------------------------------------------------------------
+
+
+def test_text_stage_overfits_and_reloads(base, tmp_path):
+    data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
+    out = tmp_path / "out"
+    s = train(base, data, "text", out, max_steps=20, lr=3e-2, lora_rank=8, batch_tokens=4096, progress=False)
+    assert s["losses"][0] > 5 and s["losses"][-1] < 0.1, s["losses"]
+    assert len((out / "log.jsonl").read_text().splitlines()) == 20
+    _assert_only_trained_changed(_state(base), _state(out), [])  # the text adapter lives in text-lora/ only
+    model = phi4mm.load(out, dtype=torch.float32)
+    load_adapter(model, out / "text-lora", "text")
+    for q, a in TEXT[:2]:
+        prep = model.prepare([{"role": "user", "content": q}])
+        prep.adapter = "text"
+        assert model.generate(prep, max_new_tokens=8) == a
+
+    from phi4mm.evaluate import evaluate
+    r = evaluate(out, data, "exact", text_adapter="text", max_tokens=8)
+    assert r["n"] == 4 and r["score"] == 1.0, r["predictions"]
+
+
+def test_speech_lora_overfits_and_matches_transformers(base_hf, tmp_path):
+    out = tmp_path / "out"
+    s = train(base_hf, _asr_data(tmp_path), "speech-lora", out, max_steps=12, lr=2e-2, progress=False)
+    assert s["losses"][-1] < 0.1 * s["losses"][0] and s["losses"][-1] < 0.5, s["losses"]
+    _assert_only_trained_changed(_state(base_hf), _state(out), s["trainable"])
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = transformers.Phi4MultimodalForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                                     attn_implementation="eager")
+        ref.load_adapter(str(out / "speech-lora"), adapter_name="speech")
+    ours = phi4mm.load(out, dtype=torch.float32)
+    msgs = [{"role": "user", "content": [{"type": "audio", "path": str(DATA / ASR[0][0])},
+                                         {"type": "text", "text": "Transcribe the audio."}]}]
+    prep = ours.prepare(msgs)
+    assert prep.adapter == "speech"
+    ref.set_adapter("speech")
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([prep.input_ids]), audio_input_features=prep.audios.features,
+                   audio_embed_sizes=torch.tensor(prep.audios.num_tokens)).logits[0]
+    got = ours.logits(msgs)
+    assert (got - want).abs().max() / want.abs().max() < 1e-4
+
+
+def test_vision_lora_overfits_official_layout(base, tmp_path):
+    _media_dir(tmp_path, [f for f, _ in IMAGES])
+    data = _write(tmp_path / "img.jsonl", [_chat("Describe.", a, {"type": "image_url", "image_url": {"url": f"media/{f}"}})
+                                           for f, a in IMAGES])
+    out = tmp_path / "out"
+    s = train(base, data, "vision-lora", out, max_steps=12, lr=2e-2, progress=False)
+    assert s["losses"][-1] < 0.1 * s["losses"][0] and s["losses"][-1] < 0.5, s["losses"]
+    _assert_only_trained_changed(_state(base), _state(out), s["trainable"])
+    model = phi4mm.load(out, dtype=torch.float32)
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(DATA / IMAGES[0][0])}},
+                                         {"type": "text", "text": "Describe."}]}]
+    assert model.generate(msgs, max_new_tokens=8) == IMAGES[0][1]
+
+
+def test_vision_projector_freezes_all_else(base, tmp_path):
+    _media_dir(tmp_path, [IMAGES[1][0]])
+    data = _write(tmp_path / "img.jsonl", [_chat("Describe.", IMAGES[1][1], {"type": "image", "path": f"media/{IMAGES[1][0]}"})])
+    out = tmp_path / "out"
+    s = train(base, data, "vision-projector", out, max_steps=2, lr=1e-3, progress=False)
+    assert len(s["trainable"]) == 6
+    _assert_only_trained_changed(_state(base), _state(out), s["trainable"])
+
+
+def test_resume_reproduces_the_uninterrupted_run(base, tmp_path):
+    data = _asr_data(tmp_path)  # speech LoRA has dropout 0.01: the RNG state must come back too
+    kw = {"max_steps": 4, "lr": 5e-3, "batch_tokens": 64, "progress": False}  # one sample per batch: 2 per epoch
+    full = train(base, data, "speech-lora", tmp_path / "a", save_every=2, **kw)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    resumed = train(base, data, "speech-lora", tmp_path / "b", resume=True, **kw)
+    assert resumed["losses"] == full["losses"]
+    a, b = (load_file(str(tmp_path / d / "speech-lora" / "adapter_model.safetensors")) for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpointing_and_autocast_paths(base, tmp_path):
+    data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
+    kw = {"max_steps": 2, "lr": 1e-2, "lora_rank": 4, "progress": False}
+    plain = train(base, data, "text", tmp_path / "a", **kw)
+    ckpt = train(base, data, "text", tmp_path / "b", grad_checkpointing=True, **kw)
+    amp = train(base, data, "text", tmp_path / "c", amp=True, **kw)
+    assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert amp["losses"] == pytest.approx(plain["losses"], rel=5e-2)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+
+
+def test_bad_input_fails_before_training(base, tmp_path):
+    good = _chat("Say hi.", "Hi.")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: .*skip_bad"):
+        train(base, _write(tmp_path / "bad.jsonl", [good, "{not json"]), "text", tmp_path / "o1", max_steps=1)
+    s = train(base, tmp_path / "bad.jsonl", "text", tmp_path / "o2", max_steps=1, skip_bad=True, progress=False)
+    assert len(s["skipped"]) == 1 and s["steps"] == 1
+    missing = _chat("Hi", "Hi", {"type": "image_url", "image_url": {"url": "pics/nope.jpg"}})
+    with pytest.raises(ValueError, match=r"missing\.jsonl:1: .*nope\.jpg"):
+        train(base, _write(tmp_path / "missing.jsonl", [missing]), "vision-lora", tmp_path / "o3")
+    with pytest.raises(ValueError, match="no usable conversations"):
+        train(base, _write(tmp_path / "empty.jsonl", []), "text", tmp_path / "o4")
+    with pytest.raises(ValueError, match="none of the 1 samples"):
+        train(base, _write(tmp_path / "t.jsonl", [good]), "speech-lora", tmp_path / "o5")
+    with pytest.raises(ValueError, match="stage 'speech' is not known"):
+        train(base, tmp_path / "t.jsonl", "speech", tmp_path / "o6")
+    no_audio = tmp_path / "no_audio"
+    no_audio.mkdir()
+    conf = json.loads((base / "config.json").read_text())
+    del conf["audio_processor"]
+    (no_audio / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match="no audio tower"):
+        train(no_audio, tmp_path / "t.jsonl", "speech-lora", tmp_path / "o7")
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 3, 4, 5, 6, 7))
+
+
+def test_metrics():
+    from phi4mm.evaluate import normalize, score, wer
+    assert normalize("Hello, World!  It's 3 o'clock.") == "hello world its 3 oclock"
+    assert wer(["the cat sat"], ["The cat, sat!"]) == 0
+    assert wer(["a b c d"], ["a x c"]) == 0.5
+    assert score("vqa", [["two"] * 2 + ["2"] * 8], ["Two."]) == pytest.approx(2 / 3)
+    assert score("exact", [["Paris"], ["Rome"]], ["paris.", "Milan"]) == 0.5
+    try:
+        import sacrebleu  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install sacrebleu"):
+            score("bleu", [["a b c"]], ["a b c"])
