@@ -137,7 +137,7 @@ class _Server:
 
 
 def create_app(model: Model, engine: Engine | None = None, *, model_name: str = "phi-4-multimodal-instruct",
-               aliases: tuple[str, ...] = ("speech", "vision"), api_key: str | None = None,
+               aliases: tuple[str, ...] = ("phi4mm", "speech", "vision"), api_key: str | None = None,
                num_blocks: int | None = None, max_batch: int = 64, max_waiting: int = 1024,
                allow_remote_media: bool = False, allow_local_files: bool = False, max_body_bytes: int = 64 << 20,
                default_max_tokens: int | None = None, transcription_max_tokens: int = 448,
