@@ -165,8 +165,12 @@ class PagedAttention(AttentionBackend):
 
     def __init__(self, pool: BlockPool, slot_mapping: torch.Tensor, positions: torch.Tensor,
                  last_index: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor, mask: torch.Tensor,
-                 q_index: torch.Tensor | None, out_index: torch.Tensor | None, num_new: list[int]):
+                 q_index: torch.Tensor | None, out_index: torch.Tensor | None, num_new: list[int],
+                 fresh: bool = False):
         self.pool = pool
+        # Every sequence starts from an empty cache (first prefill chunks): attention needs only this forward's
+        # own keys, so each sequence runs plain causal SDPA on them, with no gather and no dense mask.
+        self.fresh = fresh
         self.slot_mapping, self.positions, self.last_index = slot_mapping, positions, last_index
         self.block_tables, self.kv_lens, self.mask = block_tables, kv_lens, mask
         self.q_index, self.out_index = q_index, out_index
@@ -221,6 +225,9 @@ class PagedAttention(AttentionBackend):
         pos = nc_t[seq_of] + t_in_seq  # (N,) absolute positions
         slots = bt[seq_of, pos // bs] * bs + pos % bs  # (N,)
 
+        if all(c == 0 for c in cached):
+            return cls(pool, slots.to(device), pos[None].to(device), (starts + nn_t - 1).to(device), bt, kv_lens,
+                       None, None, None, new, fresh=True)
         # Causality and lengths in one mask over the padded key axis: key j is visible to query t of s when
         # j <= num_cached + t and j < kv_len. Padded query rows (t >= num_new) keep j < kv_len: never empty, so
         # softmax stays finite there too (their outputs are dropped).
@@ -251,6 +258,14 @@ class PagedAttention(AttentionBackend):
         vl = pool.v[layer].view(-1, KV, D)  # (num_blocks*block_size, KV, D)
         kl.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1).to(kl.dtype))  # k[0]^T: (N, KV, D)
         vl.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1).to(vl.dtype))
+        if self.fresh:
+            outs, start = [], 0
+            for n in self.num_new:
+                sl = slice(start, start + n)
+                outs.append(F.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True,
+                                                           enable_gqa=True))  # (1, H, n, D)
+                start += n
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (1, H, N, D)
 
         # Gather whole blocks (one index per block, not per token) into a padded per-sequence history.
         keys = pool.k[layer][self.block_tables]  # (S, Bmax, block_size, KV, D)
@@ -270,17 +285,6 @@ class PagedAttention(AttentionBackend):
             out = out.index_select(1, self.out_index)  # (H, N, D): drop the padding rows
         return out[None]  # (1, H, N, D)
 
-    # CUDA graphs for decode (later work), how this class would change:
-    # - Capture per batch-size bucket S in {1, 2, 4, 8, 16, 32, ...}; pad the batch to the bucket with dummy
-    #   sequences whose kv_len is 1 and whose slot is a reserved scratch block (never allocated), so the padded
-    #   rows write nowhere that matters.
-    # - Keep slot_mapping, block_tables (S, max_blocks_per_seq for the whole context limit), kv_lens and
-    #   positions in persistent device buffers; build() then fills them with copy_ instead of allocating, and the
-    #   graph reads them by address. The mask becomes `arange(L) < kv_lens` computed inside the graph (no host
-    #   work), with L fixed by the context limit.
-    # - The gather of whole histories scales with max context, not with the real lengths; the fast path replaces
-    #   gather + SDPA with a paged decode kernel (FlashAttention/FlashInfer `block_table` + `cache_seqlens`, or a
-    #   Triton split-K kernel) that reads blocks in place. Its signature matches __call__, so the decoder and the
-    #   engine do not change.
-    # - Nothing in __call__ may branch on data or call .item()/.tolist(): the q_index None/not-None choice is
-    #   made in build() and is fixed for a decode graph (always None).
+    # Decode steps on GPU do not come here: phi4mm/cuda_graphs.py runs them with static shapes as CUDA graphs.
+    # The next step for both is a paged kernel (FlashAttention/FlashInfer with block tables, or Triton) that
+    # reads blocks in place instead of gathering whole histories; its signature matches __call__.
