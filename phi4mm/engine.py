@@ -70,6 +70,10 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prep.input_ids + self.generated
 
+    def token_at(self, i: int) -> int:
+        p = self.prep.input_ids
+        return p[i] if i < len(p) else self.generated[i - len(p)]
+
     @property
     def length(self) -> int:
         return len(self.prep.input_ids) + len(self.generated)
@@ -316,7 +320,7 @@ class Engine:
     def _forward(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
         if self.graphs is not None and all(n == 1 for _, n in plan) and \
                 self.graphs.fits(len(plan), max(len(s.blocks) for s, _ in plan)):
-            return self.graphs.run([s.tokens[s.num_cached] for s, _ in plan], [s.num_cached for s, _ in plan],
+            return self.graphs.run([s.token_at(s.num_cached) for s, _ in plan], [s.num_cached for s, _ in plan],
                                    [s.long_rope for s, _ in plan], [s.blocks for s, _ in plan],
                                    [s.prep.adapter for s, _ in plan])
         embeds, positions, longs, spans, last = [], [], [], [], []
