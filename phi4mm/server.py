@@ -86,16 +86,19 @@ class _Server:
                            "it (or send smaller media)", param="messages", code="context_length_exceeded")
         return prep
 
-    async def start(self, prep: Prepared, req: Any, max_tokens: int | None, logprobs: int | None, n: int
-                    ) -> list[RequestStream]:
-        """Submit `n` choices of one prompt; all or none (a failure cancels those already queued)."""
+    def choice_params(self, prep: Prepared, req: Any, max_tokens: int | None, logprobs: int | None, n: int
+                      ) -> list[SamplingParams]:
+        """SamplingParams for the `n` choices of a chat/completion request (max_tokens defaults to the room left)."""
         room = self.context - prep.num_tokens
         if max_tokens is None:
             max_tokens = room if self.default_max_tokens is None else min(room, self.default_max_tokens)
+        return [sampling_params(req, max_tokens, logprobs, i) for i in range(n)]
+
+    async def start(self, prep: Prepared, choices: list[SamplingParams]) -> list[RequestStream]:
+        """Submit one prompt once per choice; all or none (a failure cancels those already queued)."""
         streams: list[RequestStream] = []
         try:
-            for i in range(n):
-                params = sampling_params(req, max_tokens, logprobs, i)
+            for params in choices:
                 streams.append(await self.engine.submit(prep, params=params))
         except BaseException:
             for s in streams:
@@ -182,7 +185,8 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
         audios = [await resolve_media(p, "audio", f"audio {i + 1}", srv.policy) for i, p in enumerate(audios)]
         prep = await srv.prepare(flat, images, audios, tools)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        streams = await srv.start(prep, req, req.max_completion_tokens or req.max_tokens, logprobs, req.n)
+        streams = await srv.start(prep, srv.choice_params(prep, req, req.max_completion_tokens or req.max_tokens,
+                                                          logprobs, req.n))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": req.model}
         if req.stream:
@@ -228,7 +232,7 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
         streams: list[RequestStream] = []
         try:
             for prep in preps:
-                streams += await srv.start(prep, req, req.max_tokens, req.logprobs, req.n)
+                streams += await srv.start(prep, srv.choice_params(prep, req, req.max_tokens, req.logprobs, req.n))
         except BaseException:
             for s in streams:
                 s.cancel()
@@ -262,11 +266,11 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
         pieces = split_audio(wav, srv.segment_seconds)
         # Every segment goes to the engine at once: they decode side by side in the same batches.
         preps = await asyncio.gather(*(srv.prepare(text_prompt, audios=[(chunk, AUDIO_RATE)]) for _, _, chunk in pieces))
-        req = _TranscriptionParams(temperature)
+        params = SamplingParams(max_tokens=srv.transcription_max_tokens, temperature=temperature).validate()
         streams: list[RequestStream] = []
         try:
             for prep in preps:
-                streams += await srv.start(prep, req, srv.transcription_max_tokens, None, 1)
+                streams += await srv.start(prep, [params])
         except BaseException:
             for s in streams:
                 s.cancel()
@@ -293,22 +297,6 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
         return await _audio("translate", request, file, model, response_format, language, prompt, temperature)
 
     return app
-
-
-@dataclass
-class _TranscriptionParams:
-    """The sampling fields `sampling_params` reads, for the audio endpoints (greedy unless temperature > 0)."""
-    temperature: float
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list = field(default_factory=list)
-    min_tokens: int = 0
-    ignore_eos: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ streaming
