@@ -6,6 +6,7 @@ stopping and cache ownership belong to the caller (the reference loop in `api.py
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import LEGACY_AUDIO_MAX, LEGACY_IMAGE_RANGE, ModelConfig
@@ -59,6 +60,33 @@ class Phi4MM(nn.Module):
                 x = x.masked_scatter(slots[..., None], feats.to(x.dtype))
         return x
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The vocabulary projection: embed_tokens.weight when tied (the published model)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+               plan: AdapterPlan = NO_ADAPTER, key_mask: torch.Tensor | None = None,
+               long_rope: bool | torch.Tensor | None = None, attn: AttentionBackend | None = None,
+               checkpoint: bool = False) -> torch.Tensor:
+        """The decoder stack: (B, T, hidden) embeddings -> (B, T, hidden) last-layer states, before the final
+        norm (callers keep only the rows they need first). Arguments as in `forward`; checkpoint recomputes
+        each layer in backward instead of storing its activations (training)."""
+        T = embeds.shape[1]
+        past = 0 if cache is None else cache.length
+        if long_rope is None:
+            long_rope = self.rope.use_long(int(positions.max()) + 1)
+        cos, sin = self.rope.cos_sin(positions, long_rope, embeds.dtype)
+        if attn is None:
+            attn = DenseAttention(attention_mask(key_mask, T, past, embeds.dtype, embeds.device), cache)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            if checkpoint:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, plan, attn, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, plan, attn, i)
+        return x
+
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 plan: AdapterPlan = NO_ADAPTER, key_mask: torch.Tensor | None = None,
                 long_rope: bool | torch.Tensor | None = None, last_only: bool | torch.Tensor = False,
@@ -71,20 +99,9 @@ class Phi4MM(nn.Module):
         last_only: True keeps the last position's logits; a (B,) index tensor keeps one given position per
         row (packed prefill). attn: an attention backend (the engine's paged cache); it replaces cache/key_mask.
         """
-        B, T, _ = embeds.shape
-        past = 0 if cache is None else cache.length
-        if long_rope is None:
-            long_rope = self.rope.use_long(int(positions.max()) + 1)
-        cos, sin = self.rope.cos_sin(positions, long_rope, embeds.dtype)
-        if attn is None:
-            attn = DenseAttention(attention_mask(key_mask, T, past, embeds.dtype, embeds.device), cache)
-        x = embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, plan, attn, i)
+        x = self.hidden(embeds, positions, cache, plan, key_mask, long_rope, attn)
         if isinstance(last_only, torch.Tensor):
             x = x[0, last_only][:, None]  # (N, 1, hidden): the chosen rows of a packed (1, T) batch
         elif last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(x, weight)
+        return torch.nn.functional.linear(self.norm(x), self.output_weight)

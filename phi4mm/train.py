@@ -39,11 +39,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import PEFT_TARGET, _adapter_folder
 from .config import LoraConfig, ModelConfig
-from .decoder import DenseAttention, attention_mask
 from .lora import AdapterPlan, LoraLinear
 from .processor import encode_media
 from .train_data import (
@@ -157,21 +155,14 @@ class LossModule(nn.Module):
         B, T = ids.shape
         positions = torch.arange(T, device=dev)[None].expand(B, T)  # (B, T): right padding, every row from 0
         long = (batch.lengths.to(dev) > net.cfg.text.original_max_position_embeddings)[:, None].expand(B, T)
-        cos, sin = net.rope.cos_sin(positions, long, x.dtype)
         key_mask = None if batch.key_mask is None else batch.key_mask.to(dev)
-        attn = DenseAttention(attention_mask(key_mask, T, 0, x.dtype, x.device), None)
         plan = AdapterPlan.build([e.adapter for e in batch.examples], dev)
-        for i, layer in enumerate(net.layers):
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, plan, attn, i, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, plan, attn, i)
+        x = net.hidden(x, positions, plan=plan, key_mask=key_mask, long_rope=long,
+                       checkpoint=self.grad_checkpointing and self.training)  # (B, T, hidden)
         # Only target positions reach the vocabulary projection: (N, vocab) instead of (B, T, vocab).
         targets = batch.labels[:, 1:].to(dev)  # (B, T-1): position t predicts token t+1
         keep = targets != IGNORE
-        h = net.norm(x[:, :-1][keep])  # (N, hidden)
-        weight = net.embed_tokens.weight if net.lm_head is None else net.lm_head.weight
-        logits = F.linear(h, weight).float()  # (N, vocab)
+        logits = F.linear(net.norm(x[:, :-1][keep]), net.output_weight).float()  # (N, vocab)
         return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
