@@ -68,39 +68,38 @@ def prepare(prompt: str | Sequence[dict[str, Any]], tokenizer: Tokenizer, cfg: M
         images, audios = images or part_images, audios or part_audios
     if images and cfg.vision is None or audios and cfg.audio is None:
         raise InputError("this checkpoint is text-only (no vision/audio tower); send text only")
-    pil = [load_image(im) for im in images]
-    wavs = [load_audio(a, max_seconds=max_audio_seconds) for a in audios]
-    img_in = preprocess_images(pil, dynamic_hd=cfg.dynamic_hd) if pil else None
-    aud_in = preprocess_audios(wavs) if wavs else None
-    counts = {"image": img_in.num_tokens if img_in else [], "audio": aud_in.num_tokens if aud_in else []}
-    media_ids = {"image": cfg.image_token_id, "audio": cfg.audio_token_id}
-
-    ids: list[int] = []
-    used = {"image": [], "audio": []}
-    pos = 0
-    for m in PLACEHOLDER.finditer(text):
-        ids += tokenizer.encode(text[pos:m.start()])
+    # Read the placeholder order first: tower inputs are built once, already in that order.
+    given = {"image": images, "audio": audios}
+    refs = list(PLACEHOLDER.finditer(text))
+    order: dict[str, list[int]] = {"image": [], "audio": []}
+    for m in refs:
         kind, n = m.group(1), int(m.group(2))
-        if not 1 <= n <= len(counts[kind]):
-            raise InputError(f"the prompt names <|{kind}_{n}|> but {len(counts[kind])} {kind}(s) were given; "
+        if not 1 <= n <= len(given[kind]):
+            raise InputError(f"the prompt names <|{kind}_{n}|> but {len(given[kind])} {kind}(s) were given; "
                              f"number {kind}s from 1 in the order you pass them")
-        used[kind].append(n - 1)
-        ids += [media_ids[kind]] * counts[kind][n - 1]
-        pos = m.end()
-    ids += tokenizer.encode(text[pos:])
+        order[kind].append(n - 1)
     for kind in ("image", "audio"):
-        missing = sorted(set(range(len(counts[kind]))) - set(used[kind]))
+        missing = sorted(set(range(len(given[kind]))) - set(order[kind]))
         if missing:
             raise InputError(f"{kind} {missing[0] + 1} was given but the prompt has no <|{kind}_{missing[0] + 1}|> "
                              f"placeholder; put it where the {kind} belongs in the text")
-        if len(used[kind]) != len(set(used[kind])):
+        if len(order[kind]) != len(set(order[kind])):
             raise InputError(f"a <|{kind}_N|> placeholder appears twice; reference each {kind} once "
                              f"(pass the same {kind} twice if it is needed twice)")
-    # Features must follow the placeholder order: reorder the tower inputs to match it.
-    if img_in is not None and used["image"] != sorted(used["image"]):
-        img_in = preprocess_images([pil[i] for i in used["image"]], dynamic_hd=cfg.dynamic_hd)
-    if aud_in is not None and used["audio"] != sorted(used["audio"]):
-        aud_in = preprocess_audios([wavs[i] for i in used["audio"]])
+    pil = [load_image(images[i]) for i in order["image"]]
+    wavs = [load_audio(audios[i], max_seconds=max_audio_seconds) for i in order["audio"]]
+    img_in = preprocess_images(pil, dynamic_hd=cfg.dynamic_hd) if pil else None
+    aud_in = preprocess_audios(wavs) if wavs else None
+
+    counts = {"image": iter(img_in.num_tokens if img_in else []), "audio": iter(aud_in.num_tokens if aud_in else [])}
+    media_ids = {"image": cfg.image_token_id, "audio": cfg.audio_token_id}
+    ids: list[int] = []
+    pos = 0
+    for m in refs:
+        kind = m.group(1)
+        ids += tokenizer.encode(text[pos:m.start()]) + [media_ids[kind]] * next(counts[kind])
+        pos = m.end()
+    ids += tokenizer.encode(text[pos:])
     adapter, projector = choose_adapter(img_in is not None, aud_in is not None)
     if adapter is not None and adapter not in cfg.loras:
         adapter = None  # e.g. a transformers-native directory loaded without its adapter folders
