@@ -20,6 +20,7 @@ from .decoder import KVCache
 from .lora import AdapterPlan
 from .model import Phi4MM
 from .processor import Prepared, encode_media, prepare
+from .sampling import SamplingBatch, SamplingParams, sample
 from .tokenizer import Tokenizer
 from .weights import CheckpointError, load_weights, lora_configs_from_folders
 
@@ -119,10 +120,12 @@ class Model:
         if n_prompt >= limit:
             raise ValueError(f"the prompt has {n_prompt} tokens; the context holds {limit}")
         max_new_tokens = min(max_new_tokens, limit - n_prompt)
+        if max_new_tokens < 1:
+            return []
         plan = AdapterPlan.build(prep.adapter)
-        gen = torch.Generator(device=self.device)
-        if seed is not None:
-            gen.manual_seed(seed)
+        # The engine's sampler: the same seed draws the same tokens here and in a batched engine.
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        sampler = SamplingBatch.build([params], self.device, self.config.text.vocab_size, [prep.input_ids])
         eos = set(self.tokenizer.eos_token_ids)
         rope = self.net.rope
         cache = KVCache(self.config.text, 1, n_prompt + max_new_tokens, self.dtype, self.device)
@@ -130,7 +133,9 @@ class Model:
         logits = self._prefill(embeds, cache, plan, long)
         out: list[int] = []
         for step in range(max_new_tokens):
-            tok = _sample(logits, temperature, top_p, gen)
+            tokens = sample(logits[None].float(), sampler).tokens
+            sampler.update(tokens)
+            tok = int(tokens[0])
             out.append(tok)
             if tok in eos or step == max_new_tokens - 1:
                 break
@@ -153,14 +158,3 @@ class Model:
         logits = self.net(embeds, positions, cache=cache, plan=plan, long_rope=long, last_only=True)[0, -1]
         cache.advance(embeds.shape[1])
         return logits
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))

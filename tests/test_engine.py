@@ -199,3 +199,12 @@ def test_cancel_alone_still_reports(model, requests):
     outs = list(eng.stream())
     assert [(o.request_id, o.finish_reason) for o in outs] == [(rid, "cancelled")]
     assert not eng.has_work() and eng.pool.num_free == eng.pool.num_blocks
+
+
+def test_seeded_sampling_matches_the_reference_loop(model, requests):
+    """Model.generate and the engine share one sampler: the same seed gives the same tokens."""
+    p = SamplingParams(max_tokens=N_NEW, temperature=0.8, top_p=0.9, seed=11)
+    want = model.generate_ids(requests[2]["prompt"], audios=requests[2]["audios"], max_new_tokens=N_NEW,
+                              temperature=0.8, top_p=0.9, seed=11)
+    assert _run(Engine(model, num_blocks=512), requests[:3], p)[2] == want
+    assert model.generate_ids(requests[0]["prompt"], max_new_tokens=0) == []
