@@ -60,12 +60,16 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
                                       f"checkpoint's {name}-lora/ folder, or load with adapters=False")
     if not adapters:
         cfg.loras = {}
+    tok = Tokenizer.from_dir(path)
+    if cfg.vision is not None or cfg.audio is not None:
+        # Placeholders are looked up by name: a checkpoint with its own vocabulary (the micro model) puts
+        # `<|endoftext10|>` / `<|endoftext11|>` at other ids than the published 200010 / 200011.
+        cfg.image_token_id, cfg.audio_token_id = tok.image_token_id, tok.audio_token_id
     with torch.device("meta"):
         net = Phi4MM(cfg)
     t0 = time.perf_counter()
     load_weights(net, path, cfg.layout, str(device), dt, skip_lora=not adapters)
     net.eval()
-    tok = Tokenizer.from_dir(path)
     model = Model(net, cfg, tok, device, dt)
     model.load_seconds = time.perf_counter() - t0
     return model

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -204,17 +206,20 @@ def _adapter_folder(out: Path, name: str, lora, tensors: dict[str, torch.Tensor]
 
 
 def make_checkpoint(out: str | Path, size: str = "tiny", layout: str = "official", seed: int = 0,
-                    dtype: torch.dtype = torch.bfloat16, n_shards: int | None = None, device: str = "cpu") -> Path:
+                    dtype: torch.dtype = torch.bfloat16, n_shards: int | None = None, device: str = "cpu",
+                    config: dict | None = None, init: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
+                    tokenizer_dir: str | Path | None = None) -> Path:
     """Write a random-weight checkpoint directory; returns its path.
 
     device: where the random numbers are drawn ("cuda" for full size); the same (seed, device) gives the
-    same weights in both layouts.
+    same weights in both layouts. config (an official-layout config.json dict), init (name, shape -> tensor)
+    and tokenizer_dir (tokenizer files to copy) build a new model instead of a size (the micro model).
     """
     if layout not in ("official", "hf"):
         raise ValueError(f"layout {layout!r} is not known; use 'official' or 'hf'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    off = official_config(size)
+    off = copy.deepcopy(config) if config is not None else official_config(size)
     cfg = ModelConfig.from_hf(off)
     with torch.device("meta"):
         net = Phi4MM(cfg)
@@ -224,7 +229,7 @@ def make_checkpoint(out: str | Path, size: str = "tiny", layout: str = "official
     main: dict[str, torch.Tensor] = {}
     adapters: dict[str, dict[str, torch.Tensor]] = {n: {} for n in cfg.loras}
     for name, shape in {**ours, **extra}.items():
-        t = random_tensor(name, shape, seed, device)
+        t = init(name, shape) if init is not None else random_tensor(name, shape, seed, device)
         t = (t.to(dtype) if not name.endswith(("global_mean", "global_invstd")) else t.float()).cpu()
         lora = name.split(".lora_")
         if len(lora) == 2:
@@ -242,8 +247,15 @@ def make_checkpoint(out: str | Path, size: str = "tiny", layout: str = "official
         _adapter_folder(out, name, cfg.loras[name], tensors, PEFT_TARGET if layout == "hf" else targets[name])
     config = off if layout == "official" else hf_config(cfg)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    gen = dict(GENERATION_CONFIG)
+    if config is not None:
+        gen.update({k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     _write_processor_files(out, layout)
+    if tokenizer_dir is not None:
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy2(Path(tokenizer_dir) / f, out / f)
+        return out
     from .tokenizer import write_tokenizer_files
     write_tokenizer_files(out, "phi4mm" if layout == "official" else "phi4_multimodal")
     return out

@@ -51,8 +51,7 @@ generated tokens/s (all requests together) and prompt tokens/s; one warm-up requ
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf")
 TRANSCRIBE_FORMATS = ("txt", "text", "srt", "vtt", "json", "verbose_json")
 CPU_KV_TOKENS = 16384  # CPU KV pool: 16k tokens (4 GiB fp32 at full size); on GPU the engine sizes it itself
-NO_MODEL = ("no --model given: the embedded default model is not shipped yet, so pass --model DIR (a tiny "
-            "random one can be made with `phi4mm make-checkpoint DIR`)")
+NO_MODEL = "train needs --model DIR, the checkpoint to fine-tune (or --recipe micro to train the micro model)"
 
 
 class UserError(ValueError):
@@ -66,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def model_args(sp: argparse.ArgumentParser, device: str = "cpu") -> None:
-        sp.add_argument("--model", type=Path, help="checkpoint directory (required for now)")
+        sp.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded micro model, "
+                        "a ~12M-parameter Phi-4-multimodal that phi4mm trained itself)")
         sp.add_argument("--device", default=device, help=f"cpu, cuda, cuda:1, ... (default {device})")
         sp.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, "
                         "fp32 on CPU)")
@@ -136,11 +136,21 @@ def _parser() -> argparse.ArgumentParser:
     tn = sub.add_parser("train", help="fine-tune one stage of the recipe on JSONL chats; writes a loadable checkpoint",
                         description="Fine-tune a stage (adapter / encoder / projector); OUT is a checkpoint "
                         "directory that phi4mm and transformers+peft load.")
-    tn.add_argument("data", type=Path, help='JSONL, one {"messages": [...]} per line; media paths relative to it')
-    tn.add_argument("out", type=Path)
+    tn.add_argument("data", type=Path, nargs="?",
+                    help='JSONL, one {"messages": [...]} per line; media paths relative to it')
+    tn.add_argument("out", type=Path, nargs="?", help="output checkpoint directory (with --recipe: the run folder)")
     tn.add_argument("--model", type=Path, help="base checkpoint directory")
-    tn.add_argument("--stage", required=True, choices=["vision-projector", "vision-encoder", "vision-lora",
-                    "speech-encoder", "speech-lora", "vision-speech", "text"])
+    tn.add_argument("--stage", choices=["vision-projector", "vision-encoder", "vision-lora", "speech-encoder",
+                                        "speech-lora", "vision-speech", "text", "decoder"])
+    tn.add_argument("--recipe", choices=["micro"], help="run a whole recipe instead of one stage: 'micro' "
+                    "generates data and trains the embedded micro model from scratch (phi4mm train --recipe "
+                    "micro RUN_DIR --device cuda)")
+    tn.add_argument("--scale", type=float, default=1.0, help="--recipe: data set size factor (default 1)")
+    tn.add_argument("--epochs-scale", type=float, default=1.0, help="--recipe: epochs factor (default 1)")
+    tn.add_argument("--workers", type=int, default=None, help="processes preparing data (default: all cores "
+                    "for --recipe, 0 for one stage)")
+    tn.add_argument("--max-minutes", type=float, default=None, help="--recipe: stop after the stage that "
+                    "crosses this budget; run again to continue")
     for flag, kind, default in (("--epochs", int, 1), ("--max-steps", int, None), ("--lr", float, 1e-4),
                                 ("--batch-tokens", int, 16384), ("--grad-accum", int, 1), ("--lora-rank", int, None),
                                 ("--seed", int, 0), ("--warmup-steps", int, 0), ("--save-every", int, 500)):
@@ -157,8 +167,6 @@ def _parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------ helpers
 def _load(args):
     """Load --model with --device / --dtype; UserError (one sentence) when it is missing."""
-    if args.model is None:
-        raise UserError(NO_MODEL)
     import phi4mm
     return phi4mm.load(args.model, device=args.device, dtype=args.dtype)
 
@@ -408,8 +416,6 @@ def _serve(args) -> int:
     _positive("max-waiting", args.max_waiting)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535; got {args.port}")
-    if args.model is None:
-        raise UserError(NO_MODEL)
     try:
         from .server import serve
     except ImportError as e:
@@ -459,14 +465,37 @@ def _bench(args) -> int:
 
 
 def _train(args) -> int:
+    if args.recipe is not None:
+        return _recipe(args)
+    if args.model is None:
+        raise UserError(NO_MODEL)
+    if args.data is None or args.out is None or args.stage is None:
+        raise UserError("train needs DATA OUT and --stage (or --recipe micro RUN_DIR)")
     from .train import train
     s = train(args.model, args.data, args.stage, args.out, epochs=args.epochs, max_steps=args.max_steps,
               lr=args.lr, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum, seed=args.seed,
               lora_rank=args.lora_rank, device=args.device, dtype=args.dtype, amp=args.amp,
               grad_checkpointing=args.grad_checkpointing, warmup_steps=args.warmup_steps,
-              save_every=args.save_every, resume=args.resume, skip_bad=args.skip_bad)
+              save_every=args.save_every, resume=args.resume, skip_bad=args.skip_bad, workers=args.workers or 0)
     print(f"trained {s['stage']}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
           f"{len(s['skipped'])} bad lines skipped; wrote {s['out']}")
+    return 0
+
+
+def _recipe(args) -> int:
+    run = args.out or args.data
+    if run is None or args.out is not None and args.data is not None:
+        raise UserError("--recipe micro takes one folder, the run directory: phi4mm train --recipe micro RUN_DIR")
+    from .micro import run_recipe
+    s = run_recipe(run, device=args.device, seed=args.seed, scale=args.scale, workers=args.workers,
+                   epochs_scale=args.epochs_scale, max_minutes=args.max_minutes)
+    if "stopped_before" in s:
+        print(f"stopped before stage {s['stopped_before']} (--max-minutes); run the same command again to continue")
+        return 0
+    print(f"trained the micro model in {s['train_seconds']:.0f} s; wrote {Path(run) / 'model'}")
+    for task, r in s.get("eval", {}).items():
+        goal = "" if r["goal"] is None else f" (goal {r['goal']}: {'met' if r['met'] else 'NOT met'})"
+        print(f"  {task:18s} {r['metric']:5s} {r['score']:.3f}{goal}")
     return 0
 
 
@@ -481,8 +510,9 @@ def main(argv: list[str] | None = None) -> int:
                                   device=args.device)
             print(f"wrote {args.size} {args.layout} checkpoint to {out}")
             return 0
-        if getattr(args, "model", "") is None:
-            raise UserError(NO_MODEL)
+        if getattr(args, "model", "") is None and args.cmd != "train":
+            from .micro import default_model_dir
+            args.model = default_model_dir()
         handler = {"chat": _chat, "transcribe": _transcribe, "translate": _transcribe, "serve": _serve,
                    "bench": _bench, "train": _train}[args.cmd]
         return handler(args)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraConfig, TextConfig
-from .lora import NO_ADAPTER, AdapterPlan, LoraLinear
+from .lora import AdapterPlan, LoraLinear
 
 
 class RMSNorm(nn.Module):

@@ -6,7 +6,8 @@ it is the prompt. An optional `"answers": [...]` field lists several references 
     evaluate("out/", "test.jsonl", metric="wer")  ->  {"metric": "wer", "score": 0.12, "n": 500, ...}
 
 Metrics: "wer" (word error rate, lower is better), "bleu" (sacrebleu corpus BLEU), "exact" (normalised exact
-match), "vqa" (VQA accuracy: min(#matching answers / 3, 1)).
+match), "vqa" (VQA accuracy: min(#matching answers / 3, 1)), "tool" (over samples whose reference is a tool
+call: the share of replies that parse as valid tool-call JSON naming the same functions).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from .sampling import SamplingParams
 from .train_data import read_jsonl
 
-METRICS = ("wer", "bleu", "exact", "vqa")
+METRICS = ("wer", "bleu", "exact", "vqa", "tool")
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -68,6 +69,18 @@ def vqa_accuracy(answers: list[list[str]], hyps: list[str]) -> float:
     return sum(min(sum(norm(a) == norm(h) for a in ans) / 3, 1.0) for ans, h in zip(answers, hyps)) / len(hyps)
 
 
+def tool_accuracy(refs: list[str], hyps: list[str]) -> float:
+    """Share of tool-call references whose reply holds valid call JSON with the same function names."""
+    from .tools import parse_tool_calls
+    hits = total = 0
+    for r, h in zip(refs, hyps):
+        want = [c.name for c in parse_tool_calls(r)[1]]
+        if want:
+            total += 1
+            hits += [c.name for c in parse_tool_calls(h)[1]] == want
+    return hits / max(total, 1)
+
+
 def score(metric: str, answers: list[list[str]], hyps: list[str]) -> float:
     if metric == "wer":
         return wer([a[0] for a in answers], hyps)
@@ -77,6 +90,8 @@ def score(metric: str, answers: list[list[str]], hyps: list[str]) -> float:
         return sum(normalize(h) in {normalize(a) for a in ans} for ans, h in zip(answers, hyps)) / len(hyps)
     if metric == "vqa":
         return vqa_accuracy(answers, hyps)
+    if metric == "tool":
+        return tool_accuracy([a[0] for a in answers], hyps)
     raise ValueError(f"metric {metric!r} is not known; use one of {', '.join(METRICS)}")
 
 

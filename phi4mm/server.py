@@ -17,7 +17,6 @@ streamed answers are passed through unrepaired.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from dataclasses import dataclass, field

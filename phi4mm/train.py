@@ -13,6 +13,7 @@ Each stage trains exactly the parts its recipe stage trains; everything else is 
 | speech-lora      | speech projector + LoRA "speech"                         | model rule                  |
 | vision-speech    | LoRA "vision" + SigLIP + image projector (audio frozen)  | model rule                  |
 | text             | a new decoder LoRA "text"                                | text-only samples -> "text" |
+| decoder          | the decoder's own weights (pre-training; micro model)    | text-only samples, no LoRA  |
 
 The output directory is a complete checkpoint in the base's layout (config and tokenizer copied, shards with
 the trained tensors rewritten under their stored names, `<adapter>-lora/` PEFT folders), so `phi4mm.load(out)`
@@ -27,7 +28,6 @@ import math
 import os
 import random
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,32 +36,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import PEFT_TARGET, _adapter_folder
 from .config import LoraConfig, ModelConfig
 from .lora import AdapterPlan, LoraLinear
-from .processor import encode_media
-from .train_data import (
-    IGNORE,
-    Batch,
-    DataError,
-    Example,
-    collate,
-    encode,
-    make_batches,
-    read_jsonl,
-)
-from .weights import _PEFT, MAIN, _rename, name_table
+from .train_data import IGNORE, Batch, DataError, Example, batch_loader, encode_all, make_batches, read_jsonl
+from .train_export import _LORA, TEXT_ADAPTER, export, load_adapter  # noqa: F401 (public: train.load_adapter)
 
-_LORA = r"layers\.\d+\.(self_attn|mlp)\.\w+\.lora_[AB]\.{}"
 _VISION_PROJ = r"vision\.(img_projection_(up|down)\.\w+|(global|sub)_img_feature_extensor)"
 _VISION_ENC = r"vision\.img_processor\..+"
 _AUDIO_ENC = r"audio\.encoder\..+"
 _SPEECH_PROJ = r"audio\.(up|down)_proj_for_speech\.\w+"
-TEXT_ADAPTER = "text"
+_DECODER = r"embed_tokens\.weight|norm\.weight|layers\.\d+\.(\w+_layernorm|(self_attn|mlp)\.\w+)\.weight"
 DEFAULT_TEXT_RANK = 16  # new adapters get lora_alpha = 2 * r, the published ratio (256/512, 320/640)
 
 
@@ -74,19 +61,21 @@ class Stage:
 
 
 def _has_image(e: Example) -> bool:
-    return e.prep.images is not None
+    return e.has_image
 
 
 STAGES = {
     "vision-projector": Stage(("vision",), (_VISION_PROJ,), None, _has_image),
     "vision-encoder": Stage(("vision",), (_VISION_PROJ, _VISION_ENC), None, _has_image),
     "vision-lora": Stage(("vision",), (_LORA.format("vision"),), "vision", lambda e: e.adapter == "vision"),
-    "speech-encoder": Stage(("audio",), (_AUDIO_ENC, _SPEECH_PROJ), None, lambda e: e.prep.audios is not None),
+    "speech-encoder": Stage(("audio",), (_AUDIO_ENC, _SPEECH_PROJ), None, lambda e: e.has_audio),
     "speech-lora": Stage(("audio",), (_SPEECH_PROJ, _LORA.format("speech")), "speech",
                          lambda e: e.adapter == "speech"),
     "vision-speech": Stage(("vision", "audio"), (_LORA.format("vision"), _VISION_ENC, _VISION_PROJ), "vision",
                            _has_image),
     "text": Stage((), (_LORA.format(TEXT_ADAPTER),), TEXT_ADAPTER, lambda e: e.adapter == TEXT_ADAPTER),
+    # Pre-training the decoder itself (the micro model's first stage; Phi-4-mini arrives pre-trained).
+    "decoder": Stage((), (_DECODER,), None, lambda e: not e.has_image and not e.has_audio),
 }
 
 
@@ -143,15 +132,11 @@ class LossModule(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         net, dev = self.net, self.device
-        imgs, auds = [], []
         # Frozen towers keep no activations for backward (LoRA stages: the decoder alone needs them).
         with torch.set_grad_enabled(self.towers_train and torch.is_grad_enabled()):
-            for e in batch.examples:  # the towers run per sample: their outputs are in prompt order
-                img, aud = encode_media(net, e.prep, dev, self.dtype)
-                imgs += [] if img is None else [img]
-                auds += [] if aud is None else [aud]
+            imgs, auds = self._towers([e.prep for e in batch.examples])
         ids = batch.input_ids.to(dev)
-        x = net.embed(ids, torch.cat(imgs) if imgs else None, torch.cat(auds) if auds else None)  # (B, T, hidden)
+        x = net.embed(ids, imgs, auds)  # (B, T, hidden)
         B, T = ids.shape
         positions = torch.arange(T, device=dev)[None].expand(B, T)  # (B, T): right padding, every row from 0
         long = (batch.lengths.to(dev) > net.cfg.text.original_max_position_embeddings)[:, None].expand(B, T)
@@ -165,6 +150,37 @@ class LossModule(nn.Module):
         logits = F.linear(net.norm(x[:, :-1][keep]), net.output_weight).float()  # (N, vocab)
         return F.cross_entropy(logits, targets[keep], reduction="sum")
 
+    def _towers(self, preps: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Every image of the batch through SigLIP in one call, every audio per projector in one call;
+        the embeddings come back in batch-then-prompt order, the order `embed` fills placeholders in."""
+        net, dev, dt = self.net, self.device, self.dtype
+        img = aud = None
+        ims = [p.images for p in preps if p.images is not None]
+        if ims:
+            crops = max(i.pixel_values.shape[1] for i in ims)
+            # Pad each image's crop axis to the batch's longest: padded crops are zeros with an all-ones
+            # mask, exactly how the processor batches several images of one prompt.
+            pv = torch.cat([F.pad(i.pixel_values, (0, 0, 0, 0, 0, 0, 0, crops - i.pixel_values.shape[1]))
+                            for i in ims])  # (N, crops, 3, 448, 448)
+            am = torch.cat([F.pad(i.attention_mask, (0, 0, 0, 0, 0, crops - i.attention_mask.shape[1]), value=1)
+                            for i in ims])  # (N, crops, 32, 32)
+            sizes = torch.cat([i.image_sizes for i in ims])  # (N, 2)
+            img = torch.cat(net.vision(pv.to(dev, dt), am.to(dev), sizes.to(dev)))
+        feats: list[tuple[int, list[torch.Tensor]]] = []
+        for proj in ("speech", "vision"):  # vision-speech prompts use the other audio projector
+            group = [(k, p.audios) for k, p in enumerate(preps) if p.audios is not None and p.audio_projector == proj]
+            if not group:
+                continue
+            frames = max(a.features.shape[1] for _, a in group)
+            f = torch.cat([F.pad(a.features, (0, 0, 0, frames - a.features.shape[1])) for _, a in group])  # (N, T, 80)
+            lens = torch.cat([a.frame_lengths for _, a in group])  # (N,)
+            out = iter(net.audio(f.to(dev, dt), lens.to(dev), projector=proj))
+            for k, a in group:
+                feats.append((k, [next(out) for _ in range(len(a.num_tokens))]))
+        if feats:
+            aud = torch.cat([t for _, ts in sorted(feats, key=lambda x: x[0]) for t in ts])
+        return img, aud
+
 
 # ---- the loop -----------------------------------------------------------------------------------------------
 
@@ -174,7 +190,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
           seed: int = 0, lora_rank: int | None = None, device: str = "cpu", dtype: str = "float32",
           amp: bool = False, grad_checkpointing: bool = False, warmup_steps: int = 0, weight_decay: float = 0.0,
           max_grad_norm: float = 1.0, save_every: int = 500, resume: bool | str | Path = False,
-          skip_bad: bool = False, progress: bool = True) -> dict:
+          skip_bad: bool = False, progress: bool = True, workers: int = 0) -> dict:
     """Train `stage` on the JSONL conversations in `data`; write the result to `out`. Returns a summary dict.
 
     lr: peak AdamW learning rate (linear warmup over warmup_steps, cosine decay to 0 at the last step).
@@ -199,12 +215,12 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
     names = setup_stage(model, stage, lora_rank)
     text_adapter = TEXT_ADAPTER if stage == "text" else None
     examples = []
-    for rec in records:
-        try:
-            examples.append(encode(model, rec, text_adapter))
-        except ValueError as e:
-            if not skip_bad:
-                raise DataError(f"{data}:{rec.line}: {e}; fix the sample, or pass skip_bad=True") from None
+    for rec, e in zip(records, encode_all(model, records, text_adapter, workers, progress and rank == 0)):
+        if isinstance(e, Example):
+            examples.append(e)
+        elif not skip_bad:
+            raise DataError(f"{data}:{rec.line}: {e}; fix the sample, or pass skip_bad=True") from None
+        else:
             bad.append(f"{data}:{rec.line}: {e}")
     examples = [e for e in examples if e.num_targets > 0]
     if not any(st.uses(e) for e in examples):
@@ -231,10 +247,11 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
     log = (out / "log.jsonl").open("a") if rank == 0 else None
     bar = _bar(total, step, progress and rank == 0)
     stream = _micro_batches(examples, batch_tokens, seed, rank, world, epoch, pos)
+    windows = [[next(stream) for _ in range(grad_accum)] for _ in range(total - step)]
+    loader = batch_loader(model, examples, [[idx for _, _, idx in w] for w in windows], cfg.text.pad_token_id,
+                          workers)
     tokens_seen, t0 = 0, time.perf_counter()
-    while step < total:
-        window = [next(stream) for _ in range(grad_accum)]
-        batches = [collate([examples[i] for i in idx], cfg.text.pad_token_id) for _, _, idx in window]
+    for window, batches in zip(windows, loader):
         n_targets = sum(b.num_targets for b in batches)
         loss_sum = 0.0
         for b in batches:
@@ -360,87 +377,3 @@ def _load_state(path: Path, net: nn.Module, names: list[str], opt, sched, stage:
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state["step"], state["epoch"], state["position"], state["losses"]
-
-
-# ---- output: a complete checkpoint directory -----------------------------------------------------------------
-
-
-def export(model, base: Path, out: Path, names: list[str]) -> None:
-    """Write `out` as a checkpoint of the base's layout with the trained tensors in place (see module doc)."""
-    net, cfg = model.net, model.config
-    table = name_table(net, cfg.layout)
-    params = dict(net.named_parameters())
-    adapters = sorted({n.rsplit(".", 1)[1] for n in names if ".lora_" in n})
-    declared = set(cfg.loras) - {TEXT_ADAPTER} if cfg.layout == "phi4mm" else set()
-    for item in base.iterdir():  # config, tokenizer, processor files and untouched adapter folders
-        if item.suffix == ".safetensors" or item.name == "model.safetensors.index.json" \
-                or item.name.startswith("checkpoint-") or item.name == "log.jsonl" \
-                or item.name in {f"{a}-lora" for a in adapters}:
-            continue
-        dst = out / item.name
-        if item.is_dir():
-            shutil.copytree(item, dst, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, dst)
-    # Shards: the trained tensors stored in them (towers; LoRA of the official layout) replace the old ones.
-    replace = {table[n][1]: params[n].detach().cpu().contiguous() for n in names
-               if table[n][0] == MAIN and not (".lora_" in n and n.rsplit(".", 1)[1] not in declared)}
-    index = base / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else ["model.safetensors"]
-    if index.is_file():
-        shutil.copy2(index, out / index.name)
-    for shard in shards:
-        with safe_open(str(base / shard), framework="pt") as f:
-            hit = [k for k in f.keys() if k in replace]  # noqa: SIM118 (safe_open is not iterable)
-            if hit:
-                tensors = {k: replace[k] if k in replace else f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-                meta = f.metadata()
-        dst = out / shard
-        if dst.exists():
-            dst.unlink()
-        if hit:
-            save_file(tensors, str(dst), metadata=meta or {"format": "pt"})
-        else:
-            try:
-                os.link(base / shard, dst)  # unchanged shard: no second copy on disk
-            except OSError:
-                shutil.copy2(base / shard, dst)
-    for a in adapters:  # PEFT folders, the format transformers + peft and the official code read
-        tensors = {_rename(n, [_PEFT]): params[n].detach().cpu().contiguous() for n in names
-                   if n.endswith((".lora_A." + a, ".lora_B." + a))}
-        _adapter_folder(out, a, cfg.loras[a], tensors, PEFT_TARGET)
-    if cfg.layout == "phi4mm" and adapters:  # the official config.json declares the adapter shapes
-        conf = json.loads((out / "config.json").read_text())
-        for a in adapters:
-            if a in declared:
-                lc = cfg.loras[a]
-                conf[f"{a}_lora"].update(r=lc.r, lora_alpha=lc.lora_alpha, dp=lc.dropout)
-        (out / "config.json").write_text(json.dumps(conf, indent=2))
-
-
-def load_adapter(model, folder: str | Path, name: str) -> None:
-    """Add a PEFT LoRA folder (e.g. out/text-lora) to a loaded model as adapter `name`, strictly."""
-    folder = Path(folder)
-    conf_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not conf_file.is_file() or not weights.is_file():
-        raise ValueError(f"{folder} is not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
-    d = json.loads(conf_file.read_text())
-    lc = LoraConfig(r=int(d["r"]), lora_alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)))
-    net = model.net
-    for m in net.modules():
-        if isinstance(m, LoraLinear):
-            m.add_adapter(name, lc)
-    stored = load_file(str(weights))
-    params = dict(net.named_parameters())
-    wanted = {_rename(n, [_PEFT]): n for n in params if re.fullmatch(_LORA.format(re.escape(name)), n)}
-    if set(stored) != set(wanted):
-        diff = sorted(set(stored) ^ set(wanted))
-        raise ValueError(f"{weights} does not fit this model: {len(diff)} mismatched tensors, first {diff[0]!r}")
-    with torch.no_grad():
-        for key, n in wanted.items():
-            if stored[key].shape != params[n].shape:
-                raise ValueError(f"{weights}: {key!r} has shape {tuple(stored[key].shape)}, the model needs "
-                                 f"{tuple(params[n].shape)}")
-            params[n].copy_(stored[key])
-    model.config.loras[name] = lc

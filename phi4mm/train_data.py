@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ class Example:
     prep: Prepared
     labels: list[int]
     adapter: str | None  # the adapter this sample trains through (the model's rule, or the stage's override)
+    has_image: bool = False
+    has_audio: bool = False
 
     @property
     def length(self) -> int:
@@ -130,16 +132,67 @@ def assistant_labels(ids: list[int], assistant: int, end: int, endoftext: int) -
     return labels
 
 
-def encode(model, rec: Record, text_adapter: str | None = None) -> Example:
-    """Tokenise one record with the model's processor. text_adapter: route text-only samples to that adapter."""
+def encode(model, rec: Record, text_adapter: str | None = None, keep_media: bool = True) -> Example:
+    """Tokenise one record with the model's processor. text_adapter: route text-only samples to that adapter.
+
+    keep_media=False drops the tower inputs after counting their tokens (a data set of 10k images would hold
+    ~50 GB of pixels); `with_media` rebuilds them when the sample's batch comes up.
+    """
     text = render_prompt(rec.messages, rec.tools, add_generation_prompt=False)
     prep = model.prepare(text, rec.images, rec.audios)
     tok = model.tokenizer
     labels = assistant_labels(prep.input_ids, tok.token_id(ASSISTANT), tok.token_id(END), tok.token_id(ENDOFTEXT))
+    has_image, has_audio = prep.images is not None, prep.audios is not None
     adapter = prep.adapter
-    if adapter is None and prep.images is None and prep.audios is None:
+    if adapter is None and not has_image and not has_audio:
         adapter = text_adapter
-    return Example(rec, prep, labels, adapter)
+    if not keep_media:
+        prep = replace(prep, images=None, audios=None)
+    return Example(rec, prep, labels, adapter, has_image, has_audio)
+
+
+def with_media(model, e: Example) -> Example:
+    """`e` with its tower inputs (re)built; the token ids must come out the same."""
+    if not (e.has_image or e.has_audio) or e.prep.images is not None or e.prep.audios is not None:
+        return e
+    text = render_prompt(e.record.messages, e.record.tools, add_generation_prompt=False)
+    prep = model.prepare(text, e.record.images, e.record.audios)
+    if prep.input_ids != e.prep.input_ids:
+        raise DataError(f"line {e.record.line}: its media changed on disk while training (token count differs)")
+    return replace(e, prep=prep)
+
+
+_POOL_MODEL = None  # the model a forked encoding worker uses (inherited, never pickled)
+
+
+def _encode_one(args):
+    rec, text_adapter = args
+    try:
+        return encode(_POOL_MODEL, rec, text_adapter, keep_media=False)
+    except ValueError as e:
+        return e
+
+
+def encode_all(model, records: list[Record], text_adapter: str | None, workers: int = 0,
+               progress: bool = False) -> list[Example | ValueError]:
+    """`encode(keep_media=False)` over all records, in order; a bad record gives its ValueError in its place.
+
+    workers > 1 forks processes that share the loaded model (the towers are not run here, only the
+    processor), so a big image/audio set is counted in seconds instead of minutes.
+    """
+    global _POOL_MODEL
+    from tqdm import tqdm
+    jobs = [(r, text_adapter) for r in records]
+    bar = dict(total=len(jobs), disable=not progress, unit="sample", desc="preparing", dynamic_ncols=True)
+    _POOL_MODEL = model
+    try:
+        if workers <= 1 or len(records) < 64:
+            return [_encode_one(j) for j in tqdm(jobs, **bar)]
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(workers) as pool:
+            return list(tqdm(pool.imap(_encode_one, jobs, chunksize=32), **bar))
+    finally:
+        _POOL_MODEL = None
 
 
 def make_batches(lengths: list[int], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
@@ -192,3 +245,26 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     lens = torch.tensor(lengths)
     key_mask = None if min(lengths) == T else torch.arange(T)[None] < lens[:, None]  # (B, T)
     return Batch(ids, labels, key_mask, lens, examples)
+
+
+class BatchSource(torch.utils.data.Dataset):
+    """Window k -> its micro-batches, collated, with media rebuilt (a DataLoader runs this in workers)."""
+
+    def __init__(self, model, examples: list[Example], windows: list[list[list[int]]], pad_id: int):
+        self.model, self.examples, self.windows, self.pad_id = model, examples, windows, pad_id
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, k: int) -> list[Batch]:
+        return [collate([with_media(self.model, self.examples[i]) for i in idx], self.pad_id)
+                for idx in self.windows[k]]
+
+
+def batch_loader(model, examples: list[Example], windows: list[list[list[int]]], pad_id: int, workers: int):
+    """Iterate the windows in order; workers > 0 preprocess media ahead of the GPU in forked processes."""
+    src = BatchSource(model, examples, windows, pad_id)
+    if workers <= 0:
+        return (src[k] for k in range(len(src)))
+    return iter(torch.utils.data.DataLoader(src, batch_size=None, shuffle=False, num_workers=workers,
+                                            prefetch_factor=4, multiprocessing_context="fork"))

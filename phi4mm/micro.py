@@ -1,0 +1,322 @@
+"""The embedded micro model: Phi-4-multimodal's architecture at ~12 M parameters, trained by phi4mm itself.
+
+    phi4mm train --recipe micro --out micro-run --device cuda     # data, tokenizer, 7 stages, eval (~15 min H100)
+
+`run_recipe` generates the training and held-out data offline (`micro_data`), trains a byte-level BPE on the
+training text with Phi's special tokens (looked up by name everywhere, never by id), writes a fresh checkpoint
+in the official layout, then runs `phi4mm.train` through the recipe's stages in order (RECIPE.md): the decoder
+on text, the vision projector -> encoder -> LoRA, the speech encoder -> LoRA, then the vision-speech stage.
+Each stage's output is a complete checkpoint that the next stage starts from; a finished stage is skipped on a
+re-run, so an interrupted recipe resumes at the stage it was in. The last checkpoint is cast to bf16 and
+sharded (no file over 15 MB) into `out/model`, then scored on the held-out sets (`out/eval.json`).
+
+The shipped copy lives in `phi4mm/micro_model/`; `default_model_dir()` finds it, and the CLI uses it when no
+`--model` is given.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .checkpoint import _adapter_folder, _write_shards, official_config
+from .tokenizer import ADDED_TOKENS, CHAT_TEMPLATE, EOS_TOKEN, Tokenizer
+
+MICRO_DIR = Path(__file__).parent / "micro_model"
+BPE_VOCAB = 2048  # the corpus has a few hundred distinct words: whole words become single tokens
+MAX_FILE_BYTES = 15 * 2**20  # no shipped file over 15 MB
+# Sizes: the published structure (fused qkv/gate_up, GQA 2:1, partial rotary 0.75, SigLIP NaViT with the
+# feature layer -2, a conv-subsampled conformer with T5 bias), scaled to ~12 M parameters (~24 MB bf16).
+TEXT = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 4}  # head_dim 32 -> rotary 24 -> 12 LongRoPE factors
+VISION = {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4}
+AUDIO = {"attention_dim": 192, "attention_heads": 4, "linear_units": 512, "num_blocks": 4,
+         "nemo_conv_settings": {"conv_channels": 192}, "ext_pw_out_channel": 192,
+         "depthwise_seperable_out_channel": 192}
+LORA = {"vision": (32, 64), "speech": (32, 64)}  # (r, alpha): alpha = 2r, the published ratio
+INIT_STD = 0.02  # GPT-style initialisation of every matrix; LoRA B starts at zero (the adapter is a no-op)
+MEL_STATS_CLIPS = 256  # training clips that set the encoder's input normalisation (global mean / invstd)
+
+
+@dataclass(frozen=True)
+class MicroStage:
+    name: str  # output folder and report label
+    stage: str  # the `phi4mm train` stage
+    tasks: tuple[str, ...]  # micro_data task files mixed into this stage's data
+    epochs: float
+    lr: float
+    batch_tokens: int = 16384
+
+
+RECIPE = (
+    MicroStage("text", "decoder", ("text", "tools"), 24, 1e-3, 8192),
+    MicroStage("vision-projector", "vision-projector", ("ocr", "shapes", "caption"), 1, 1e-3),
+    MicroStage("vision-encoder", "vision-encoder", ("ocr", "shapes", "caption"), 6, 5e-4),
+    MicroStage("vision-lora", "vision-lora", ("ocr", "shapes", "caption"), 3, 1e-3),
+    MicroStage("speech-encoder", "speech-encoder", ("asr", "ast", "sqa"), 10, 1e-3, 4096),
+    MicroStage("speech-lora", "speech-lora", ("asr", "ast", "sqa"), 4, 1e-3, 4096),
+    MicroStage("vision-speech", "vision-speech", ("vsqa", "shapes", "ocr"), 2, 5e-4),
+)
+# Held-out sets: (file, metric, goal, higher is better); the goals are issue 7's.
+GOALS = (
+    ("asr", "wer", 0.10, False), ("asr_heldout_voice", "wer", 0.25, False), ("ast", "bleu", 60.0, True),
+    ("ocr", "exact", 0.90, True), ("shapes", "exact", 0.90, True), ("tools", "tool", 0.95, True),
+    ("sqa", "exact", None, True), ("vsqa", "exact", None, True), ("text", "exact", None, True),
+)
+
+
+def default_model_dir() -> Path:
+    """The shipped micro checkpoint (used when no --model is given)."""
+    if not (MICRO_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"the embedded micro model is missing from {MICRO_DIR}; reinstall phi4mm, or pass "
+                                "--model DIR (a checkpoint directory)")
+    return MICRO_DIR
+
+
+# ---- tokenizer and configuration ------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int = BPE_VOCAB) -> Tokenizer:
+    """A byte-level BPE on `texts` with Phi's added tokens (same names and flags, new ids); files -> out."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    names = [content for _, content, _, _ in ADDED_TOKENS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=names, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    # Re-add with the published flags (special / rstrip); each name keeps the id the trainer gave it.
+    tok.add_tokens([AddedToken(c, special=sp, rstrip=rs, lstrip=False, normalized=False, single_word=False)
+                    for _, c, sp, rs in ADDED_TOKENS])
+    tok.save(str(out / "tokenizer.json"))
+    added = {str(tok.token_to_id(c)): {"content": c, "lstrip": False, "normalized": False, "rstrip": rs,
+                                       "single_word": False, "special": sp} for _, c, sp, rs in ADDED_TOKENS}
+    conf = {"add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": added, "bos_token": EOS_TOKEN,
+            "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "eos_token": EOS_TOKEN,
+            "model_max_length": 131072, "pad_token": EOS_TOKEN, "tokenizer_class": "PreTrainedTokenizerFast",
+            "unk_token": EOS_TOKEN}
+    (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {k: EOS_TOKEN for k in ("bos_token", "eos_token", "pad_token", "unk_token")}, indent=2) + "\n")
+    return Tokenizer.from_dir(out)
+
+
+def micro_config(tok: Tokenizer) -> dict[str, Any]:
+    """The official-layout config.json of the micro model, ids taken from its tokenizer by name."""
+    d = official_config("tiny")
+    d.update(TEXT)
+    half = TEXT["hidden_size"] // TEXT["num_attention_heads"] * 3 // 8  # rotary_dim / 2 = 12
+    long = official_config("full")["rope_scaling"]["long_factor"]
+    d["rope_scaling"] = {"type": "longrope", "short_factor": [1.0] * half,
+                         "long_factor": long[:: len(long) // half][:half]}
+    d["vocab_size"] = math.ceil(tok.vocab_size / 64) * 64  # embedding rows padded like the published 200064
+    eot = tok.token_id(EOS_TOKEN)
+    d.update(bos_token_id=eot, pad_token_id=eot, eos_token_id=[tok.token_id("<|end|>"), eot])
+    d["vision_config"] = dict(VISION)
+    d["audio_processor"]["config"].update(json.loads(json.dumps(AUDIO)))
+    for name, (r, alpha) in LORA.items():
+        d[f"{name}_lora"].update(r=r, lora_alpha=alpha)
+    return d
+
+
+def _init(mel_mean: torch.Tensor, mel_invstd: torch.Tensor, seed: int):
+    """name, shape -> a from-scratch initial value (deterministic per name)."""
+    import zlib
+
+    def init(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name.endswith("global_mean"):
+            return mel_mean.clone()
+        if name.endswith("global_invstd"):
+            return mel_invstd.clone()
+        leaf = name.rsplit(".", 1)[-1]
+        if ".lora_B." in name or leaf in ("bias", "b1", "b2"):
+            return torch.zeros(shape)
+        if len(shape) == 1:  # norm gains
+            return torch.ones(shape)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return INIT_STD * torch.randn(shape, generator=g)
+    return init
+
+
+def _corpus(data_dir: Path) -> Iterable[str]:
+    """Every training conversation rendered with the chat template (the BPE learns the prompt format too)."""
+    from .chat import render_prompt
+    from .train_data import read_jsonl
+    for f in sorted(data_dir.glob("*.jsonl")):
+        if f.name.startswith("stage-"):
+            continue
+        for rec in read_jsonl(f)[0]:
+            yield render_prompt(rec.messages, rec.tools, add_generation_prompt=False)
+
+
+def _mel_stats(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bin mean and 1/std of the log-mel over the first training clips (the encoder's input norm)."""
+    from .audio_processing import load_audio, log_mel
+    from .train_data import read_jsonl
+    recs = read_jsonl(data_dir / "asr.jsonl")[0][:MEL_STATS_CLIPS]
+    feats = torch.cat([torch.from_numpy(log_mel(load_audio(r.audios[0]))) for r in recs])  # (frames, 80)
+    return feats.mean(0).float(), (1.0 / feats.std(0).clamp_min(1e-3)).float()
+
+
+def init_checkpoint(out: str | Path, data_dir: str | Path, seed: int = 0) -> Path:
+    """Tokenizer trained on the training data + a from-scratch checkpoint in the official layout."""
+    from .checkpoint import make_checkpoint
+    out, data_dir = Path(out), Path(data_dir)
+    tok_dir = out.parent / (out.name + "-tokenizer")
+    tok = train_tokenizer(_corpus(data_dir), tok_dir)
+    mean, invstd = _mel_stats(data_dir)
+    make_checkpoint(out, config=micro_config(tok), init=_init(mean, invstd, seed), tokenizer_dir=tok_dir,
+                    dtype=torch.float32)
+    shutil.rmtree(tok_dir)
+    return out
+
+
+# ---- the recipe -----------------------------------------------------------------------------------------------
+
+
+def _stage_data(data_dir: Path, st: MicroStage) -> Path:
+    """The stage's tasks in one JSONL beside them (media paths stay relative to the same folder)."""
+    path = data_dir / f"stage-{st.name}.jsonl"
+    with path.open("w") as f:
+        for task in st.tasks:
+            f.write((data_dir / f"{task}.jsonl").read_text())
+    return path
+
+
+def _share_projector(ckpt: Path) -> None:
+    """The vision-speech audio projector starts as the trained speech projector.
+
+    No recipe stage trains it before the vision-speech stage (which keeps the audio side frozen); the
+    published model arrives with it trained, the micro model needs a meaningful start.
+    """
+    from safetensors.torch import load_file, save_file
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    src = {k: k.replace("_for_vision_speech", "_for_speech") for k in index if "_for_vision_speech" in k}
+    shards = {index[k] for k in src} | {index[v] for v in src.values()}
+    tensors = {s: load_file(str(ckpt / s)) for s in shards}
+    for dst, s in src.items():
+        tensors[index[dst]][dst] = tensors[index[s]][s].clone()
+    for s, t in tensors.items():
+        save_file(t, str(ckpt / s), metadata={"format": "pt"})
+
+
+def finalize(src: str | Path, out: str | Path) -> Path:
+    """bf16 copy of a trained checkpoint for shipping: shards and adapters re-written, no file over 15 MB."""
+    from safetensors.torch import load_file
+    src, out = Path(src), Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    main: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index.values())):
+        for k, t in load_file(str(src / shard)).items():
+            keep = k.endswith(("global_mean", "global_invstd"))  # published as float32
+            main[k] = t.float() if keep else t.to(torch.bfloat16)
+    total = sum(t.numel() * t.element_size() for t in main.values())
+    _write_shards(main, out, max(1, math.ceil(total / (MAX_FILE_BYTES * 0.9))))
+    from .config import LoraConfig
+    for folder in sorted(src.glob("*-lora")):
+        conf = json.loads((folder / "adapter_config.json").read_text())
+        tensors = {k: t.to(torch.bfloat16) for k, t in load_file(str(folder / "adapter_model.safetensors")).items()}
+        lc = LoraConfig(r=conf["r"], lora_alpha=conf["lora_alpha"], dropout=conf.get("lora_dropout", 0.0))
+        _adapter_folder(out, folder.name[: -len("-lora")], lc, tensors, conf["target_modules"])
+    for f in src.iterdir():
+        if f.is_file() and f.suffix == ".json" and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, out / f.name)
+    big = [f for f in out.rglob("*") if f.is_file() and f.stat().st_size > MAX_FILE_BYTES]
+    if big:
+        raise RuntimeError(f"{big[0]} is over 15 MB; lower MAX_FILE_BYTES' share or the micro sizes")
+    return out
+
+
+def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: float = 1.0,
+               workers: int | None = None, epochs_scale: float = 1.0, max_minutes: float | None = None,
+               evaluate: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Data -> tokenizer + init -> every RECIPE stage -> out/model (bf16) -> out/eval.json. Resumable by stage.
+
+    scale: data set size factor (1.0: ~35k training samples); epochs_scale: epochs factor (CPU smoke runs use
+    tiny values of both). max_minutes: stop after the stage that crosses this budget (re-run to continue).
+    """
+    import os
+
+    from . import micro_data
+    from .train import train
+    t0 = time.perf_counter()
+    out = Path(out)
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    summary_file = out / "recipe.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {"stages": {}}
+    summary.update(seed=seed, scale=scale, epochs_scale=epochs_scale, device=device)
+    data = {}
+    for split, split_seed in (("train", seed), ("test", seed + 1_000)):  # test seeds are never used in training
+        d = out / "data" / split
+        if not (d / "done").is_file():
+            t = time.perf_counter()
+            micro_data.generate(d, split, split_seed, scale=scale, workers=workers, progress=progress)
+            (d / "done").write_text("")
+            summary[f"data_{split}_seconds"] = round(time.perf_counter() - t, 1)
+        data[split] = d
+    base = out / "stages" / "00-init"
+    if not (base / "done").is_file():
+        init_checkpoint(base, data["train"], seed)
+        (base / "done").write_text("")
+    cuda = device.startswith("cuda")
+    for n, st in enumerate(RECIPE, 1):
+        stage_out = out / "stages" / f"{n:02d}-{st.name}"
+        if (stage_out / "done").is_file():
+            base = stage_out
+            continue
+        if max_minutes is not None and time.perf_counter() - t0 > max_minutes * 60:
+            summary["stopped_before"] = st.name
+            summary_file.write_text(json.dumps(summary, indent=1))
+            return summary
+        if st.stage == "vision-speech":
+            _share_projector(base)
+        if stage_out.exists():
+            shutil.rmtree(stage_out)
+        res = train(base, _stage_data(data["train"], st), st.stage, stage_out, epochs=st.epochs * epochs_scale,
+                    lr=st.lr, batch_tokens=st.batch_tokens, seed=seed, device=device,
+                    dtype="bfloat16" if cuda else "float32", warmup_steps=20, weight_decay=0.01, save_every=0,
+                    workers=workers if cuda else 0, progress=progress)
+        summary["stages"][st.name] = {"stage": st.stage, "steps": res["steps"], "final_loss": res["final_loss"],
+                                      "trainable_params": res["trainable_params"], "samples": res["samples"],
+                                      "seconds": round(res["seconds"], 1)}
+        summary_file.write_text(json.dumps(summary, indent=1))
+        (stage_out / "done").write_text("")
+        base = stage_out
+    summary.pop("stopped_before", None)
+    model_dir = finalize(base, out / "model")
+    summary["train_seconds"] = round(sum(s["seconds"] for s in summary["stages"].values()), 1)
+    if evaluate:
+        summary["eval"] = evaluate_micro(model_dir, data["test"], device)
+    summary_file.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def evaluate_micro(model_dir: str | Path, test_dir: str | Path, device: str = "cpu",
+                   limit: int | None = None) -> dict[str, Any]:
+    """Score every held-out set that exists in test_dir; each result says its goal and whether it is met."""
+    from . import api
+    from .evaluate import evaluate
+    model = api.load(model_dir, device)
+    results = {}
+    for task, metric, goal, higher in GOALS:
+        f = Path(test_dir) / f"{task}.jsonl"
+        if not f.is_file():
+            continue
+        r = evaluate(model_dir, f, metric, max_tokens=96, model=model, limit=limit)
+        met = None if goal is None else (r["score"] >= goal if higher else r["score"] <= goal)
+        results[task] = {"metric": metric, "score": r["score"], "goal": goal, "met": met, "n": r["n"],
+                         "examples": r["predictions"][:3]}
+    return results

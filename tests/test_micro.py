@@ -1,0 +1,65 @@
+"""The micro model's own parts: its tokenizer, config and from-scratch checkpoint (the recipe's first steps)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import phi4mm
+from phi4mm import micro
+from phi4mm.config import ModelConfig
+from phi4mm.tokenizer import ADDED_TOKENS
+
+CORPUS = ["<|user|>Transcribe the audio clip into text.<|end|><|assistant|>the red dog runs<|end|><|endoftext|>",
+          "<|system|>You are helpful.<|tool|>[]<|/tool|><|end|><|user|>hello<|end|><|assistant|>hi there<|end|>"] * 50
+
+
+@pytest.fixture(scope="module")
+def micro_tok(tmp_path_factory):
+    return micro.train_tokenizer(CORPUS, tmp_path_factory.mktemp("tok"), vocab_size=400)
+
+
+def test_tokenizer_has_every_phi_special_token_by_name(micro_tok):
+    for _, name, special, _ in ADDED_TOKENS:
+        tid = micro_tok.token_id(name)
+        assert tid < 400
+        assert micro_tok.encode(f"a{name}b").count(tid) == 1  # never split
+        assert (tid in micro_tok.special_ids()) == special
+    # New ids: the code must look these up by name (the published ones are 200010/200011/200020).
+    assert micro_tok.image_token_id != 200010 and micro_tok.audio_token_id != 200011
+    assert micro_tok.eos_token_ids == [micro_tok.token_id("<|end|>"), micro_tok.token_id("<|endoftext|>")]
+    text = "the red dog runs"
+    assert micro_tok.decode(micro_tok.encode(text)) == text
+
+
+def test_micro_config_reads_as_the_official_layout(micro_tok):
+    d = micro.micro_config(micro_tok)
+    cfg = ModelConfig.from_hf(d)
+    assert cfg.layout == "phi4mm" and cfg.text.hidden_size == micro.TEXT["hidden_size"]
+    assert cfg.text.vocab_size % 64 == 0 and cfg.text.vocab_size >= micro_tok.vocab_size
+    assert cfg.text.eos_token_id == [micro_tok.token_id("<|end|>"), micro_tok.token_id("<|endoftext|>")]
+    assert cfg.vision.hidden_size == micro.VISION["hidden_size"] and cfg.audio.hidden_size == micro.AUDIO["attention_dim"]
+    assert {k: (v.r, v.lora_alpha) for k, v in cfg.loras.items()} == micro.LORA
+
+
+def test_fresh_checkpoint_loads_and_places_media_by_name(micro_tok, tmp_path):
+    from phi4mm.checkpoint import make_checkpoint
+    tok_dir = tmp_path / "tok"
+    micro.train_tokenizer(CORPUS, tok_dir, vocab_size=400)
+    init = micro._init(torch.zeros(80), torch.ones(80), seed=0)
+    ck = make_checkpoint(tmp_path / "ck", config=micro.micro_config(micro_tok), init=init, tokenizer_dir=tok_dir,
+                         dtype=torch.float32)
+    rows = json.loads((ck / "config.json").read_text())["vocab_size"]
+    assert rows % 64 == 0 and micro_tok.vocab_size <= rows < micro_tok.vocab_size + 64
+    m = phi4mm.load(ck)
+    assert m.config.image_token_id == m.tokenizer.token_id("<|endoftext10|>")
+    assert m.config.audio_token_id == m.tokenizer.token_id("<|endoftext11|>")
+    # LoRA B starts at zero: both adapters leave the fresh decoder unchanged.
+    lin = m.net.layers[0].self_attn.qkv_proj
+    assert all(float(p.detach().abs().max()) == 0 for n, p in lin.named_parameters() if "lora_B" in n)
+    wav = torch.randn(16000).numpy() * 0.1
+    prep = m.prepare("<|user|><|audio_1|>Transcribe the audio clip into text.<|end|><|assistant|>",
+                     audios=[(wav, 16000)])
+    assert prep.input_ids.count(m.config.audio_token_id) == prep.audios.num_tokens[0]
+    assert len(m.generate("<|user|>hello<|end|><|assistant|>", max_new_tokens=4)) >= 0
