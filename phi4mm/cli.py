@@ -151,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
                     "for --recipe, 0 for one stage)")
     tn.add_argument("--max-minutes", type=float, default=None, help="--recipe: stop after the stage that "
                     "crosses this budget; run again to continue")
+    tn.add_argument("--stop-after", default=None, help="--recipe: stop after this stage; run again to continue")
     for flag, kind, default in (("--epochs", int, 1), ("--max-steps", int, None), ("--lr", float, 1e-4),
                                 ("--batch-tokens", int, 16384), ("--grad-accum", int, 1), ("--lora-rank", int, None),
                                 ("--seed", int, 0), ("--warmup-steps", int, 0), ("--save-every", int, 500)):
@@ -488,9 +489,9 @@ def _recipe(args) -> int:
         raise UserError("--recipe micro takes one folder, the run directory: phi4mm train --recipe micro RUN_DIR")
     from .micro import run_recipe
     s = run_recipe(run, device=args.device, seed=args.seed, scale=args.scale, workers=args.workers,
-                   epochs_scale=args.epochs_scale, max_minutes=args.max_minutes)
+                   epochs_scale=args.epochs_scale, max_minutes=args.max_minutes, stop_after=args.stop_after)
     if "stopped_before" in s:
-        print(f"stopped before stage {s['stopped_before']} (--max-minutes); run the same command again to continue")
+        print(f"stopped before stage {s['stopped_before']}; run the command again (without --stop-after) to continue")
         return 0
     print(f"trained the micro model in {s['train_seconds']:.0f} s; wrote {Path(run) / 'model'}")
     for task, r in s.get("eval", {}).items():

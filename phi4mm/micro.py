@@ -55,7 +55,7 @@ class MicroStage:
 
 
 RECIPE = (
-    MicroStage("text", "decoder", ("text", "tools"), 24, 1e-3, 8192),
+    MicroStage("text", "decoder", ("text", "tools"), 12, 1e-3, 8192),
     MicroStage("vision-projector", "vision-projector", ("ocr", "shapes", "caption"), 1, 1e-3),
     MicroStage("vision-encoder", "vision-encoder", ("ocr", "shapes", "caption"), 6, 5e-4),
     MicroStage("vision-lora", "vision-lora", ("ocr", "shapes", "caption"), 3, 1e-3),
@@ -242,12 +242,16 @@ def finalize(src: str | Path, out: str | Path) -> Path:
 
 def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: float = 1.0,
                workers: int | None = None, epochs_scale: float = 1.0, max_minutes: float | None = None,
-               evaluate: bool = True, progress: bool = True) -> dict[str, Any]:
+               evaluate: bool = True, progress: bool = True, stop_after: str | None = None) -> dict[str, Any]:
     """Data -> tokenizer + init -> every RECIPE stage -> out/model (bf16) -> out/eval.json. Resumable by stage.
 
     scale: data set size factor (1.0: ~35k training samples); epochs_scale: epochs factor (CPU smoke runs use
-    tiny values of both). max_minutes: stop after the stage that crosses this budget (re-run to continue).
+    tiny values of both). max_minutes: stop after the stage that crosses this budget; stop_after: stop after
+    this stage (re-run without it to continue).
     """
+    if stop_after is not None and stop_after not in [st.name for st in RECIPE]:
+        raise ValueError(f"stop_after {stop_after!r} is not a micro stage; use one of "
+                         f"{', '.join(st.name for st in RECIPE)}")
     import os
 
     from . import micro_data
@@ -295,6 +299,10 @@ def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: floa
         summary_file.write_text(json.dumps(summary, indent=1))
         (stage_out / "done").write_text("")
         base = stage_out
+        if st.name == stop_after and n < len(RECIPE):
+            summary["stopped_before"] = RECIPE[n].name
+            summary_file.write_text(json.dumps(summary, indent=1))
+            return summary
     summary.pop("stopped_before", None)
     model_dir = finalize(base, out / "model")
     summary["train_seconds"] = round(sum(s["seconds"] for s in summary["stages"].values()), 1)

@@ -41,7 +41,8 @@ from torch import nn
 
 from .config import LoraConfig, ModelConfig
 from .lora import AdapterPlan, LoraLinear
-from .train_data import IGNORE, Batch, DataError, Example, batch_loader, encode_all, make_batches, read_jsonl
+from .train_data import (IGNORE, Batch, DataError, Example, batch_loader, encode_all, make_batches,
+                         progress_interval, read_jsonl)
 from .train_export import _LORA, TEXT_ADAPTER, export, load_adapter  # noqa: F401 (public: train.load_adapter)
 
 _VISION_PROJ = r"vision\.(img_projection_(up|down)\.\w+|(global|sub)_img_feature_extensor)"
@@ -329,7 +330,8 @@ def _schedule(warmup: int, total: int) -> Callable[[int], float]:
 
 def _bar(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                mininterval=progress_interval())
 
 
 # ---- checkpoints (exact resume) -----------------------------------------------------------------------------

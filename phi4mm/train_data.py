@@ -165,6 +165,12 @@ def with_media(model, e: Example) -> Example:
 _POOL_MODEL = None  # the model a forked encoding worker uses (inherited, never pickled)
 
 
+def _worker_init() -> None:
+    # A forked child must not use the parent's OpenMP pool (it hangs once the parent has used it, e.g. in
+    # the image transform); one thread per worker, as torch's DataLoader workers do.
+    torch.set_num_threads(1)
+
+
 def _encode_one(args):
     rec, text_adapter = args
     try:
@@ -183,14 +189,24 @@ def encode_all(model, records: list[Record], text_adapter: str | None, workers: 
     global _POOL_MODEL
     from tqdm import tqdm
     jobs = [(r, text_adapter) for r in records]
-    bar = dict(total=len(jobs), disable=not progress, unit="sample", desc="preparing", dynamic_ncols=True)
+    bar = dict(total=len(jobs), disable=not progress, unit="sample", desc="preparing", dynamic_ncols=True,
+               mininterval=progress_interval())
     _POOL_MODEL = model
     try:
         if workers <= 1 or len(records) < 64:
             return [_encode_one(j) for j in tqdm(jobs, **bar)]
         import multiprocessing as mp
-        with mp.get_context("fork").Pool(workers) as pool:
-            return list(tqdm(pool.imap(_encode_one, jobs, chunksize=32), **bar))
+        out: list[Example | ValueError] = []
+        with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool, tqdm(**bar) as t:
+            it = pool.imap(_encode_one, jobs)  # chunksize 1: only then does next() take a timeout
+            try:
+                for _ in jobs:
+                    out.append(it.next(timeout=120))
+                    t.update(1)
+            except mp.TimeoutError:  # a stuck worker pool must not stall training: finish in this process
+                pool.terminate()
+                out += [_encode_one(j) for j in jobs[len(out):]]
+        return out
     finally:
         _POOL_MODEL = None
 
@@ -245,6 +261,12 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     lens = torch.tensor(lengths)
     key_mask = None if min(lengths) == T else torch.arange(T)[None] < lens[:, None]  # (B, T)
     return Batch(ids, labels, key_mask, lens, examples)
+
+
+def progress_interval() -> float:
+    """Seconds between progress-bar updates: live on a terminal, every 15 s into a log file."""
+    import sys
+    return 0.1 if sys.stderr.isatty() else 15.0
 
 
 class BatchSource(torch.utils.data.Dataset):
