@@ -149,8 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     tn.add_argument("--epochs-scale", type=float, default=1.0, help="--recipe: epochs factor (default 1)")
     tn.add_argument("--workers", type=int, default=None, help="processes preparing data (default: all cores "
                     "for --recipe, 0 for one stage)")
-    tn.add_argument("--max-minutes", type=float, default=None, help="--recipe: stop after the stage that "
-                    "crosses this budget; run again to continue")
+    tn.add_argument("--max-minutes", type=float, default=None, help="--recipe: wall-clock budget for data + "
+                    "training, shared between the stages by planned work (each ends early when its share is spent)")
     tn.add_argument("--stop-after", default=None, help="--recipe: stop after this stage; run again to continue")
     for flag, kind, default in (("--epochs", int, 1), ("--max-steps", int, None), ("--lr", float, 1e-4),
                                 ("--batch-tokens", int, 16384), ("--grad-accum", int, 1), ("--lora-rank", int, None),
@@ -491,7 +491,7 @@ def _recipe(args) -> int:
     s = run_recipe(run, device=args.device, seed=args.seed, scale=args.scale, workers=args.workers,
                    epochs_scale=args.epochs_scale, max_minutes=args.max_minutes, stop_after=args.stop_after)
     if "stopped_before" in s:
-        print(f"stopped before stage {s['stopped_before']}; run the command again (without --stop-after) to continue")
+        print(f"stopped before stage {s['stopped_before']}; run again without --stop-after to continue")
         return 0
     print(f"trained the micro model in {s['train_seconds']:.0f} s; wrote {Path(run) / 'model'}")
     for task, r in s.get("eval", {}).items():

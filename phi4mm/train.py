@@ -191,7 +191,8 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
           seed: int = 0, lora_rank: int | None = None, device: str = "cpu", dtype: str = "float32",
           amp: bool = False, grad_checkpointing: bool = False, warmup_steps: int = 0, weight_decay: float = 0.0,
           max_grad_norm: float = 1.0, save_every: int = 500, resume: bool | str | Path = False,
-          skip_bad: bool = False, progress: bool = True, workers: int = 0) -> dict:
+          skip_bad: bool = False, progress: bool = True, workers: int = 0,
+          max_seconds: float | None = None) -> dict:
     """Train `stage` on the JSONL conversations in `data`; write the result to `out`. Returns a summary dict.
 
     lr: peak AdamW learning rate (linear warmup over warmup_steps, cosine decay to 0 at the last step).
@@ -267,6 +268,11 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        if max_seconds is not None:  # a time budget: the cosine decays over time, ending at 0 on the deadline
+            frac = max(step / total, (time.perf_counter() - t0) / max_seconds)
+            cos = 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+            for g in opt.param_groups:
+                g["lr"] = lr * min(cos, (step + 1) / warmup_steps if step < warmup_steps else 1.0)
         epoch, pos = window[-1][0], window[-1][1] + 1
         losses.append(loss_sum / n_targets)
         tokens_seen += sum(int(b.lengths.sum()) for b in batches)
@@ -275,10 +281,12 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
             log.write(json.dumps({"step": step, "loss": losses[-1], "lr": sched.get_last_lr()[0], "epoch": epoch,
                                   "grad_norm": grad_norm, "targets": n_targets, "tokens_per_s": rate}) + "\n")
             log.flush()
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}")
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}", refresh=False)
         bar.update(1)
         if rank == 0 and save_every and step % save_every == 0 and step < total:
             _save_state(out / f"checkpoint-{step}", model.net, names, opt, sched, stage, step, epoch, pos, losses)
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            break
     bar.close()
     if log is not None:
         log.close()
