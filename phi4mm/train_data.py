@@ -165,10 +165,16 @@ def with_media(model, e: Example) -> Example:
 _POOL_MODEL = None  # the model a forked encoding worker uses (inherited, never pickled)
 
 
-def _worker_init() -> None:
+def _worker_init(*_: Any) -> None:
     # A forked child must not use the parent's OpenMP pool (it hangs once the parent has used it, e.g. in
-    # the image transform); one thread per worker, as torch's DataLoader workers do.
+    # the image transform); one thread per worker, as torch's DataLoader workers do. BLAS pools too (the
+    # log-mel's filterbank matmul): 16 workers x 16 BLAS threads each crawled at 70 clips/s on 16 cores.
     torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1)
+    except ImportError:  # optional: without it only torch is limited
+        pass
 
 
 def _encode_one(args):
@@ -289,4 +295,5 @@ def batch_loader(model, examples: list[Example], windows: list[list[list[int]]],
     if workers <= 0:
         return (src[k] for k in range(len(src)))
     return iter(torch.utils.data.DataLoader(src, batch_size=None, shuffle=False, num_workers=workers,
-                                            prefetch_factor=4, multiprocessing_context="fork"))
+                                            prefetch_factor=4, multiprocessing_context="fork",
+                                            worker_init_fn=_worker_init))

@@ -63,3 +63,17 @@ def test_fresh_checkpoint_loads_and_places_media_by_name(micro_tok, tmp_path):
                      audios=[(wav, 16000)])
     assert prep.input_ids.count(m.config.audio_token_id) == prep.audios.num_tokens[0]
     assert len(m.generate("<|user|>hello<|end|><|assistant|>", max_new_tokens=4)) >= 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "data.jsonl", "out"], ["--model"]),
+    (["train", "--recipe", "micro"], ["RUN_DIR"]),
+    (["train", "--recipe", "micro", "a", "b"], ["one folder"]),
+    (["train", "--recipe", "micro", "run", "--stop-after", "nope"], ["not a micro stage"]),
+])
+def test_recipe_cli_mistakes_exit_2_with_one_sentence(argv, words, capsys, tmp_path, monkeypatch):
+    from phi4mm.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err

@@ -269,3 +269,36 @@ def test_metrics():
     except ImportError:
         with pytest.raises(ImportError, match="pip install sacrebleu"):
             score("bleu", [["a b c"]], ["a b c"])
+
+
+def test_batched_towers_equal_per_sample(base, tmp_path):
+    """One tower call per batch (images padded to the longest crop count, audio to the longest clip, each
+    audio projector its own call) gives the loss of running every sample alone."""
+    from phi4mm.train import LossModule
+    from phi4mm.train_data import collate, encode, read_jsonl, with_media
+    model = phi4mm.load(base)
+    model.net.requires_grad_(False)
+    from tests.conftest import scene
+    tall = tmp_path / "tall.png"
+    scene(160, 900).save(tall)  # a 1x3 crop grid next to the 1x1 of the small images
+    rows = [_chat("What is it?", "An astronaut.", {"type": "image_url", "image_url": {"url": str(DATA / IMAGES[0][0])}}),
+            _chat("Transcribe the audio clip into text.", ASR[0][1],
+                  {"type": "audio_url", "audio_url": {"url": str(DATA / ASR[0][0])}}),
+            _chat("What is it?", "A cup.", {"type": "image_url", "image_url": {"url": str(tall)}}),
+            {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": str(DATA / IMAGES[1][0])}},
+                {"type": "audio_url", "audio_url": {"url": str(DATA / ASR[1][0])}}]},
+                {"role": "assistant", "content": "the quick brown fox"}]},
+            _chat("Say hi.", "Hi there.")]
+    recs = read_jsonl(_write(tmp_path / "mix.jsonl", rows))[0]
+    lazy = [encode(model, r, keep_media=False) for r in recs]
+    assert [e.has_image for e in lazy] == [True, False, True, True, False]
+    assert all(e.prep.images is None and e.prep.audios is None for e in lazy)
+    full = [with_media(model, e) for e in lazy]
+    pad = model.config.text.pad_token_id
+    loss = LossModule(model)
+    with torch.no_grad():
+        together = float(loss(collate(full, pad)))
+        alone = sum(float(loss(collate([e], pad))) for e in full)
+    assert together == pytest.approx(alone, rel=1e-4)
+    assert encode(model, recs[2]).prep.images.pixel_values.shape[1] != full[0].prep.images.pixel_values.shape[1]
