@@ -39,7 +39,8 @@ def test_micro_config_reads_as_the_official_layout(micro_tok):
     assert cfg.layout == "phi4mm" and cfg.text.hidden_size == micro.TEXT["hidden_size"]
     assert cfg.text.vocab_size % 64 == 0 and cfg.text.vocab_size >= micro_tok.vocab_size
     assert cfg.text.eos_token_id == [micro_tok.token_id("<|end|>"), micro_tok.token_id("<|endoftext|>")]
-    assert cfg.vision.hidden_size == micro.VISION["hidden_size"] and cfg.audio.hidden_size == micro.AUDIO["attention_dim"]
+    assert cfg.vision.hidden_size == micro.VISION["hidden_size"]
+    assert cfg.audio.hidden_size == micro.AUDIO["attention_dim"]
     assert {k: (v.r, v.lora_alpha) for k, v in cfg.loras.items()} == micro.LORA
 
 

@@ -281,7 +281,8 @@ def test_batched_towers_equal_per_sample(base, tmp_path):
     from tests.conftest import scene
     tall = tmp_path / "tall.png"
     scene(160, 900).save(tall)  # a 1x3 crop grid next to the 1x1 of the small images
-    rows = [_chat("What is it?", "An astronaut.", {"type": "image_url", "image_url": {"url": str(DATA / IMAGES[0][0])}}),
+    astronaut = {"type": "image_url", "image_url": {"url": str(DATA / IMAGES[0][0])}}
+    rows = [_chat("What is it?", "An astronaut.", astronaut),
             _chat("Transcribe the audio clip into text.", ASR[0][1],
                   {"type": "audio_url", "audio_url": {"url": str(DATA / ASR[0][0])}}),
             _chat("What is it?", "A cup.", {"type": "image_url", "image_url": {"url": str(tall)}}),
