@@ -355,32 +355,38 @@ async def _chat_stream(srv: _Server, streams: list[RequestStream], req: ChatRequ
 
     for i in range(len(streams)):
         yield chunk(i, {"role": "assistant", "content": ""})
-    async for i, out in merge(streams):
-        c = choices[i]
-        n_lp = len(c.logprobs)
-        try:
-            srv.absorb(c, out, t0)
-        except APIError as e:
-            yield sse(e.body())
-            break
-        new_lp = c.logprobs[n_lp:]
-        events = parsers[i].feed(out.text) if parsers[i] and out.text else (
-            [ContentDelta(out.text)] if out.text else [])
-        if out.finished and parsers[i]:
-            events += parsers[i].finish()
-        ds = deltas(i, events)
-        for k, d in enumerate(ds):
-            yield chunk(i, d, lp=new_lp if k == 0 else None)
-        if not ds and new_lp:
-            yield chunk(i, {"content": ""}, lp=new_lp)
-        if out.finished:
-            reason = "tool_calls" if n_calls[i] and out.finish_reason == "stop" else out.finish_reason
-            yield chunk(i, {}, reason)
+    try:
+        async for i, out, new_lp in _absorbed(srv, streams, choices, t0):
+            events = parsers[i].feed(out.text) if parsers[i] and out.text else (
+                [ContentDelta(out.text)] if out.text else [])
+            if out.finished and parsers[i]:
+                events += parsers[i].finish()
+            ds = deltas(i, events)
+            for k, d in enumerate(ds):
+                yield chunk(i, d, lp=new_lp if k == 0 else None)
+            if not ds and new_lp:
+                yield chunk(i, {"content": ""}, lp=new_lp)
+            if out.finished:
+                reason = "tool_calls" if n_calls[i] and out.finish_reason == "stop" else out.finish_reason
+                yield chunk(i, {}, reason)
+    except APIError as e:
+        yield sse(e.body())
     else:
         if req.include_usage:
             yield sse({**head, "choices": [], "usage": usage(choices[0].prompt_tokens,
                                                              sum(c.generated for c in choices))})
     yield "data: [DONE]\n\n"
+
+
+async def _absorbed(srv: _Server, streams: list[RequestStream], choices: list[_Choice], t0: float
+                    ) -> AsyncIterator[tuple[int, StepOutput, list]]:
+    """(choice index, output, its new logprobs) for each engine output, once its choice has absorbed it.
+    An APIError from absorbing (e.g. a stop the request cannot meet) ends the stream: the caller reports it."""
+    async for i, out in merge(streams):
+        c = choices[i]
+        n_lp = len(c.logprobs)
+        srv.absorb(c, out, t0)
+        yield i, out, c.logprobs[n_lp:]
 
 
 async def _completion_stream(srv: _Server, streams: list[RequestStream], req: CompletionRequest, head: dict,
@@ -389,18 +395,14 @@ async def _completion_stream(srv: _Server, streams: list[RequestStream], req: Co
     for i, e in enumerate(echo):
         if e:
             yield sse({**head, "choices": [{"index": i, "text": e, "logprobs": None, "finish_reason": None}]})
-    async for i, out in merge(streams):
-        c = choices[i]
-        n_lp = len(c.logprobs)
-        try:
-            srv.absorb(c, out, t0)
-        except APIError as e:
-            yield sse(e.body())
-            break
-        lp = completion_logprobs(c.logprobs[n_lp:], srv.token_bytes) if req.logprobs is not None else None
-        if out.text or out.finished or lp:
-            yield sse({**head, "choices": [{"index": i, "text": out.text, "logprobs": lp,
-                                            "finish_reason": out.finish_reason if out.finished else None}]})
+    try:
+        async for i, out, new_lp in _absorbed(srv, streams, choices, t0):
+            lp = completion_logprobs(new_lp, srv.token_bytes) if req.logprobs is not None else None
+            if out.text or out.finished or lp:
+                yield sse({**head, "choices": [{"index": i, "text": out.text, "logprobs": lp,
+                                                "finish_reason": out.finish_reason if out.finished else None}]})
+    except APIError as e:
+        yield sse(e.body())
     else:
         if req.include_usage:
             n_prompt = sum(choices[k].prompt_tokens for k in range(0, len(choices), req.n))
