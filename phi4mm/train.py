@@ -283,7 +283,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         tokens_seen += sum(int(b.lengths.sum()) for b in batches)
         rate = tokens_seen / (time.perf_counter() - t0)
         if log is not None:
-            log.write(json.dumps({"step": step, "loss": losses[-1], "lr": sched.get_last_lr()[0], "epoch": epoch,
+            log.write(json.dumps({"step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"], "epoch": epoch,
                                   "grad_norm": grad_norm, "targets": n_targets, "tokens_per_s": rate}) + "\n")
             log.flush()
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}", refresh=False)
