@@ -167,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _load(args):
-    """Load --model with --device / --dtype; UserError (one sentence) when it is missing."""
+    """Load --model (the embedded micro model when none was given) with --device / --dtype."""
     import phi4mm
     return phi4mm.load(args.model, device=args.device, dtype=args.dtype)
 

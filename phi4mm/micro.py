@@ -8,7 +8,8 @@ in the official layout, then runs `phi4mm.train` through the recipe's stages in 
 on text, the vision projector -> encoder -> LoRA, the speech encoder -> LoRA, then the vision-speech stage.
 Each stage's output is a complete checkpoint that the next stage starts from; a finished stage is skipped on a
 re-run, so an interrupted recipe resumes at the stage it was in. The last checkpoint is cast to bf16 and
-sharded (no file over 15 MB) into `out/model`, then scored on the held-out sets (`out/eval.json`).
+sharded (no file over 15 MB) into `out/model`, then scored on the held-out sets (the "eval" entry of
+`out/recipe.json`).
 
 The shipped copy lives in `phi4mm/micro_model/`; `default_model_dir()` finds it, and the CLI uses it when no
 `--model` is given.
@@ -254,9 +255,10 @@ def finalize(src: str | Path, out: str | Path) -> Path:
 def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: float = 1.0,
                workers: int | None = None, epochs_scale: float = 1.0, max_minutes: float | None = None,
                evaluate: bool = True, progress: bool = True, stop_after: str | None = None) -> dict[str, Any]:
-    """Data -> tokenizer + init -> every RECIPE stage -> out/model (bf16) -> out/eval.json. Resumable by stage.
+    """Data -> tokenizer + init -> every RECIPE stage -> out/model (bf16) -> scores, all summarised in
+    out/recipe.json (also returned). Resumable by stage.
 
-    scale: data set size factor (1.0: ~35k training samples); epochs_scale: epochs factor (CPU smoke runs use
+    scale: data set size factor (1.0: 29k training samples); epochs_scale: epochs factor (CPU smoke runs use
     tiny values of both). max_minutes: a wall-clock budget for data + training, shared between the stages
     by planned work (a stage ends early when its share runs out); stop_after: stop after this stage (re-run
     without it to continue).
@@ -288,6 +290,7 @@ def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: floa
         init_checkpoint(base, data["train"], seed)
         (base / "done").write_text("")
     cuda = device.startswith("cuda")
+    work = [_planned_work(data["train"], st) for st in RECIPE] if max_minutes is not None else []
     for n, st in enumerate(RECIPE, 1):
         stage_out = out / "stages" / f"{n:02d}-{st.name}"
         if (stage_out / "done").is_file():
@@ -296,8 +299,7 @@ def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: floa
         seconds = None
         if max_minutes is not None:  # this stage's share of what is left of the budget
             left = max_minutes * 60 - (time.perf_counter() - t0)
-            work = [_planned_work(data["train"], s) for s in RECIPE[n - 1:]]
-            seconds = max(10.0, left * work[0] / sum(work))
+            seconds = max(10.0, left * work[n - 1] / sum(work[n - 1:]))
         if st.stage == "vision-speech":
             _share_projector(base)
         if stage_out.exists():

@@ -132,14 +132,18 @@ def assistant_labels(ids: list[int], assistant: int, end: int, endoftext: int) -
     return labels
 
 
+def _prepare(model, rec: Record) -> Prepared:
+    """The whole conversation (no generation prompt: it ends in `<|endoftext|>`) through the processor."""
+    return model.prepare(render_prompt(rec.messages, rec.tools, add_generation_prompt=False), rec.images, rec.audios)
+
+
 def encode(model, rec: Record, text_adapter: str | None = None, keep_media: bool = True) -> Example:
     """Tokenise one record with the model's processor. text_adapter: route text-only samples to that adapter.
 
     keep_media=False drops the tower inputs after counting their tokens (a data set of 10k images would hold
     ~50 GB of pixels); `with_media` rebuilds them when the sample's batch comes up.
     """
-    text = render_prompt(rec.messages, rec.tools, add_generation_prompt=False)
-    prep = model.prepare(text, rec.images, rec.audios)
+    prep = _prepare(model, rec)
     tok = model.tokenizer
     labels = assistant_labels(prep.input_ids, tok.token_id(ASSISTANT), tok.token_id(END), tok.token_id(ENDOFTEXT))
     has_image, has_audio = prep.images is not None, prep.audios is not None
@@ -155,8 +159,7 @@ def with_media(model, e: Example) -> Example:
     """`e` with its tower inputs (re)built; the token ids must come out the same."""
     if not (e.has_image or e.has_audio) or e.prep.images is not None or e.prep.audios is not None:
         return e
-    text = render_prompt(e.record.messages, e.record.tools, add_generation_prompt=False)
-    prep = model.prepare(text, e.record.images, e.record.audios)
+    prep = _prepare(model, e.record)
     if prep.input_ids != e.prep.input_ids:
         raise DataError(f"line {e.record.line}: its media changed on disk while training (token count differs)")
     return replace(e, prep=prep)
