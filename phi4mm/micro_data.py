@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from .micro_speech import check_binaries, speak
+from .micro_speech import MissingTool, check_binaries, speak
 from .micro_text import (  # noqa: F401 (re-exported: the micro data API)
     TOOL_TABLE, ARTISTS, CITIES, COLOURS, DETERMINERS, GREETINGS, HELDOUT_MODULUS, LANGUAGE, MESSAGES, NOUNS,
     NO_TOOL_ANSWER,
@@ -115,7 +115,7 @@ def fonts() -> tuple[str, ...]:
         default = False
     out = [found[n] for n in sorted(found)] + (["default"] if default else [])
     if not out:
-        raise RuntimeError("no fonts for the OCR task: install matplotlib (it bundles DejaVu) or the fonts-dejavu-core "
+        raise MissingTool("no fonts for the OCR task: install matplotlib (it bundles DejaVu) or the fonts-dejavu-core "
                            "package, and a Pillow built with FreeType")
     return tuple(out)
 
@@ -131,7 +131,7 @@ def _caption_image(name: str) -> Image.Image | None:
     try:
         import skimage.data
     except ImportError as e:
-        raise RuntimeError(f"the caption task needs scikit-image's sample images ({e}); pip install scikit-image")
+        raise MissingTool(f"the caption task needs scikit-image's sample images ({e}); pip install scikit-image")
     try:
         arr = getattr(skimage.data, name)()
     except Exception:  # not bundled with this version (it would need pooch and a download): leave it out
@@ -150,7 +150,7 @@ def caption_names() -> list[str]:
     """The CAPTIONS images that load on this machine."""
     names = [n for n in CAPTIONS if _caption_image(n) is not None]
     if not names:
-        raise RuntimeError("none of scikit-image's bundled sample images loads; reinstall scikit-image")
+        raise MissingTool("none of scikit-image's bundled sample images loads; reinstall scikit-image")
     return names
 
 

@@ -32,13 +32,18 @@ MIN_S, MAX_S = 0.5, 10.0  # clip length bounds: shorter is padded, longer is an 
 INSTALL_HINT = "install it (Debian/Ubuntu: apt-get install flite espeak-ng)"
 
 
+class MissingTool(OSError):
+    """A program, font or package the micro data needs is not installed; the message says what to install.
+    An OSError, so the CLI reports it in one sentence with exit code 2."""
+
+
 def find_binary(name: str) -> str:
     """Path of `flite` or `espeak-ng`; env PHI4MM_FLITE / PHI4MM_ESPEAK override the PATH lookup."""
     env = {"flite": "PHI4MM_FLITE", "espeak-ng": "PHI4MM_ESPEAK"}[name]
     path = os.environ.get(env) or shutil.which(name)
     if not path or not os.access(path, os.X_OK):
         where = f"${env}={os.environ[env]!r} is not an executable" if os.environ.get(env) else f"{name} is not on PATH"
-        raise RuntimeError(f"speech synthesis needs {name}, but {where}; {INSTALL_HINT}, or set ${env} to its path")
+        raise MissingTool(f"speech synthesis needs {name}, but {where}; {INSTALL_HINT}, or set ${env} to its path")
     return path
 
 

@@ -78,3 +78,11 @@ def test_recipe_cli_mistakes_exit_2_with_one_sentence(argv, words, capsys, tmp_p
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_recipe_without_a_synthesiser_is_one_sentence(capsys, tmp_path, monkeypatch):
+    from phi4mm.cli import main
+    monkeypatch.setenv("PHI4MM_FLITE", str(tmp_path / "no-flite"))
+    assert main(["train", "--recipe", "micro", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "flite" in err and "apt-get install" in err, err

@@ -12,7 +12,7 @@ from PIL import Image
 
 from phi4mm import micro_data as md
 from phi4mm.chat import render_prompt
-from phi4mm.micro_speech import check_binaries
+from phi4mm.micro_speech import MissingTool, check_binaries
 from phi4mm.tools import parse_tool_calls
 from phi4mm.train_data import read_jsonl
 
@@ -21,7 +21,7 @@ SCALE = 0.003  # 2-18 items per task
 try:
     check_binaries()
     NO_SPEECH = None
-except RuntimeError as e:
+except MissingTool as e:
     NO_SPEECH = str(e)
 
 
