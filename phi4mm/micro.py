@@ -53,21 +53,29 @@ class MicroStage:
     epochs: float
     lr: float
     batch_tokens: int = 16384
+    branch: str = ""  # stages of different branches train disjoint tensors: on a GPU the branches run at once
+    with_lora: bool = False  # an encoder stage also trains its modality's LoRA (train.STAGE_LORA says why)
+    warmup: int = 20
 
 
+IMAGE_TASKS = ("ocr", "shapes", "caption")
+SPEECH_TASKS = ("asr", "ast", "sqa")
 RECIPE = (
     MicroStage("text", "decoder", ("text", "tools"), 12, 1e-3, 8192),
-    MicroStage("vision-projector", "vision-projector", ("ocr", "shapes", "caption"), 1, 1e-3),
-    MicroStage("vision-encoder", "vision-encoder", ("ocr", "shapes", "caption"), 6, 5e-4),
-    MicroStage("vision-lora", "vision-lora", ("ocr", "shapes", "caption"), 3, 1e-3),
-    MicroStage("speech-encoder", "speech-encoder", ("asr", "ast", "sqa"), 10, 1e-3, 4096),
-    MicroStage("speech-lora", "speech-lora", ("asr", "ast", "sqa"), 4, 1e-3, 4096),
-    MicroStage("vision-speech", "vision-speech", ("vsqa", "shapes"), 2, 5e-4),
+    MicroStage("vision-projector", "vision-projector", IMAGE_TASKS, 1, 1e-3, branch="vision"),
+    MicroStage("vision-encoder", "vision-encoder", IMAGE_TASKS, 8, 5e-4, branch="vision", with_lora=True, warmup=100),
+    MicroStage("vision-lora", "vision-lora", IMAGE_TASKS, 2, 3e-4, branch="vision"),
+    MicroStage("speech-encoder", "speech-encoder", SPEECH_TASKS, 8, 1e-3, 4096, branch="speech", with_lora=True,
+               warmup=100),
+    MicroStage("speech-lora", "speech-lora", SPEECH_TASKS, 3, 3e-4, 4096, branch="speech"),
+    # Image tasks stay in the mix so the jointly trained encoder and LoRA_V keep reading (RECIPE.md mixes
+    # vision post-training data into this stage too).
+    MicroStage("vision-speech", "vision-speech", ("vsqa",) + IMAGE_TASKS, 2, 3e-4),
 )
-# Relative cost of one sample pass per task family (measured on the H100: images dominate, ~130 passes/s),
-# used to share a --max-minutes budget between the stages in proportion to their planned work.
-_COST = {"text": 0.03, "tools": 0.1, "ocr": 1.0, "shapes": 1.0, "caption": 1.0, "vsqa": 1.1, "asr": 0.3,
-         "ast": 0.3, "sqa": 0.3}
+# Seconds per sample pass on the H100 (bench/train_profile.py: GPU step time / samples per 16k-token batch),
+# used to plan a --max-minutes budget: images ~1.2-1.8 ms, clips ~0.8-1.2 ms, text chats ~0.4 ms.
+_COST = {"text": 0.4e-3, "tools": 0.6e-3, "ocr": 1.6e-3, "shapes": 1.6e-3, "caption": 1.6e-3, "vsqa": 1.8e-3,
+         "asr": 1.1e-3, "ast": 1.1e-3, "sqa": 1.1e-3}
 # Held-out sets: (file, metric, goal, higher is better); the goals are issue 7's.
 GOALS = (
     ("asr", "wer", 0.10, False), ("asr_heldout_voice", "wer", 0.25, False), ("ast", "bleu", 60.0, True),
@@ -217,9 +225,90 @@ def _share_projector(ckpt: Path) -> None:
         save_file(t, str(ckpt / s), metadata={"format": "pt"})
 
 
-def _planned_work(data_dir: Path, st: MicroStage) -> float:
+def _planned_seconds(data_dir: Path, st: MicroStage) -> float:
+    """The stage's expected training seconds on the H100 (samples x epochs x per-sample cost)."""
     lines = {t: sum(1 for _ in (data_dir / f"{t}.jsonl").open()) for t in st.tasks}
-    return st.epochs * sum(n * _COST.get(t, 1.0) for t, n in lines.items())
+    return st.epochs * sum(n * _COST.get(t, 1.6e-3) for t, n in lines.items())
+
+
+def _phases() -> list[list[list[int]]]:
+    """RECIPE indices as phases run in order; a phase is a list of branches, each a chain of stages.
+
+    Consecutive stages with a branch name form one phase (one chain per name); any other stage is a phase
+    of its own: [[0], [[1, 2, 3], [4, 5]], [6]] for text, (vision, speech), vision-speech.
+    """
+    phases: list[list[list[int]]] = []
+    for i, st in enumerate(RECIPE):
+        if st.branch and phases and RECIPE[phases[-1][0][0]].branch:
+            chains = {RECIPE[c[0]].branch: c for c in phases[-1]}
+            if st.branch in chains:
+                chains[st.branch].append(i)
+            else:
+                phases[-1].append([i])
+        else:
+            phases.append([[i]])
+    return phases
+
+
+def merge_branches(base: str | Path, branches: list[str | Path], out: str | Path) -> Path:
+    """One checkpoint from branches that each started at `base` and trained disjoint tensors.
+
+    Every tensor (shards and adapter folders) comes from the branch that changed it, else from base; a tensor
+    two branches changed is an error (they were not independent). Exact: no averaging happens.
+    """
+    from safetensors.torch import load_file, save_file
+    base, out = Path(base), Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns("done", "log.jsonl", "summary.json"))
+    for f in sorted(base.rglob("*.safetensors")):
+        rel = f.relative_to(base)
+        orig = load_file(str(f))
+        merged, changed_by = dict(orig), {}
+        for br in map(Path, branches):
+            for k, t in load_file(str(br / rel)).items():
+                if k not in orig or t.shape != orig[k].shape:
+                    raise ValueError(f"{br / rel} does not match the base checkpoint at {k}; merge branches of "
+                                     "one base only")
+                if torch.equal(t, orig[k]):
+                    continue
+                if k in changed_by:
+                    raise ValueError(f"{k} was trained by both {changed_by[k]} and {br}; branches must train "
+                                     "disjoint tensors")
+                merged[k], changed_by[k] = t, br
+        save_file(merged, str(out / rel), metadata={"format": "pt"})
+    return out
+
+
+def _run_chain(out: Path, chain: list[int], base: Path, data_dir: Path, seed: int, device: str, workers: int,
+               budgets: dict[int, float | None], epochs_scale: float, progress: bool) -> Path:
+    """Train RECIPE[chain] in order from base; each finished stage leaves done + summary.json."""
+    from .train import train
+    cuda = device.startswith("cuda")
+    for n in chain:
+        st = RECIPE[n]
+        stage_out = out / "stages" / f"{n + 1:02d}-{st.name}"
+        if (stage_out / "done").is_file():
+            base = stage_out
+            continue
+        if st.stage == "vision-speech":
+            _share_projector(base)
+        if stage_out.exists():
+            shutil.rmtree(stage_out)
+        res = train(base, _stage_data(data_dir, st), st.stage, stage_out, epochs=st.epochs * epochs_scale,
+                    lr=st.lr, batch_tokens=st.batch_tokens, seed=seed, device=device,
+                    dtype="bfloat16" if cuda else "float32", warmup_steps=st.warmup, weight_decay=0.01,
+                    save_every=0, workers=workers if cuda else 0, progress=progress, max_seconds=budgets[n],
+                    with_lora=st.with_lora)
+        summary = {"stage": st.stage, "with_lora": st.with_lora, "steps": res["steps"],
+                   "final_loss": res["final_loss"], "planned_epochs": st.epochs * epochs_scale,
+                   "budget_seconds": budgets[n], "trainable_params": res["trainable_params"],
+                   "samples": res["samples"], "seconds": round(res["seconds"], 1),
+                   "data_wait_seconds": round(res["data_wait_seconds"], 1)}
+        (stage_out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (stage_out / "done").write_text("")
+        base = stage_out
+    return base
 
 
 def finalize(src: str | Path, out: str | Path) -> Path:
@@ -254,22 +343,25 @@ def finalize(src: str | Path, out: str | Path) -> Path:
 
 def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: float = 1.0,
                workers: int | None = None, epochs_scale: float = 1.0, max_minutes: float | None = None,
-               evaluate: bool = True, progress: bool = True, stop_after: str | None = None) -> dict[str, Any]:
+               evaluate: bool = True, progress: bool = True, stop_after: str | None = None,
+               parallel: bool | None = None) -> dict[str, Any]:
     """Data -> tokenizer + init -> every RECIPE stage -> out/model (bf16) -> scores, all summarised in
     out/recipe.json (also returned). Resumable by stage.
 
+    The vision and speech chains train disjoint tensors from the same text checkpoint, so on a GPU they run
+    at once in two processes (the 12 M-parameter model leaves most of an H100 idle) and `merge_branches`
+    joins them exactly; on a CPU they run one after the other (parallel: force either way).
     scale: data set size factor (1.0: 29k training samples); epochs_scale: epochs factor (CPU smoke runs use
     tiny values of both). max_minutes: a wall-clock budget for data + training, shared between the stages
-    by planned work (a stage ends early when its share runs out); stop_after: stop after this stage (re-run
-    without it to continue).
+    by planned seconds (a stage ends early when its share runs out); stop_after: stop after this stage's
+    phase (re-run without it to continue).
     """
-    if stop_after is not None and stop_after not in [st.name for st in RECIPE]:
-        raise ValueError(f"stop_after {stop_after!r} is not a micro stage; use one of "
-                         f"{', '.join(st.name for st in RECIPE)}")
+    names = [st.name for st in RECIPE]
+    if stop_after is not None and stop_after not in names:
+        raise ValueError(f"stop_after {stop_after!r} is not a micro stage; use one of {', '.join(names)}")
     import os
 
     from . import micro_data
-    from .train import train
     t0 = time.perf_counter()
     out = Path(out)
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -290,40 +382,61 @@ def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: floa
         init_checkpoint(base, data["train"], seed)
         (base / "done").write_text("")
     cuda = device.startswith("cuda")
-    work = [_planned_work(data["train"], st) for st in RECIPE] if max_minutes is not None else []
-    for n, st in enumerate(RECIPE, 1):
-        stage_out = out / "stages" / f"{n:02d}-{st.name}"
-        if (stage_out / "done").is_file():
-            base = stage_out
-            continue
-        seconds = None
-        if max_minutes is not None:  # this stage's share of what is left of the budget
+    phases = _phases()
+    planned = [_planned_seconds(data["train"], st) for st in RECIPE]
+    summary["planned_seconds"] = {st.name: round(p * epochs_scale, 2) for st, p in zip(RECIPE, planned)}
+    for k, phase in enumerate(phases):
+        budgets: dict[int, float | None] = {n: None for chain in phase for n in chain}
+        if max_minutes is not None:  # this phase's share of what is left, by the planned (wall) seconds
             left = max_minutes * 60 - (time.perf_counter() - t0)
-            seconds = max(10.0, left * work[n - 1] / sum(work[n - 1:]))
-        if st.stage == "vision-speech":
-            _share_projector(base)
-        if stage_out.exists():
-            shutil.rmtree(stage_out)
-        res = train(base, _stage_data(data["train"], st), st.stage, stage_out, epochs=st.epochs * epochs_scale,
-                    lr=st.lr, batch_tokens=st.batch_tokens, seed=seed, device=device,
-                    dtype="bfloat16" if cuda else "float32", warmup_steps=20, weight_decay=0.01, save_every=0,
-                    workers=workers if cuda else 0, progress=progress, max_seconds=seconds)
-        summary["stages"][st.name] = {"stage": st.stage, "steps": res["steps"], "final_loss": res["final_loss"],
-                                      "planned_epochs": st.epochs * epochs_scale, "budget_seconds": seconds,
-                                      "trainable_params": res["trainable_params"], "samples": res["samples"],
-                                      "seconds": round(res["seconds"], 1)}
+            wall = [max(sum(planned[n] for n in chain) for chain in ph) for ph in phases[k:]]
+            share = max(10.0, left * wall[0] / sum(wall))
+            for chain in phase:
+                for n in chain:
+                    budgets[n] = max(10.0, share * planned[n] / wall[0])
+        if len(phase) > 1 and (cuda if parallel is None else parallel):
+            import multiprocessing as mp
+            ctx = mp.get_context("spawn")  # fresh CUDA contexts; this process may hold one already
+            per = max(1, workers // len(phase))
+            procs = [ctx.Process(target=_run_chain, args=(out, chain, base, data["train"], seed, device, per,
+                                                            budgets, epochs_scale, progress)) for chain in phase]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            failed = [RECIPE[chain[0]].branch for p, chain in zip(procs, phase) if p.exitcode != 0]
+            if failed:
+                raise RuntimeError(f"the {', '.join(failed)} branch failed (its error is printed above); re-run "
+                                   "the same command to resume from the last finished stage")
+            ends = [out / "stages" / f"{chain[-1] + 1:02d}-{RECIPE[chain[-1]].name}" for chain in phase]
+        else:
+            ends = [_run_chain(out, chain, base, data["train"], seed, device, workers, budgets, epochs_scale,
+                               progress) for chain in phase]
+        for chain in phase:
+            for n in chain:
+                f = out / "stages" / f"{n + 1:02d}-{RECIPE[n].name}" / "summary.json"
+                summary["stages"][RECIPE[n].name] = json.loads(f.read_text())
         summary_file.write_text(json.dumps(summary, indent=1))
-        (stage_out / "done").write_text("")
-        base = stage_out
-        if st.name == stop_after and n < len(RECIPE):
-            summary["stopped_before"] = RECIPE[n].name
+        if len(ends) > 1:
+            merged = out / "stages" / f"{max(phase[-1]) + 1:02d}-merged"
+            if not (merged / "done").is_file():
+                merge_branches(base, ends, merged)
+                (merged / "done").write_text("")
+            base = merged
+        else:
+            base = ends[0]
+        if stop_after is not None and any(names.index(stop_after) in chain for chain in phase) \
+                and k < len(phases) - 1:
+            summary["stopped_before"] = RECIPE[phases[k + 1][0][0]].name
             summary_file.write_text(json.dumps(summary, indent=1))
             return summary
     summary.pop("stopped_before", None)
     model_dir = finalize(base, out / "model")
-    summary["train_seconds"] = round(sum(s["seconds"] for s in summary["stages"].values()), 1)
+    summary["train_seconds"] = round(time.perf_counter() - t0, 1)
     if evaluate:
+        t = time.perf_counter()
         summary["eval"] = evaluate_micro(model_dir, data["test"], device)
+        summary["eval_seconds"] = round(time.perf_counter() - t, 1)
     summary_file.write_text(json.dumps(summary, indent=1))
     return summary
 

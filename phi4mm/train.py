@@ -80,16 +80,35 @@ STAGES = {
 }
 
 
-def trainable_names(net: nn.Module, stage: str) -> list[str]:
-    """Our parameter names that `stage` trains (after its adapter exists)."""
-    pats = [re.compile(p) for p in STAGES[stage].patterns]
-    return [n for n, _ in net.named_parameters() if any(p.fullmatch(n) for p in pats)]
+# The LoRA an encoder/projector stage may train alongside (`with_lora=True`): its modality's adapter.
+STAGE_LORA = {"vision-projector": "vision", "vision-encoder": "vision", "speech-encoder": "speech"}
 
 
-def check_stage(cfg: ModelConfig, stage: str, model_dir: Path) -> Stage:
+def stage_spec(stage: str, with_lora: bool = False) -> Stage:
+    """STAGES[stage], plus its modality's LoRA when with_lora (the micro model's encoder stages: a frozen
+    4-layer decoder that only ever saw text does not learn to read a new tower's tokens; measured flat at
+    ~2 nats over 1,100 vision-encoder steps on the H100)."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is not known; use one of {', '.join(STAGES)}")
     st = STAGES[stage]
+    if not with_lora:
+        return st
+    if stage not in STAGE_LORA:
+        raise ValueError(f"with_lora applies to the encoder/projector stages ({', '.join(STAGE_LORA)}), not "
+                         f"{stage!r}, which trains {'its adapter' if st.adapter else 'no adapter'} already")
+    name = STAGE_LORA[stage]
+    return Stage(st.towers, st.patterns + (_LORA.format(name),), name, st.uses)
+
+
+def trainable_names(net: nn.Module, stage: str | Stage) -> list[str]:
+    """Our parameter names that `stage` trains (after its adapter exists)."""
+    st = STAGES[stage] if isinstance(stage, str) else stage
+    pats = [re.compile(p) for p in st.patterns]
+    return [n for n, _ in net.named_parameters() if any(p.fullmatch(n) for p in pats)]
+
+
+def check_stage(cfg: ModelConfig, stage: str, model_dir: Path, with_lora: bool = False) -> Stage:
+    st = stage_spec(stage, with_lora)
     for tower in st.towers:
         if getattr(cfg, tower) is None:
             raise ValueError(f"stage {stage!r} trains the {tower} side, but the checkpoint at {model_dir} has no "
@@ -97,9 +116,9 @@ def check_stage(cfg: ModelConfig, stage: str, model_dir: Path) -> Stage:
     return st
 
 
-def setup_stage(model, stage: str, lora_rank: int | None) -> list[str]:
+def setup_stage(model, stage: str, lora_rank: int | None, with_lora: bool = False) -> list[str]:
     """Create/re-initialise the stage's adapter, freeze everything else; returns the trainable names."""
-    st = STAGES[stage]
+    st = stage_spec(stage, with_lora)
     net = model.net
     name = st.adapter
     if name is not None and (lora_rank is not None or name not in model.config.loras):
@@ -112,7 +131,7 @@ def setup_stage(model, stage: str, lora_rank: int | None) -> list[str]:
             if isinstance(m, LoraLinear):
                 m.add_adapter(name, cfg)  # B = 0: the model is unchanged until it trains
         model.config.loras[name] = cfg
-    names = trainable_names(net, stage)
+    names = trainable_names(net, st)
     for n, p in net.named_parameters():
         p.requires_grad_(n in names)
         if n in names and p.dtype != torch.float32:
@@ -176,9 +195,10 @@ class LossModule(nn.Module):
             if not group:
                 continue
             frames = max(a.features.shape[1] for _, a in group)
-            f = torch.cat([F.pad(a.features, (0, 0, 0, frames - a.features.shape[1])) for _, a in group])  # (N, T, 80)
+            f = torch.cat([F.pad(a.features.to(dev, dt, non_blocking=True), (0, 0, 0, frames - a.features.shape[1]))
+                           for _, a in group])  # (N, T, 80)
             lens = torch.cat([a.frame_lengths for _, a in group])  # (N,)
-            out = iter(net.audio(f.to(dev, dt), lens.to(dev), projector=proj))
+            out = iter(net.audio(f, lens.to(dev), projector=proj))
             for k, a in group:
                 feats.append((k, [next(out) for _ in range(len(a.num_tokens))]))
         if feats:
@@ -195,20 +215,21 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
           amp: bool = False, grad_checkpointing: bool = False, warmup_steps: int = 0, weight_decay: float = 0.0,
           max_grad_norm: float = 1.0, save_every: int = 500, resume: bool | str | Path = False,
           skip_bad: bool = False, progress: bool = True, workers: int = 0,
-          max_seconds: float | None = None) -> dict:
+          max_seconds: float | None = None, with_lora: bool = False) -> dict:
     """Train `stage` on the JSONL conversations in `data`; write the result to `out`. Returns a summary dict.
 
     lr: peak AdamW learning rate (linear warmup over warmup_steps, cosine decay to 0 at the last step).
     batch_tokens: padded tokens per micro-batch (length bucketing); grad_accum micro-batches per step.
     dtype: the frozen weights' dtype; trained parameters are always fp32 masters. amp: bf16 autocast
     (forced on when dtype is not float32). resume: True (latest out/checkpoint-*) or a checkpoint path.
+    with_lora: an encoder/projector stage also trains its modality's LoRA (STAGE_LORA).
     Raises ValueError before any training for a bad stage, checkpoint, data line or media file.
     """
     from . import api
     t_start = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
     cfg = ModelConfig.from_dir(model_dir)
-    st = check_stage(cfg, stage, model_dir)
+    st = check_stage(cfg, stage, model_dir, with_lora)
     if out.resolve() == model_dir.resolve():
         raise ValueError(f"out {out} is the base checkpoint itself; write to a new directory")
     records, bad = read_jsonl(data, skip_bad)
@@ -217,7 +238,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
 
     torch.manual_seed(seed)
     model = api.load(model_dir, device, dtype)
-    names = setup_stage(model, stage, lora_rank)
+    names = setup_stage(model, stage, lora_rank, with_lora)
     text_adapter = TEXT_ADAPTER if stage == "text" else None
     examples = []
     for rec, e in zip(records, encode_all(model, records, text_adapter, workers, progress and rank == 0)):
@@ -257,8 +278,11 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
     media = any(e.has_image or e.has_audio for e in examples)
     loader = batch_loader(model, examples, [[idx for _, _, idx in w] for w in windows], cfg.text.pad_token_id,
                           workers if media else 0)
-    tokens_seen, t0 = 0, time.perf_counter()
-    for window, batches in zip(windows, loader):
+    tokens_seen, t0, waited = 0, time.perf_counter(), 0.0
+    for window in windows:
+        t_wait = time.perf_counter()  # time blocked on the data loader: high means the GPU waits on workers
+        batches = next(loader)
+        waited += time.perf_counter() - t_wait
         n_targets = sum(b.num_targets for b in batches)
         loss_sum = 0.0
         for b in batches:
@@ -284,7 +308,8 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         rate = tokens_seen / (time.perf_counter() - t0)
         if log is not None:
             log.write(json.dumps({"step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"], "epoch": epoch,
-                                  "grad_norm": grad_norm, "targets": n_targets, "tokens_per_s": rate}) + "\n")
+                                  "grad_norm": grad_norm, "targets": n_targets, "tokens_per_s": rate,
+                                  "data_wait_s": round(waited, 3)}) + "\n")
             log.flush()
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}", refresh=False)
         bar.update(1)
@@ -299,7 +324,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         export(model, model_dir, out, names)
     return {"stage": stage, "steps": step, "losses": losses, "final_loss": losses[-1] if losses else None,
             "trainable": names, "trainable_params": sum(p.numel() for p in params), "samples": len(examples),
-            "skipped": bad, "out": str(out), "seconds": time.perf_counter() - t_start}
+            "skipped": bad, "out": str(out), "seconds": time.perf_counter() - t_start, "data_wait_seconds": waited}
 
 
 def _distributed() -> tuple[int, int]:

@@ -253,6 +253,20 @@ class Batch:
     lengths: torch.Tensor  # (B,) real tokens per row
     examples: list[Example]
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies of the tensors the step moves to the GPU (DataLoader(pin_memory=True) calls this),
+        so the host-to-device copies run asynchronously."""
+        examples = []
+        for e in self.examples:
+            im, au = e.prep.images, e.prep.audios
+            if im is not None:
+                im = replace(im, pixel_values=im.pixel_values.pin_memory(), attention_mask=im.attention_mask.pin_memory())
+            if au is not None:
+                au = replace(au, features=au.features.pin_memory())
+            examples.append(replace(e, prep=replace(e.prep, images=im, audios=au)))
+        return Batch(self.input_ids.pin_memory(), self.labels.pin_memory(),
+                     None if self.key_mask is None else self.key_mask.pin_memory(), self.lengths, examples)
+
     @property
     def num_targets(self) -> int:
         # Label t is predicted from position t-1: the first column is never a target.
@@ -288,8 +302,17 @@ class BatchSource(torch.utils.data.Dataset):
         return len(self.windows)
 
     def __getitem__(self, k: int) -> list[Batch]:
-        return [collate([with_media(self.model, self.examples[i]) for i in idx], self.pad_id)
-                for idx in self.windows[k]]
+        return [collate([_compact(with_media(self.model, self.examples[i]), self.model.dtype) for i in idx],
+                        self.pad_id) for idx in self.windows[k]]
+
+
+def _compact(e: Example, dtype: torch.dtype) -> Example:
+    """Pixels in the dtype the tower casts them to anyway (bf16 on a GPU): the same values, half the bytes to
+    move from the worker to the GPU (~140 MB -> ~70 MB per 16k-token image batch)."""
+    im = e.prep.images
+    if im is None or im.pixel_values.dtype == dtype:
+        return e
+    return replace(e, prep=replace(e.prep, images=replace(im, pixel_values=im.pixel_values.to(dtype))))
 
 
 def batch_loader(model, examples: list[Example], windows: list[list[list[int]]], pad_id: int, workers: int):
@@ -299,4 +322,5 @@ def batch_loader(model, examples: list[Example], windows: list[list[list[int]]],
         return (src[k] for k in range(len(src)))
     return iter(torch.utils.data.DataLoader(src, batch_size=None, shuffle=False, num_workers=workers,
                                             prefetch_factor=4, multiprocessing_context="fork",
-                                            worker_init_fn=_worker_init))
+                                            worker_init_fn=_worker_init,
+                                            pin_memory=model.device.type == "cuda"))  # async H2D copies

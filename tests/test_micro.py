@@ -86,3 +86,61 @@ def test_recipe_without_a_synthesiser_is_one_sentence(capsys, tmp_path, monkeypa
     assert main(["train", "--recipe", "micro", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "flite" in err and "apt-get install" in err, err
+
+
+def test_recipe_phases_run_vision_and_speech_as_branches():
+    phases = micro._phases()
+    names = [[[micro.RECIPE[n].name for n in chain] for chain in ph] for ph in phases]
+    assert names == [[["text"]], [["vision-projector", "vision-encoder", "vision-lora"],
+                                  ["speech-encoder", "speech-lora"]], [["vision-speech"]]]
+
+
+def test_encoder_stage_with_lora_also_trains_its_adapter(tiny_official):
+    from phi4mm.train import setup_stage, stage_spec
+    m = phi4mm.load(tiny_official)
+    plain = set(setup_stage(m, "vision-encoder", None))
+    joint = set(setup_stage(phi4mm.load(tiny_official), "vision-encoder", None, with_lora=True))
+    extra = joint - plain
+    assert plain < joint and extra and all(".lora_" in n and n.endswith(".vision") for n in extra)
+    speech = setup_stage(phi4mm.load(tiny_official), "speech-encoder", None, with_lora=True)
+    assert any(n.endswith(".speech") for n in speech) and not any(n.endswith(".vision") for n in speech)
+    with pytest.raises(ValueError, match="with_lora applies"):
+        stage_spec("vision-lora", with_lora=True)
+
+
+def _branch(base, out, pick):
+    """A copy of base with one tensor per safetensors file (chosen by `pick`) changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(base, out)
+    changed = []
+    for f in sorted(out.rglob("*.safetensors")):
+        t = load_file(str(f))
+        k = pick(sorted(t))
+        if k is not None:
+            t[k] = t[k] + 1
+            changed.append((str(f.relative_to(out)), k))
+            save_file(t, str(f), metadata={"format": "pt"})
+    return changed
+
+
+def test_merge_takes_each_tensor_from_the_branch_that_trained_it(tiny_official, tmp_path):
+    from safetensors.torch import load_file
+    a = _branch(tiny_official, tmp_path / "a", lambda ks: next((k for k in ks if "vision" in k or "lora" in k), None))
+    b = _branch(tiny_official, tmp_path / "b", lambda ks: next((k for k in ks if "audio" in k), None))
+    assert a and b
+    merged = micro.merge_branches(tiny_official, [tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    for rel, k in a + b:
+        src = tmp_path / ("a" if (rel, k) in a else "b")
+        assert torch.equal(load_file(str(merged / rel))[k], load_file(str(src / rel))[k])
+    untouched = {(rel, k) for rel, k in a + b}
+    for f in tiny_official.rglob("*.safetensors"):
+        rel = str(f.relative_to(tiny_official))
+        for k, t in load_file(str(f)).items():
+            if (rel, k) not in untouched:
+                assert torch.equal(load_file(str(merged / rel))[k], t)
+    phi4mm.load(merged)  # still a loadable checkpoint
+    _branch(tiny_official, tmp_path / "c", lambda ks: a[0][1] if a[0][1] in ks else None)
+    with pytest.raises(ValueError, match="trained by both"):
+        micro.merge_branches(tiny_official, [tmp_path / "a", tmp_path / "c"], tmp_path / "m2")
