@@ -5,13 +5,13 @@ source scripts/device_env.sh || exit 1
 export TOKENIZERS_PARALLELISM=false
 RUN=/tmp/run
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
-timeout $(( ${1%.*} * 60 + 60 )) python -c "
+timeout 500 python -c "
 from phi4mm.micro import run_recipe
 run_recipe('$RUN', device='cuda', max_minutes=$1, evaluate=False, progress=True)
 " > $OUT/recipe.log 2>&1
 echo "recipe rc=$?"
 ( cd $RUN && tar czf $OUT/run.tgz recipe.json model stages/*/log.jsonl stages/*/summary.json ) && ls -la $OUT
-timeout 150 python -c "
+timeout 70 python -c "
 import json
 from phi4mm.micro import evaluate_micro
 r = evaluate_micro('$RUN/model', '$RUN/data/test', 'cuda')
