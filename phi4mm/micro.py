@@ -41,7 +41,7 @@ AUDIO = {"attention_dim": 192, "attention_heads": 4, "linear_units": 512, "num_b
          "nemo_conv_settings": {"conv_channels": 192}, "ext_pw_out_channel": 192,
          "depthwise_seperable_out_channel": 192}
 LORA = {"vision": (32, 64), "speech": (32, 64)}  # (r, alpha): alpha = 2r, the published ratio
-INIT_STD = 0.02  # GPT-style initialisation of every matrix; LoRA B starts at zero (the adapter is a no-op)
+INIT_STD = 0.02  # GPT-style initialisation of the decoder's matrices; LoRA B starts at zero (the adapter is a no-op)
 MEL_STATS_CLIPS = 256  # training clips that set the encoder's input normalisation (global mean / invstd)
 
 
@@ -159,7 +159,14 @@ def _init(mel_mean: torch.Tensor, mel_invstd: torch.Tensor, seed: int):
         if len(shape) == 1:  # norm gains
             return torch.ones(shape)
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        return INIT_STD * torch.randn(shape, generator=g)
+        std = INIT_STD
+        if name.startswith(("vision.", "audio.")) and len(shape) >= 2 and "lora_" not in name \
+                and not name.endswith(("position_embedding.weight", "_extensor")) and "attention_bias" not in name:
+            # Tower matrices and convs: 1/sqrt(fan_in) keeps the signal's scale layer to layer. A flat 0.02
+            # shrank it ~1e-6 through the conformer's five small-fan-in subsampling convs (depthwise 3x3:
+            # fan-in 9), so its output did not depend on the audio and speech training could not start.
+            std = math.prod(shape[1:]) ** -0.5
+        return std * torch.randn(shape, generator=g)
     return init
 
 
