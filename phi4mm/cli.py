@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import re
 import sys
 import time
@@ -90,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--image", action="append", default=[], help="image file for the first message (repeatable)")
     ch.add_argument("--audio", action="append", default=[], help="audio file for the first message (repeatable)")
     ch.add_argument("--system", default=None, help="a system message")
+    ch.add_argument("--tools", type=Path, default=None, help="a JSON file with the functions the model may call "
+                    "(OpenAI format, a list); its calls are printed as one JSON line after the reply")
     ch.add_argument("--interactive", "-i", action="store_true", help="converse on stdin even when it is not a "
                     "terminal (the prompt, if given, is the first message)")
     ch.add_argument("--max-tokens", type=int, default=256, help="per reply (default 256)")
@@ -141,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     tn.add_argument("out", type=Path, nargs="?", help="output checkpoint directory (with --recipe: the run folder)")
     tn.add_argument("--model", type=Path, help="base checkpoint directory")
     tn.add_argument("--stage", choices=["vision-projector", "vision-encoder", "vision-lora", "speech-encoder",
-                                        "speech-lora", "vision-speech", "text", "decoder"])
+                                        "speech-lora", "vision-speech", "text", "decoder", "speech-ctc"])
     tn.add_argument("--recipe", choices=["micro"], help="run a whole recipe instead of one stage: 'micro' "
                     "generates data and trains the embedded micro model from scratch (phi4mm train --recipe "
                     "micro RUN_DIR --device cuda)")
@@ -193,8 +196,9 @@ def _chat(args) -> int:
     interactive = args.interactive or (args.prompt is None and sys.stdin.isatty())
     if args.prompt is None and not interactive:
         raise UserError("give a prompt, or use --interactive to read the conversation from stdin")
+    tools = _read_tools(args.tools) if args.tools is not None else None
     model = _load(args)
-    chat = Conversation(_engine(model, max_batch=1), params, args.system)
+    chat = Conversation(_engine(model, max_batch=1), params, args.system, tools)
     for f in args.image:
         chat.attach("image", f)
     for f in args.audio:
@@ -206,11 +210,21 @@ def _chat(args) -> int:
     return 0
 
 
+def _read_tools(path: Path) -> list[dict]:
+    try:
+        tools = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tools {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise UserError(f"--tools {path}: expected a JSON list of function definitions (OpenAI format)")
+    return tools
+
+
 class Conversation:
     """Messages so far plus every image and audio attached (numbered across the whole conversation)."""
 
-    def __init__(self, engine, params, system: str | None = None):
-        self.engine, self.params, self.system = engine, params, system
+    def __init__(self, engine, params, system: str | None = None, tools: list[dict] | None = None):
+        self.engine, self.params, self.system, self.tools = engine, params, system, tools
         self.reset()
 
     def reset(self) -> None:
@@ -234,7 +248,8 @@ class Conversation:
                        if m.group(0) not in text)
         self.messages.append({"role": "user", "content": refs + text})
         try:
-            rid = self.engine.add_request(self.messages, images=self.images, audios=self.audios, params=self.params)
+            rid = self.engine.add_request(self.messages, images=self.images, audios=self.audios, params=self.params,
+                                          tools=self.tools)
         except ValueError:
             self.messages.pop()
             raise
@@ -249,6 +264,11 @@ class Conversation:
                 if o.finished and o.finish_reason == "error":
                     raise RuntimeError(o.error)
         out.write("\n")
+        if self.tools:
+            from .tools import parse_tool_calls
+            calls = parse_tool_calls(reply)[1]
+            if calls:  # machine-readable, one line: [{"name": ..., "arguments": {...}}]
+                out.write(json.dumps([{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls]) + "\n")
         out.flush()
         self.messages.append({"role": "assistant", "content": reply})
         return reply

@@ -42,6 +42,16 @@ AUDIO = {"attention_dim": 192, "attention_heads": 4, "linear_units": 512, "num_b
          "depthwise_seperable_out_channel": 192}
 LORA = {"vision": (32, 64), "speech": (32, 64)}  # (r, alpha): alpha = 2r, the published ratio
 INIT_STD = 0.02  # GPT-style initialisation of the decoder's matrices; LoRA B starts at zero (the adapter is a no-op)
+# SigLIP's learned position table: 0.02 would be ~2% of a patch embedding's scale (~1 for [-1, 1] pixels and
+# 1/sqrt(fan_in) weights), so the tower would start out blind to where a patch is; OCR needs letter order.
+VISION_POS_STD = 0.2
+# The last matrix of every residual branch in the towers starts at zero, so each block starts as the identity
+# (the usual "zero the branch output" init of deep residual nets). With 1/sqrt(fan_in) there too, the branch
+# outputs of the conformer were near-constant over time (ReLU/swish means feeding the next projection) and
+# drowned the subsampled speech: the encoder output varied 0.2% frame to frame, and neither the LM loss nor
+# CTC moved it in 2,000 GPU steps (weights stayed at their initial norms).
+ZERO_INIT = (".feed_forward_in.down_proj.weight", ".feed_forward_out.down_proj.weight", ".self_attn.o_proj.weight",
+             ".conv.ext_pw_conv_1d.weight", ".self_attn.out_proj.weight", ".mlp.fc2.weight")
 MEL_STATS_CLIPS = 256  # training clips that set the encoder's input normalisation (global mean / invstd)
 
 
@@ -53,7 +63,8 @@ class MicroStage:
     epochs: float
     lr: float
     batch_tokens: int = 16384
-    branch: str = ""  # stages of different branches train disjoint tensors: on a GPU the branches run at once
+    phase: int = 0  # phases run in order; within one, stages of different branches run at once on a GPU
+    branch: str = ""  # stages of one branch run in order; branches train disjoint tensors (merged exactly)
     with_lora: bool = False  # an encoder stage also trains its modality's LoRA (train.STAGE_LORA says why)
     warmup: int = 20
 
@@ -61,16 +72,21 @@ class MicroStage:
 IMAGE_TASKS = ("ocr", "shapes", "caption")
 SPEECH_TASKS = ("asr", "ast", "sqa")
 RECIPE = (
-    MicroStage("text", "decoder", ("text", "tools"), 12, 1e-3, 8192),
-    MicroStage("vision-projector", "vision-projector", IMAGE_TASKS, 1, 1e-3, branch="vision"),
-    MicroStage("vision-encoder", "vision-encoder", IMAGE_TASKS, 8, 5e-4, branch="vision", with_lora=True, warmup=100),
-    MicroStage("vision-lora", "vision-lora", IMAGE_TASKS, 2, 3e-4, branch="vision"),
-    MicroStage("speech-encoder", "speech-encoder", SPEECH_TASKS, 8, 1e-3, 4096, branch="speech", with_lora=True,
-               warmup=100),
-    MicroStage("speech-lora", "speech-lora", SPEECH_TASKS, 3, 3e-4, 4096, branch="speech"),
+    MicroStage("text", "decoder", ("text", "tools"), 12, 1e-3, 8192, phase=0),
+    MicroStage("vision-projector", "vision-projector", IMAGE_TASKS, 1, 1e-3, phase=1, branch="vision"),
+    MicroStage("vision-encoder", "vision-encoder", IMAGE_TASKS, 12, 5e-4, phase=1, branch="vision",
+               with_lora=True, warmup=100),
+    # RECIPE.md's audio encoder starts from an ASR model; the micro one learns to recognise words first (CTC
+    # on the transcripts). Without it the encoder's output stayed nearly constant over time after 1,136
+    # LM-loss steps (frame-to-frame cosine 0.998) and the model transcribed from its language prior (WER 1.04).
+    MicroStage("speech-ctc", "speech-ctc", ("asr",), 10, 2e-3, 4096, phase=1, branch="speech", warmup=100),
+    MicroStage("speech-encoder", "speech-encoder", SPEECH_TASKS, 8, 1e-3, 4096, phase=1, branch="speech",
+               with_lora=True, warmup=100),
+    MicroStage("vision-lora", "vision-lora", IMAGE_TASKS, 4, 3e-4, phase=2, branch="vision"),
+    MicroStage("speech-lora", "speech-lora", SPEECH_TASKS, 5, 3e-4, 4096, phase=2, branch="speech"),
     # Image tasks stay in the mix so the jointly trained encoder and LoRA_V keep reading (RECIPE.md mixes
     # vision post-training data into this stage too).
-    MicroStage("vision-speech", "vision-speech", ("vsqa",) + IMAGE_TASKS, 2, 3e-4),
+    MicroStage("vision-speech", "vision-speech", ("vsqa",) + IMAGE_TASKS, 4, 3e-4, phase=3),
 )
 # Seconds per sample pass on the H100 (bench/train_profile.py: GPU step time / samples per 16k-token batch),
 # used to plan a --max-minutes budget: images ~1.2-1.8 ms, clips ~0.8-1.2 ms, text chats ~0.4 ms.
@@ -154,12 +170,14 @@ def _init(mel_mean: torch.Tensor, mel_invstd: torch.Tensor, seed: int):
         if name.endswith("global_invstd"):
             return mel_invstd.clone()
         leaf = name.rsplit(".", 1)[-1]
-        if ".lora_B." in name or leaf in ("bias", "b1", "b2"):
+        if ".lora_B." in name or leaf in ("bias", "b1", "b2") or \
+                (name.startswith(("vision.", "audio.")) and name.endswith(ZERO_INIT)):
             return torch.zeros(shape)
         if len(shape) == 1:  # norm gains
             return torch.ones(shape)
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        std = INIT_STD
+        std = VISION_POS_STD if name.startswith("vision.") and name.endswith("position_embedding.weight") \
+            else INIT_STD
         if name.startswith(("vision.", "audio.")) and len(shape) >= 2 and "lora_" not in name \
                 and not name.endswith(("position_embedding.weight", "_extensor")) and "attention_bias" not in name:
             # Tower matrices and convs: 1/sqrt(fan_in) keeps the signal's scale layer to layer. A flat 0.02
@@ -241,20 +259,13 @@ def _planned_seconds(data_dir: Path, st: MicroStage) -> float:
 def _phases() -> list[list[list[int]]]:
     """RECIPE indices as phases run in order; a phase is a list of branches, each a chain of stages.
 
-    Consecutive stages with a branch name form one phase (one chain per name); any other stage is a phase
-    of its own: [[0], [[1, 2, 3], [4, 5]], [6]] for text, (vision, speech), vision-speech.
+    [[0], [[1, 2], [3, 4]], [[5], [6]], [[7]]]: text; (vision projector -> encoder) with (speech CTC ->
+    encoder); vision LoRA with speech LoRA; vision-speech.
     """
-    phases: list[list[list[int]]] = []
+    phases: dict[int, dict[str, list[int]]] = {}
     for i, st in enumerate(RECIPE):
-        if st.branch and phases and RECIPE[phases[-1][0][0]].branch:
-            chains = {RECIPE[c[0]].branch: c for c in phases[-1]}
-            if st.branch in chains:
-                chains[st.branch].append(i)
-            else:
-                phases[-1].append([i])
-        else:
-            phases.append([[i]])
-    return phases
+        phases.setdefault(st.phase, {}).setdefault(st.branch, []).append(i)
+    return [list(phases[k].values()) for k in sorted(phases)]
 
 
 def merge_branches(base: str | Path, branches: list[str | Path], out: str | Path) -> Path:
@@ -318,8 +329,37 @@ def _run_chain(out: Path, chain: list[int], base: Path, data_dir: Path, seed: in
     return base
 
 
-def finalize(src: str | Path, out: str | Path) -> Path:
-    """bf16 copy of a trained checkpoint for shipping: shards and adapters re-written, no file over 15 MB."""
+def pack_resume(out: str | Path, dst: str | Path) -> Path:
+    """What a later run needs to continue a recipe stopped by stop_after, small enough to move between
+    machines (~27 MB): recipe.json, every finished stage's markers, summary and log, and the next phase's
+    base checkpoint in bf16. The data is not packed: it regenerates identically from its seed.
+
+    The base's trained tensors restart from their bf16 values (the next stages hold fp32 masters again).
+    """
+    out, dst = Path(out), Path(dst)
+    summary = json.loads((out / "recipe.json").read_text())
+    if "resume_base" not in summary:
+        raise ValueError(f"{out} is not a recipe stopped part-way (run it with stop_after first)")
+    if dst.exists():
+        shutil.rmtree(dst)
+    (dst / "stages").mkdir(parents=True)
+    shutil.copy2(out / "recipe.json", dst / "recipe.json")
+    for stage in sorted((out / "stages").iterdir()):
+        if not (stage / "done").is_file():
+            continue
+        (dst / "stages" / stage.name).mkdir()
+        for f in ("done", "summary.json", "log.jsonl"):
+            if (stage / f).is_file():
+                shutil.copy2(stage / f, dst / "stages" / stage.name / f)
+    base = dst / summary["resume_base"]
+    finalize(out / summary["resume_base"], base, check_size=False)
+    (base / "done").write_text("")
+    return dst
+
+
+def finalize(src: str | Path, out: str | Path, check_size: bool = True) -> Path:
+    """bf16 copy of a trained checkpoint for shipping: shards and adapters re-written, no file over 15 MB
+    (check_size: fail when one is; the tokenizer of a full-vocabulary base is bigger)."""
     from safetensors.torch import load_file
     src, out = Path(src), Path(out)
     if out.exists():
@@ -343,7 +383,7 @@ def finalize(src: str | Path, out: str | Path) -> Path:
         if f.is_file() and f.suffix == ".json" and f.name != "model.safetensors.index.json":
             shutil.copy2(f, out / f.name)
     big = [f for f in out.rglob("*") if f.is_file() and f.stat().st_size > MAX_FILE_BYTES]
-    if big:
+    if big and check_size:
         raise RuntimeError(f"{big[0]} is over 15 MB; lower MAX_FILE_BYTES' share or the micro sizes")
     return out
 
@@ -390,13 +430,16 @@ def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: floa
         (base / "done").write_text("")
     cuda = device.startswith("cuda")
     phases = _phases()
+    # The last phase this call runs: a budget is shared among these only (a split run budgets each part).
+    last = len(phases) - 1 if stop_after is None else \
+        next(k for k, ph in enumerate(phases) if any(names.index(stop_after) in c for c in ph))
     planned = [_planned_seconds(data["train"], st) for st in RECIPE]
     summary["planned_seconds"] = {st.name: round(p * epochs_scale, 2) for st, p in zip(RECIPE, planned)}
     for k, phase in enumerate(phases):
         budgets: dict[int, float | None] = {n: None for chain in phase for n in chain}
         if max_minutes is not None:  # this phase's share of what is left, by the planned (wall) seconds
             left = max_minutes * 60 - (time.perf_counter() - t0)
-            wall = [max(sum(planned[n] for n in chain) for chain in ph) for ph in phases[k:]]
+            wall = [max(sum(planned[n] for n in chain) for chain in ph) for ph in phases[k:last + 1]]
             share = max(10.0, left * wall[0] / sum(wall))
             for chain in phase:
                 for n in chain:
@@ -425,19 +468,20 @@ def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: floa
                 summary["stages"][RECIPE[n].name] = json.loads(f.read_text())
         summary_file.write_text(json.dumps(summary, indent=1))
         if len(ends) > 1:
-            merged = out / "stages" / f"{max(phase[-1]) + 1:02d}-merged"
+            merged = out / "stages" / f"phase{k}-merged"
             if not (merged / "done").is_file():
                 merge_branches(base, ends, merged)
                 (merged / "done").write_text("")
             base = merged
         else:
             base = ends[0]
-        if stop_after is not None and any(names.index(stop_after) in chain for chain in phase) \
-                and k < len(phases) - 1:
+        if k == last < len(phases) - 1:
             summary["stopped_before"] = RECIPE[phases[k + 1][0][0]].name
+            summary["resume_base"] = str(base.relative_to(out))
             summary_file.write_text(json.dumps(summary, indent=1))
             return summary
     summary.pop("stopped_before", None)
+    summary.pop("resume_base", None)
     model_dir = finalize(base, out / "model")
     summary["train_seconds"] = round(time.perf_counter() - t0, 1)
     if evaluate:

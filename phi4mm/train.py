@@ -14,6 +14,7 @@ Each stage trains exactly the parts its recipe stage trains; everything else is 
 | vision-speech    | LoRA "vision" + SigLIP + image projector (audio frozen)  | model rule                  |
 | text             | a new decoder LoRA "text"                                | text-only samples -> "text" |
 | decoder          | the decoder's own weights (pre-training; micro model)    | text-only samples, no LoRA  |
+| speech-ctc       | Conformer audio encoder, through a CTC head (micro)      | audio samples, no decoder   |
 
 The output directory is a complete checkpoint in the base's layout (config and tokenizer copied, shards with
 the trained tensors rewritten under their stored names, `<adapter>-lora/` PEFT folders), so `phi4mm.load(out)`
@@ -41,6 +42,7 @@ from torch import nn
 
 from .config import LoraConfig, ModelConfig
 from .lora import AdapterPlan, LoraLinear
+from .tokenizer import ADDED_TOKENS
 from .train_data import (IGNORE, Batch, DataError, Example, batch_loader, encode_all, make_batches,
                          progress_interval, read_jsonl)
 from .train_export import _LORA, TEXT_ADAPTER, export, load_adapter  # noqa: F401 (public: train.load_adapter)
@@ -77,7 +79,12 @@ STAGES = {
     "text": Stage((), (_LORA.format(TEXT_ADAPTER),), TEXT_ADAPTER, lambda e: e.adapter == TEXT_ADAPTER),
     # Pre-training the decoder itself (the micro model's first stage; Phi-4-mini arrives pre-trained).
     "decoder": Stage((), (_DECODER,), None, lambda e: not e.has_image and not e.has_audio),
+    # Pre-training the audio encoder as a CTC recogniser of the transcript's tokens (the micro model's stand-in
+    # for RECIPE.md's encoder "initialised from an attention encoder-decoder ASR model"). The head is thrown
+    # away afterwards: only the encoder is exported.
+    "speech-ctc": Stage(("audio",), (_AUDIO_ENC,), None, lambda e: e.has_audio),
 }
+CTC_STAGES = ("speech-ctc",)
 
 
 # The LoRA an encoder/projector stage may train alongside (`with_lora=True`): its modality's adapter.
@@ -206,6 +213,50 @@ class LossModule(nn.Module):
         return img, aud
 
 
+class CTCLossModule(nn.Module):
+    """(batch) -> summed CTC loss of the audio encoder's frames against each sample's target tokens.
+
+    One audio per sample; the targets are the sample's trained tokens without special tokens (for ASR data:
+    the transcript). A linear head maps each 80 ms frame to the vocabulary plus a blank (the last class).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.net, self.device, self.dtype = model.net, model.device, model.dtype
+        tok = model.tokenizer
+        self.special = {tok.token_id(c) for _, c, _, _ in ADDED_TOKENS if tok.has_token(c)}
+        self.blank = model.config.text.vocab_size
+        self.head = nn.Linear(model.config.audio.hidden_size, self.blank + 1, device=self.device)
+
+    def targets(self, e: Example) -> list[int]:
+        return [t for t in e.labels if t != IGNORE and t not in self.special]
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        dev = self.device
+        auds = [e.prep.audios for e in batch.examples]
+        frames = max(a.features.shape[1] for a in auds)
+        f = torch.cat([F.pad(a.features.to(dev, self.dtype, non_blocking=True),
+                             (0, 0, 0, frames - a.features.shape[1])) for a in auds])  # (N, T, 80)
+        lens = torch.cat([a.frame_lengths for a in auds]).to(dev)  # (N,)
+        hidden, token_lengths = self.net.audio.encode(f, lens)  # (N, T', D), (N,)
+        logp = F.log_softmax(self.head(hidden).float(), dim=-1)  # (N, T', V + 1)
+        tgt = [self.targets(e) for e in batch.examples]
+        flat = torch.tensor([t for ts in tgt for t in ts], dtype=torch.long, device=dev)  # (sum L,)
+        tlens = torch.tensor([len(ts) for ts in tgt], dtype=torch.long, device=dev)  # (N,)
+        # zero_infinity: a sample whose transcript outruns its frames adds nothing rather than inf.
+        return F.ctc_loss(logp.transpose(0, 1), flat, token_lengths, tlens, blank=self.blank,  # (T', N, V + 1)
+                          reduction="sum", zero_infinity=True)
+
+
+def _check_ctc(examples: list[Example], data: Path) -> None:
+    """CTC stages need exactly one audio and a non-empty target per sample."""
+    for e in examples:
+        n = len(e.record.audios)
+        if n != 1 or e.has_image:
+            raise DataError(f"{data}:{e.record.line}: stage speech-ctc takes samples with exactly one audio and no "
+                            f"image (this one has {n} audio(s)); give it speech recognition data")
+
+
 # ---- the loop -----------------------------------------------------------------------------------------------
 
 
@@ -253,18 +304,25 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         raise DataError(f"none of the {len(examples)} samples in {data} reaches what stage {stage!r} trains "
                         "(e.g. speech stages need audio samples, vision stages image samples)")
 
+    ctc = stage in CTC_STAGES
+    if ctc:
+        _check_ctc(examples, Path(data))
     per_epoch = len(_epoch_batches([e.length for e in examples], batch_tokens, seed, 0, rank, world))
     total = max_steps or math.ceil(epochs * per_epoch / grad_accum)
-    params = [p for n, p in model.net.named_parameters() if n in names]
+    model.net.train()
+    loss_mod = CTCLossModule(model) if ctc else LossModule(model, grad_checkpointing)
+    # Everything the optimizer steps, by name: the stage's model parameters (+ the CTC head, never exported).
+    trainables = {n: p for n, p in model.net.named_parameters() if n in names}
+    if ctc:
+        trainables.update(loss_mod.head.named_parameters(prefix="ctc_head"))
+    params = list(trainables.values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=model.device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup_steps, total))
     step, epoch, pos, losses = 0, 0, 0, []
     if resume:
         ckpt = _latest(out) if resume is True else Path(resume)
         if ckpt is not None:
-            step, epoch, pos, losses = _load_state(ckpt, model.net, names, opt, sched, stage)
-    model.net.train()
-    loss_mod = LossModule(model, grad_checkpointing)
+            step, epoch, pos, losses = _load_state(ckpt, trainables, opt, sched, stage)
     runner = loss_mod
     if world > 1:  # untested here: one process per GPU under torchrun
         runner = nn.parallel.DistributedDataParallel(loss_mod, find_unused_parameters=True)
@@ -314,7 +372,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}", refresh=False)
         bar.update(1)
         if rank == 0 and save_every and step % save_every == 0 and step < total:
-            _save_state(out / f"checkpoint-{step}", model.net, names, opt, sched, stage, step, epoch, pos, losses)
+            _save_state(out / f"checkpoint-{step}", trainables, opt, sched, stage, step, epoch, pos, losses)
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
             break
     bar.close()
@@ -375,11 +433,10 @@ def _bar(total: int, initial: int, enabled: bool):
 # ---- checkpoints (exact resume) -----------------------------------------------------------------------------
 
 
-def _save_state(path: Path, net: nn.Module, names: list[str], opt, sched, stage: str, step: int, epoch: int,
+def _save_state(path: Path, trainables: dict[str, nn.Parameter], opt, sched, stage: str, step: int, epoch: int,
                 pos: int, losses: list[float]) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    params = dict(net.named_parameters())
-    save_file({n: params[n].detach().contiguous() for n in names}, str(path / "trainable.safetensors"))
+    save_file({n: p.detach().contiguous() for n, p in trainables.items()}, str(path / "trainable.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path / "optimizer.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -393,20 +450,19 @@ def _latest(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _load_state(path: Path, net: nn.Module, names: list[str], opt, sched, stage: str):
+def _load_state(path: Path, trainables: dict[str, nn.Parameter], opt, sched, stage: str):
     if not (path / "state.json").is_file():
         raise ValueError(f"{path} is not a training checkpoint (no state.json); pass an out/checkpoint-STEP folder")
     state = json.loads((path / "state.json").read_text())
     if state["stage"] != stage:
         raise ValueError(f"{path} was written by stage {state['stage']!r}, not {stage!r}")
     saved = load_file(str(path / "trainable.safetensors"))
-    if sorted(saved) != sorted(names):
-        raise ValueError(f"{path} holds {len(saved)} trainable tensors, this run trains {len(names)}; "
+    if sorted(saved) != sorted(trainables):
+        raise ValueError(f"{path} holds {len(saved)} trainable tensors, this run trains {len(trainables)}; "
                          "resume with the same stage and lora_rank")
-    params = dict(net.named_parameters())
     with torch.no_grad():
-        for n in names:
-            params[n].copy_(saved[n])
+        for n, p in trainables.items():
+            p.copy_(saved[n])
     o = torch.load(path / "optimizer.pt", weights_only=False)
     opt.load_state_dict(o["optimizer"])
     sched.load_state_dict(o["scheduler"])

@@ -115,6 +115,7 @@ def test_stage_parameter_sets(base):
     assert got["speech-encoder"] == {n for n in audio if "vision_speech" not in n}
     assert got["speech-lora"] == speech_proj | lora["speech"]
     assert got["vision-speech"] == vision | lora["vision"]  # audio encoder and both audio projectors frozen
+    assert got["speech-ctc"] == {n for n in audio if n.startswith("audio.encoder.")}
     names = setup_stage(model, "text", lora_rank=4)
     assert set(names) == {n for n, _ in net.named_parameters() if ".lora_" in n and n.endswith(".text")}
     assert {n for n, p in net.named_parameters() if p.requires_grad} == set(names)
@@ -217,6 +218,30 @@ def test_resume_reproduces_the_uninterrupted_run(base, tmp_path):
     assert resumed["losses"] == full["losses"]
     a, b = (load_file(str(tmp_path / d / "speech-lora" / "adapter_model.safetensors")) for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_speech_ctc_trains_the_encoder_alone_and_resumes_with_its_head(base, tmp_path):
+    data = _asr_data(tmp_path)
+    kw = {"max_steps": 24, "lr": 3e-3, "batch_tokens": 64, "progress": False}  # one clip per batch
+    full = train(base, data, "speech-ctc", tmp_path / "a", save_every=12, **kw)
+    assert full["trainable"] and all(n.startswith("audio.encoder.") for n in full["trainable"])
+    first, last = sum(full["losses"][:4]) / 4, sum(full["losses"][-4:]) / 4
+    assert last < 0.5 * first, full["losses"]  # two clips: CTC learns their transcripts
+    _assert_only_trained_changed(_state(base), _state(tmp_path / "a"), full["trainable"])
+    head = load_file(str(tmp_path / "a" / "checkpoint-12" / "trainable.safetensors"))
+    assert {"ctc_head.weight", "ctc_head.bias"} < set(head)  # resumable, but never exported
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-12", tmp_path / "b" / "checkpoint-12")
+    resumed = train(base, data, "speech-ctc", tmp_path / "b", resume=True, **kw)
+    assert resumed["losses"] == full["losses"]
+
+
+def test_speech_ctc_needs_one_audio_per_sample(base, tmp_path):
+    data = _asr_data(tmp_path)
+    mixed = _write(tmp_path / "mixed.jsonl", [json.loads(data.read_text().splitlines()[0]), _chat("Hi", "Hi")])
+    with pytest.raises(ValueError, match=r"mixed\.jsonl:2: stage speech-ctc takes samples with exactly one audio"):
+        train(base, mixed, "speech-ctc", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 def test_checkpointing_and_autocast_paths(base, tmp_path):
