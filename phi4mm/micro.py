@@ -103,10 +103,9 @@ GOALS = (
 def default_model_dir() -> Path:
     """The shipped micro checkpoint (used when no --model is given)."""
     if not (MICRO_DIR / "config.json").is_file():
-        raise FileNotFoundError(f"no --model given and the embedded micro model is not in this install ({MICRO_DIR} "
-                                "is missing: `phi4mm train --recipe micro RUN_DIR` trains it, and it is not shipped "
-                                "yet); pass --model DIR, a checkpoint directory (`phi4mm make-checkpoint DIR` writes "
-                                "a random tiny one)")
+        raise FileNotFoundError(f"no --model given and the embedded micro model is missing from this install "
+                                f"({MICRO_DIR}); reinstall phi4mm with its package data, or pass --model DIR, a "
+                                "checkpoint directory (`phi4mm make-checkpoint DIR` writes a random tiny one)")
     return MICRO_DIR
 
 

@@ -285,6 +285,9 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         raise ValueError(f"out {out} is the base checkpoint itself; write to a new directory")
     records, bad = read_jsonl(data, skip_bad)
     rank, world = _distributed()
+    if world > 1 and device == "cuda":  # one GPU per process under torchrun
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
     amp = amp or api._dtype(dtype, torch.device(device)) != torch.float32
 
     torch.manual_seed(seed)
@@ -324,7 +327,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         if ckpt is not None:
             step, epoch, pos, losses = _load_state(ckpt, trainables, opt, sched, stage)
     runner = loss_mod
-    if world > 1:  # untested here: one process per GPU under torchrun
+    if world > 1:  # one process per GPU (or CPU process, gloo) under torchrun
         runner = nn.parallel.DistributedDataParallel(loss_mod, find_unused_parameters=True)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -341,15 +344,19 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         t_wait = time.perf_counter()  # time blocked on the data loader: high means the GPU waits on workers
         batches = next(loader)
         waited += time.perf_counter() - t_wait
-        n_targets = sum(b.num_targets for b in batches)
+        # The step's loss is the mean over every rank's targets: DDP averages gradients over ranks, so each rank
+        # scales its summed loss by world / (all ranks' targets). Same losses as one process with the same
+        # global batch (grad_accum x world micro-batches), whatever each rank's share of targets.
+        n_targets = int(_all_sum(sum(b.num_targets for b in batches), world, model.device))
         loss_sum = 0.0
         for b in batches:
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = runner(b)
             if not loss.requires_grad:  # no sample of this window reached a trained parameter
                 loss = loss + sum(p.sum() * 0.0 for p in params)
-            (loss / n_targets).backward()
+            (loss * (world / n_targets)).backward()
             loss_sum += float(loss.detach())
+        loss_sum = _all_sum(loss_sum, world, model.device)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
         opt.step()
         sched.step()
@@ -373,8 +380,8 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         bar.update(1)
         if rank == 0 and save_every and step % save_every == 0 and step < total:
             _save_state(out / f"checkpoint-{step}", trainables, opt, sched, stage, step, epoch, pos, losses)
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-            break
+        if max_seconds is not None and _all_sum(time.perf_counter() - t0 > max_seconds, world, model.device):
+            break  # every rank stops at the same step (any rank's clock decides)
     bar.close()
     if log is not None:
         log.close()
@@ -394,6 +401,17 @@ def _distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _all_sum(x: float, world: int, device: torch.device) -> float:
+    """x summed over the ranks (x itself in one process)."""
+    if world <= 1:
+        return x
+    import torch.distributed as dist
+    dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(float(x), dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.item()
 
 
 def _epoch_batches(lengths: list[int], batch_tokens: int, seed: int, epoch: int, rank: int,

@@ -86,7 +86,7 @@ def test_errors_before_loading_are_one_sentence(capsys, tiny_official, tmp_path)
     one_line_error(in_process(capsys, "chat", "hi", "--image", "missing.jpg", *m), "missing.jpg")
     one_line_error(in_process(capsys, "chat", "hi", "--max-tokens", "0", *m), "max_tokens")
     one_line_error(in_process(capsys, "serve", "--port", "70000", *m), "--port")
-    one_line_error(in_process(capsys, "bench"), "--model", "make-checkpoint")
+    one_line_error(in_process(capsys, "bench", "--model", tmp_path / "nowhere"), "not a directory")
     one_line_error(in_process(capsys, "chat", "hi", "--model", tmp_path / "nowhere"), "not a directory")
     # two inputs that would write the same file
     (tmp_path / "a").mkdir()
@@ -97,9 +97,14 @@ def test_errors_before_loading_are_one_sentence(capsys, tiny_official, tmp_path)
                               *m), "both be written")
 
 
+def test_missing_embedded_model_is_one_sentence(capsys, tmp_path, monkeypatch):
+    from phi4mm import micro
+    monkeypatch.setattr(micro, "MICRO_DIR", tmp_path / "micro_model")  # an install without the package data
+    one_line_error(in_process(capsys, "transcribe", FLACS[0]), "--model", "missing from this install")
+    one_line_error(in_process(capsys, "chat", "hi"), "--model", "missing from this install")
+
+
 def test_errors_in_a_subprocess(tiny_official, tmp_path):
-    one_line_error(run("transcribe", FLACS[0]), "--model", "not shipped yet")
-    one_line_error(run("chat", "hi"), "--model", "not shipped yet")
     bad = tmp_path / "corrupt.wav"
     bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" * 10)
     one_line_error(run("transcribe", bad, "--model", tiny_official), "corrupt.wav", "could not decode")

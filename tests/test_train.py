@@ -244,6 +244,40 @@ def test_speech_ctc_needs_one_audio_per_sample(base, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def _ddp_worker(rank: int, world: int, port: int, args: tuple, kw: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        train(*args, **kw)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_gives_the_single_process_losses(base, tmp_path):
+    """torchrun's path on CPU (gloo): 2 ranks x 1 micro-batch == 1 process x grad_accum 2, step for step."""
+    import socket
+
+    import torch.multiprocessing as mp
+    data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
+    longest = max(len(phi4mm.load(base).prepare([{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                                                 ).input_ids) for q, a in TEXT)
+    # One conversation per micro-batch (2 never fit): 4 per epoch, so both ranks get 2, nothing is trimmed.
+    kw = {"max_steps": 4, "lr": 1e-2, "lora_rank": 4, "batch_tokens": longest + 8, "progress": False}
+    one = train(base, data, "text", tmp_path / "one", grad_accum=2, **kw)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, (base, data, "text", tmp_path / "ddp"), kw), nprocs=2)
+    ddp = [json.loads(line)["loss"] for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert ddp == pytest.approx(one["losses"], rel=1e-5)
+    a, b = (load_file(str(tmp_path / d / "text-lora" / "adapter_model.safetensors")) for d in ("one", "ddp"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_checkpointing_and_autocast_paths(base, tmp_path):
     data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
     kw = {"max_steps": 2, "lr": 1e-2, "lora_rank": 4, "progress": False}
