@@ -122,7 +122,7 @@ def side_ours(ckpt: str, work: str, stages: list[str], steps: int, size: str) ->
         for p in params:  # back to frozen bf16 for the next stage
             p.requires_grad_(False)
             p.data = p.data.to(dt)
-        del opt, loss_mod
+        opt = loss_mod = None  # the next stage starts without this one's optimizer state
     return out
 
 
@@ -199,7 +199,7 @@ def side_hf(ckpt: str, work: str, stages: list[str], steps: int, size: str) -> d
         for p in params:
             p.requires_grad_(False)
             p.data = p.data.to(dt)
-        del opt
+        opt = None
     return out
 
 
