@@ -232,6 +232,26 @@ class CTCLossModule(nn.Module):
         return [t for t in e.labels if t != IGNORE and t not in self.special]
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        logp, token_lengths = self._log_probs(batch)
+        tgt = [self.targets(e) for e in batch.examples]
+        dev = self.device
+        flat = torch.tensor([t for ts in tgt for t in ts], dtype=torch.long, device=dev)  # (sum L,)
+        tlens = torch.tensor([len(ts) for ts in tgt], dtype=torch.long, device=dev)  # (N,)
+        # zero_infinity: a sample whose transcript outruns its frames adds nothing rather than inf.
+        return F.ctc_loss(logp.transpose(0, 1), flat, token_lengths, tlens, blank=self.blank,  # (T', N, V + 1)
+                          reduction="sum", zero_infinity=True)
+
+    @torch.no_grad()
+    def greedy(self, batch: Batch) -> list[list[int]]:
+        """Best-path decoding (argmax per frame, repeats merged, blanks dropped): what the head hears."""
+        logp, token_lengths = self._log_probs(batch)
+        out = []
+        for row, n in zip(logp.argmax(-1).tolist(), token_lengths.tolist()):
+            row = row[:n]
+            out.append([t for j, t in enumerate(row) if t != self.blank and (j == 0 or t != row[j - 1])])
+        return out
+
+    def _log_probs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device
         auds = [e.prep.audios for e in batch.examples]
         frames = max(a.features.shape[1] for a in auds)
@@ -239,13 +259,7 @@ class CTCLossModule(nn.Module):
                              (0, 0, 0, frames - a.features.shape[1])) for a in auds])  # (N, T, 80)
         lens = torch.cat([a.frame_lengths for a in auds]).to(dev)  # (N,)
         hidden, token_lengths = self.net.audio.encode(f, lens)  # (N, T', D), (N,)
-        logp = F.log_softmax(self.head(hidden).float(), dim=-1)  # (N, T', V + 1)
-        tgt = [self.targets(e) for e in batch.examples]
-        flat = torch.tensor([t for ts in tgt for t in ts], dtype=torch.long, device=dev)  # (sum L,)
-        tlens = torch.tensor([len(ts) for ts in tgt], dtype=torch.long, device=dev)  # (N,)
-        # zero_infinity: a sample whose transcript outruns its frames adds nothing rather than inf.
-        return F.ctc_loss(logp.transpose(0, 1), flat, token_lengths, tlens, blank=self.blank,  # (T', N, V + 1)
-                          reduction="sum", zero_infinity=True)
+        return F.log_softmax(self.head(hidden).float(), dim=-1), token_lengths  # (N, T', V + 1), (N,)
 
 
 def _check_ctc(examples: list[Example], data: Path) -> None:
@@ -385,11 +399,19 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
     bar.close()
     if log is not None:
         log.close()
+    heard = []
+    if ctc and rank == 0 and windows:  # a few transcripts as the head decodes them: the loss alone hides a blank plateau
+        b = next(iter(batch_loader(model, examples, [[windows[0][0][2][:4]]], cfg.text.pad_token_id, 0)))[0]
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
+            hyps = loss_mod.greedy(b)
+        tok = model.tokenizer
+        heard = [{"reference": tok.decode(loss_mod.targets(e)), "heard": tok.decode(h)}
+                 for e, h in zip(b.examples, hyps)]
     if rank == 0:
         export(model, model_dir, out, names)
     return {"stage": stage, "steps": step, "losses": losses, "final_loss": losses[-1] if losses else None,
             "trainable": names, "trainable_params": sum(p.numel() for p in params), "samples": len(examples),
-            "skipped": bad, "out": str(out), "seconds": time.perf_counter() - t_start, "data_wait_seconds": waited}
+            "skipped": bad, "out": str(out), "seconds": time.perf_counter() - t_start, "data_wait_seconds": waited, "ctc_heard": heard}
 
 
 def _distributed() -> tuple[int, int]:

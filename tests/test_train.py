@@ -228,6 +228,9 @@ def test_speech_ctc_trains_the_encoder_alone_and_resumes_with_its_head(base, tmp
     first, last = sum(full["losses"][:4]) / 4, sum(full["losses"][-4:]) / 4
     assert last < 0.5 * first, full["losses"]  # two clips: CTC learns their transcripts
     _assert_only_trained_changed(_state(base), _state(tmp_path / "a"), full["trainable"])
+    heard = full["ctc_heard"]  # the first micro-batch's clips (one here) as the head decodes them
+    assert heard and {h["reference"] for h in heard} <= {t for _, t in ASR}
+    assert all(isinstance(h["heard"], str) for h in full["ctc_heard"])
     head = load_file(str(tmp_path / "a" / "checkpoint-12" / "trainable.safetensors"))
     assert {"ctc_head.weight", "ctc_head.bias"} < set(head)  # resumable, but never exported
     (tmp_path / "b").mkdir()
