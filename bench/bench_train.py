@@ -97,6 +97,13 @@ def _masters(params: list[torch.nn.Parameter]) -> None:
         p.data = p.data.float()
 
 
+def _frozen(params: list[torch.nn.Parameter], dt: torch.dtype) -> None:
+    """Back to frozen weights in the load dtype, for the next stage."""
+    for p in params:
+        p.requires_grad_(False)
+        p.data = p.data.to(dt)
+
+
 def side_ours(ckpt: str, work: str, stages: list[str], steps: int, size: str) -> dict:
     import phi4mm
     from phi4mm.train import LossModule, setup_stage
@@ -119,19 +126,16 @@ def side_ours(ckpt: str, work: str, stages: list[str], steps: int, size: str) ->
         sec, peak = _timed(step, steps, dev)
         out[stage] = _row(batch, sec, peak, len(params), sum(p.numel() for p in params))
         print(json.dumps({"side": "phi4mm", "stage": stage, **out[stage]}), flush=True)
-        for p in params:  # back to frozen bf16 for the next stage
-            p.requires_grad_(False)
-            p.data = p.data.to(dt)
+        _frozen(params, dt)
         opt = loss_mod = None  # the next stage starts without this one's optimizer state
     return out
 
 
-def _hf_names(ckpt: str, stage: str) -> tuple[list[str], str | None]:
-    """transformers' parameter names for what phi4mm's stage trains (base weights by the name table)."""
-    import phi4mm
+def _hf_names(m, stage: str) -> tuple[list[str], str | None]:
+    """transformers' parameter names for what phi4mm's stage trains (base weights by the name table); m is a
+    phi4mm model of the same checkpoint."""
     from phi4mm.train import STAGES, TEXT_ADAPTER, trainable_names
     from phi4mm.weights import name_table
-    m = phi4mm.load(ckpt, "cpu", torch.float32)
     table = name_table(m.net, m.config.layout)
     ours = trainable_names(m.net, stage)
     base = [table[n][1] for n in ours if ".lora_" not in n]
@@ -153,10 +157,10 @@ def side_hf(ckpt: str, work: str, stages: list[str], steps: int, size: str) -> d
     ref.add_adapter(LoraConfig(r=TEXT_RANK, lora_alpha=2 * TEXT_RANK, target_modules=text_targets,
                                exclude_modules=r".*(vision|audio|embed_tokens_extend).*"), adapter_name="text")
     import phi4mm
-    tok_model = phi4mm.load(ckpt, "cpu", torch.float32)  # only to build the same batches
+    ours = phi4mm.load(ckpt, "cpu", torch.float32)  # loaded once: the same batches and the stages' names
     out = {}
     for stage in stages:
-        base, adapter = _hf_names(ckpt, stage)
+        base, adapter = _hf_names(ours, stage)
         named = dict(ref.named_parameters())
         missing = [n for n in base if n not in named]
         if missing:
@@ -172,7 +176,7 @@ def side_hf(ckpt: str, work: str, stages: list[str], steps: int, size: str) -> d
         params = [named[n] for n in base + lora]
         _masters(params)
         opt = torch.optim.AdamW(params, lr=1e-5, fused=dev == "cuda")
-        b = batch_for(tok_model, make_data(Path(work), stage, size), stage)
+        b = batch_for(ours, make_data(Path(work), stage, size), stage)
         kw = {"input_ids": b.input_ids.to(dev), "labels": b.labels.to(dev)}
         if b.key_mask is not None:
             kw["attention_mask"] = b.key_mask.to(dev).long()
@@ -196,9 +200,7 @@ def side_hf(ckpt: str, work: str, stages: list[str], steps: int, size: str) -> d
         sec, peak = _timed(step, steps, dev)
         out[stage] = _row(b, sec, peak, len(params), sum(p.numel() for p in params))
         print(json.dumps({"side": "transformers", "stage": stage, **out[stage]}), flush=True)
-        for p in params:
-            p.requires_grad_(False)
-            p.data = p.data.to(dt)
+        _frozen(params, dt)
         opt = None
     return out
 

@@ -201,16 +201,21 @@ class LossModule(nn.Module):
             group = [(k, p.audios) for k, p in enumerate(preps) if p.audios is not None and p.audio_projector == proj]
             if not group:
                 continue
-            frames = max(a.features.shape[1] for _, a in group)
-            f = torch.cat([F.pad(a.features.to(dev, dt, non_blocking=True), (0, 0, 0, frames - a.features.shape[1]))
-                           for _, a in group])  # (N, T, 80)
-            lens = torch.cat([a.frame_lengths for _, a in group])  # (N,)
-            out = iter(net.audio(f, lens.to(dev), projector=proj))
+            f, lens = _audio_batch([a for _, a in group], dev, dt)
+            out = iter(net.audio(f, lens, projector=proj))
             for k, a in group:
                 feats.append((k, [next(out) for _ in range(len(a.num_tokens))]))
         if feats:
             aud = torch.cat([t for _, ts in sorted(feats, key=lambda x: x[0]) for t in ts])
         return img, aud
+
+
+def _audio_batch(auds: list, dev: torch.device, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every clip of `auds` (AudioInputs) as one right-padded feature batch on the device, and its lengths."""
+    frames = max(a.features.shape[1] for a in auds)
+    f = torch.cat([F.pad(a.features.to(dev, dt, non_blocking=True), (0, 0, 0, frames - a.features.shape[1]))
+                   for a in auds])  # (N, T, 80)
+    return f, torch.cat([a.frame_lengths for a in auds]).to(dev)  # (N,)
 
 
 class CTCLossModule(nn.Module):
@@ -252,18 +257,13 @@ class CTCLossModule(nn.Module):
         return out
 
     def _log_probs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = self.device
-        auds = [e.prep.audios for e in batch.examples]
-        frames = max(a.features.shape[1] for a in auds)
-        f = torch.cat([F.pad(a.features.to(dev, self.dtype, non_blocking=True),
-                             (0, 0, 0, frames - a.features.shape[1])) for a in auds])  # (N, T, 80)
-        lens = torch.cat([a.frame_lengths for a in auds]).to(dev)  # (N,)
+        f, lens = _audio_batch([e.prep.audios for e in batch.examples], self.device, self.dtype)
         hidden, token_lengths = self.net.audio.encode(f, lens)  # (N, T', D), (N,)
         return F.log_softmax(self.head(hidden).float(), dim=-1), token_lengths  # (N, T', V + 1), (N,)
 
 
 def _check_ctc(examples: list[Example], data: Path) -> None:
-    """CTC stages need exactly one audio and a non-empty target per sample."""
+    """CTC stages need exactly one audio (and no image) per sample."""
     for e in examples:
         n = len(e.record.audios)
         if n != 1 or e.has_image:
@@ -400,7 +400,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
     if log is not None:
         log.close()
     heard = []
-    if ctc and rank == 0 and windows:  # a few transcripts as the head decodes them: the loss alone hides a blank plateau
+    if ctc and rank == 0 and windows:  # a few transcripts as the head hears them: a loss hides a blank plateau
         b = next(iter(batch_loader(model, examples, [[windows[0][0][2][:4]]], cfg.text.pad_token_id, 0)))[0]
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
             hyps = loss_mod.greedy(b)
@@ -411,7 +411,8 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         export(model, model_dir, out, names)
     return {"stage": stage, "steps": step, "losses": losses, "final_loss": losses[-1] if losses else None,
             "trainable": names, "trainable_params": sum(p.numel() for p in params), "samples": len(examples),
-            "skipped": bad, "out": str(out), "seconds": time.perf_counter() - t_start, "data_wait_seconds": waited, "ctc_heard": heard}
+            "skipped": bad, "out": str(out), "seconds": time.perf_counter() - t_start, "data_wait_seconds": waited,
+            "ctc_heard": heard}
 
 
 def _distributed() -> tuple[int, int]:
