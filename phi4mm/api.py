@@ -19,7 +19,7 @@ from .config import ConfigError, ModelConfig
 from .decoder import KVCache
 from .lora import AdapterPlan
 from .model import Phi4MM
-from .processor import Prepared, encode_media, prepare
+from .processor import TEXT_ADAPTER, Prepared, encode_media, prepare
 from .sampling import SamplingBatch, SamplingParams, sample
 from .tokenizer import Tokenizer
 from .weights import CheckpointError, load_weights, lora_configs_from_folders
@@ -71,6 +71,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     load_weights(net, path, cfg.layout, str(device), dt, skip_lora=not adapters)
     net.eval()
     model = Model(net, cfg, tok, device, dt)
+    if adapters and (path / f"{TEXT_ADAPTER}-lora" / "adapter_config.json").is_file():
+        # A text fine-tune saved beside the checkpoint (`phi4mm train --stage text` writes text-lora/): loaded
+        # strictly, and text-only prompts then run through it (processor.prepare).
+        from .train_export import load_adapter
+        load_adapter(model, path / f"{TEXT_ADAPTER}-lora", TEXT_ADAPTER)
     model.load_seconds = time.perf_counter() - t0
     return model
 

@@ -115,7 +115,7 @@ def evaluate(model_dir: str | Path, data: str | Path, metric: str = "wer", *, ma
     records = records[:limit] if limit else records
     if model is None:
         model = api.load(model_dir, device, dtype)
-        if text_adapter is not None:
+        if text_adapter is not None and text_adapter not in model.config.loras:  # text-lora/ loads by itself
             load_adapter(model, Path(model_dir) / f"{text_adapter}-lora", text_adapter)
     requests, answers = [], []
     for rec in records:

@@ -67,20 +67,23 @@ class MicroStage:
     branch: str = ""  # stages of one branch run in order; branches train disjoint tensors (merged exactly)
     with_lora: bool = False  # an encoder stage also trains its modality's LoRA (train.STAGE_LORA says why)
     warmup: int = 20
+    keep_plan: bool = False  # never cut by a --max-minutes budget (a phase of only such stages is unbudgeted)
 
 
 IMAGE_TASKS = ("ocr", "shapes", "caption")
 SPEECH_TASKS = ("asr", "ast", "sqa")
 RECIPE = (
-    MicroStage("text", "decoder", ("text", "tools"), 12, 1e-3, 8192, phase=0),
+    # Every later stage builds on this decoder, and it is cheap (~45 s on an H200): a budget never cuts it. Cut
+    # to 345 of its 720 steps by a 6.8-minute budget, the model scored 0.0 on tool calls (0.99 uncut).
+    MicroStage("text", "decoder", ("text", "tools"), 12, 1e-3, 8192, phase=0, keep_plan=True),
     MicroStage("vision-projector", "vision-projector", IMAGE_TASKS, 1, 1e-3, phase=1, branch="vision"),
     MicroStage("vision-encoder", "vision-encoder", IMAGE_TASKS, 12, 5e-4, phase=1, branch="vision",
                with_lora=True, warmup=100),
-    # RECIPE.md's audio encoder starts from an ASR model; the micro one learns to recognise words first (CTC
-    # on the transcripts). Without it the encoder's output stayed nearly constant over time after 1,136
-    # LM-loss steps (frame-to-frame cosine 0.998) and the model transcribed from its language prior (WER 1.04).
-    # Small batches, many steps: from the zeroed-branch init, CTC memorised 32 clips in 200 steps of 8 at 1e-3 on
-    # a CPU; at 2e-3 x 820 steps of ~100 clips (the old init) it stayed on its blank/prior plateau.
+    # RECIPE.md's audio encoder starts from an ASR model; the micro one learns to recognise speech first (CTC
+    # on the transcripts, in character-BPE units: train.ctc_units). Without it the encoder's output stayed nearly
+    # constant over time after 1,136 LM-loss steps and the model transcribed from its language prior (WER 1.04);
+    # with whole-word targets CTC sat on its plateau (loss ~3.0 per word after 2,640 GPU steps); with the units
+    # a probe reached held-out WER 0.25 in 385 steps (scripts/micro_ctc_probe.py, docs/micro-model.md).
     MicroStage("speech-ctc", "speech-ctc", ("asr",), 16, 1e-3, 2048, phase=1, branch="speech", warmup=100),
     MicroStage("speech-encoder", "speech-encoder", SPEECH_TASKS, 8, 1e-3, 4096, phase=1, branch="speech",
                with_lora=True, warmup=100),
@@ -304,6 +307,9 @@ def _run_chain(out: Path, chain: list[int], base: Path, data_dir: Path, seed: in
     """Train RECIPE[chain] in order from base; each finished stage leaves done + summary.json."""
     from .train import train
     cuda = device.startswith("cuda")
+    if cuda and ":" in device:  # a branch on its own GPU: allocations that name no device go there too
+        import torch
+        torch.cuda.set_device(device)
     for n in chain:
         st = RECIPE[n]
         stage_out = out / "stages" / f"{n + 1:02d}-{st.name}"
@@ -391,6 +397,31 @@ def finalize(src: str | Path, out: str | Path, check_size: bool = True) -> Path:
     return out
 
 
+def _phase_budgets(phases: list[list[list[int]]], planned: list[float], left: float | None,
+                   ) -> dict[int, float | None]:
+    """Seconds each stage of phases[0] may train (None: its whole plan), given `left` seconds for all of
+    `phases`: the first phase's share of them by planned wall seconds (a phase lasts as long as its longest
+    branch), split among its stages by their planned seconds. A phase of keep_plan stages is never cut."""
+    phase = phases[0]
+    budgets: dict[int, float | None] = {n: None for chain in phase for n in chain}
+    if left is None or all(RECIPE[n].keep_plan for chain in phase for n in chain):
+        return budgets
+    wall = [max(sum(planned[n] for n in chain) for chain in ph) for ph in phases]
+    share = max(10.0, left * wall[0] / sum(wall))
+    for chain in phase:
+        for n in chain:
+            budgets[n] = max(10.0, share * planned[n] / wall[0])
+    return budgets
+
+
+def _branch_device(device: str, i: int, n: int) -> str:
+    """Branch i of n: its own GPU when a bare "cuda" was asked for and there are enough, else the one asked."""
+    if device != "cuda":
+        return device
+    import torch
+    return f"cuda:{i}" if torch.cuda.device_count() >= n else device
+
+
 def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: float = 1.0,
                workers: int | None = None, epochs_scale: float = 1.0, max_minutes: float | None = None,
                evaluate: bool = True, progress: bool = True, stop_after: str | None = None,
@@ -439,20 +470,16 @@ def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: floa
     planned = [_planned_seconds(data["train"], st) for st in RECIPE]
     summary["planned_seconds"] = {st.name: round(p * epochs_scale, 2) for st, p in zip(RECIPE, planned)}
     for k, phase in enumerate(phases):
-        budgets: dict[int, float | None] = {n: None for chain in phase for n in chain}
-        if max_minutes is not None:  # this phase's share of what is left, by the planned (wall) seconds
-            left = max_minutes * 60 - (time.perf_counter() - t0)
-            wall = [max(sum(planned[n] for n in chain) for chain in ph) for ph in phases[k:last + 1]]
-            share = max(10.0, left * wall[0] / sum(wall))
-            for chain in phase:
-                for n in chain:
-                    budgets[n] = max(10.0, share * planned[n] / wall[0])
+        left = None if max_minutes is None else max_minutes * 60 - (time.perf_counter() - t0)
+        budgets = _phase_budgets(phases[k:last + 1], planned, left)
         if len(phase) > 1 and (cuda if parallel is None else parallel):
             import multiprocessing as mp
             ctx = mp.get_context("spawn")  # fresh CUDA contexts; this process may hold one already
             per = max(1, workers // len(phase))
-            procs = [ctx.Process(target=_run_chain, args=(out, chain, base, data["train"], seed, device, per,
-                                                            budgets, epochs_scale, progress)) for chain in phase]
+            procs = [ctx.Process(target=_run_chain, args=(out, chain, base, data["train"], seed,
+                                                            _branch_device(device, i, len(phase)), per,
+                                                            budgets, epochs_scale, progress))
+                     for i, chain in enumerate(phase)]
             for p in procs:
                 p.start()
             for p in procs:

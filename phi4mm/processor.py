@@ -31,12 +31,15 @@ class Prepared:
     input_ids: list[int]
     images: ImageInputs | None
     audios: AudioInputs | None
-    adapter: str | None  # "vision" | "speech" | None: the mixture-of-LoRAs choice for this request
+    adapter: str | None  # "vision" | "speech" | "text" | None: the mixture-of-LoRAs choice for this request
     audio_projector: str  # "speech", or "vision" when the prompt also has images
 
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
+
+
+TEXT_ADAPTER = "text"  # a text fine-tune's adapter (`phi4mm train --stage text`, shipped as text-lora/)
 
 
 def choose_adapter(has_images: bool, has_audio: bool) -> tuple[str | None, str]:
@@ -103,6 +106,8 @@ def prepare(prompt: str | Sequence[dict[str, Any]], tokenizer: Tokenizer, cfg: M
     adapter, projector = choose_adapter(img_in is not None, aud_in is not None)
     if adapter is not None and adapter not in cfg.loras:
         adapter = None  # e.g. a transformers-native directory loaded without its adapter folders
+    if adapter is None and img_in is None and aud_in is None and TEXT_ADAPTER in cfg.loras:
+        adapter = TEXT_ADAPTER  # a checkpoint with a text fine-tune uses it for text-only prompts
     return Prepared(ids, img_in, aud_in, adapter, projector)
 
 

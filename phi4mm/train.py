@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 
 from .config import LoraConfig, ModelConfig
@@ -218,23 +219,49 @@ def _audio_batch(auds: list, dev: torch.device, dt: torch.dtype) -> tuple[torch.
     return f, torch.cat([a.frame_lengths for a in auds]).to(dev)  # (N,)
 
 
-class CTCLossModule(nn.Module):
-    """(batch) -> summed CTC loss of the audio encoder's frames against each sample's target tokens.
+CTC_UNITS = 96  # CTC target vocabulary: letters plus the commonest pieces, ~2-3 characters a unit
 
-    One audio per sample; the targets are the sample's trained tokens without special tokens (for ASR data:
-    the transcript). A linear head maps each 80 ms frame to the vocabulary plus a blank (the last class).
+
+def ctc_units(texts: list[str]) -> Tokenizer:
+    """A small BPE over characters (a word-start mark on each word) trained on the stage's transcripts.
+
+    CTC targets must be units that words share: with the decoder's tokens (whole words in the micro BPE) the
+    encoder has to learn each word's sound as a separate class, and a probe on the micro data stayed at WER
+    0.89 after 385 steps where these units reached 0.25 (scripts/micro_ctc_probe.py). Characters alone would
+    not fit: speech runs ~15 characters a second against 12.5 frames; these units need ~0.55 per frame."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=CTC_UNITS, show_progress=False))
+    return tok
+
+
+def _transcript(tokenizer, e: Example) -> str:
+    """The sample's trained tokens without special tokens, as text (for ASR data: what is said)."""
+    special = {tokenizer.token_id(c) for _, c, _, _ in ADDED_TOKENS if tokenizer.has_token(c)}
+    return tokenizer.decode([t for t in e.labels if t != IGNORE and t not in special]).strip()
+
+
+class CTCLossModule(nn.Module):
+    """(batch) -> summed CTC loss of the audio encoder's frames against each sample's transcript in CTC units.
+
+    One audio per sample; the transcript is the sample's trained tokens without special tokens, decoded (for
+    ASR data: the text heard). `units` (ctc_units) splits it into targets; a linear head maps each 80 ms frame
+    to the units plus a blank (the last class). The head and units are thrown away after the stage.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, units: Tokenizer):
         super().__init__()
         self.net, self.device, self.dtype = model.net, model.device, model.dtype
-        tok = model.tokenizer
-        self.special = {tok.token_id(c) for _, c, _, _ in ADDED_TOKENS if tok.has_token(c)}
-        self.blank = model.config.text.vocab_size
+        self.tokenizer, self.units = model.tokenizer, units
+        self.blank = units.get_vocab_size()
         self.head = nn.Linear(model.config.audio.hidden_size, self.blank + 1, device=self.device)
 
+    def text(self, e: Example) -> str:
+        return _transcript(self.tokenizer, e)
+
     def targets(self, e: Example) -> list[int]:
-        return [t for t in e.labels if t != IGNORE and t not in self.special]
+        return self.units.encode(self.text(e)).ids
 
     def forward(self, batch: Batch) -> torch.Tensor:
         logp, token_lengths = self._log_probs(batch)
@@ -327,7 +354,15 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
     per_epoch = len(_epoch_batches([e.length for e in examples], batch_tokens, seed, 0, rank, world))
     total = max_steps or math.ceil(epochs * per_epoch / grad_accum)
     model.net.train()
-    loss_mod = CTCLossModule(model) if ctc else LossModule(model, grad_checkpointing)
+    if ctc:  # the units are saved with the run, so a resumed one uses the very same
+        units_file = out / "ctc-units.json"
+        if resume and units_file.is_file():
+            units = Tokenizer.from_file(str(units_file))
+        else:
+            units = ctc_units([_transcript(model.tokenizer, e) for e in examples])
+            out.mkdir(parents=True, exist_ok=True)
+            units.save(str(units_file))
+    loss_mod = CTCLossModule(model, units) if ctc else LossModule(model, grad_checkpointing)
     # Everything the optimizer steps, by name: the stage's model parameters (+ the CTC head, never exported).
     trainables = {n: p for n, p in model.net.named_parameters() if n in names}
     if ctc:
@@ -388,7 +423,8 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         if log is not None:
             log.write(json.dumps({"step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"], "epoch": epoch,
                                   "grad_norm": grad_norm, "targets": n_targets, "tokens_per_s": rate,
-                                  "data_wait_s": round(waited, 3)}) + "\n")
+                                  "data_wait_s": round(waited, 3),
+                                  "elapsed_s": round(time.perf_counter() - t0, 4)}) + "\n")
             log.flush()
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}", refresh=False)
         bar.update(1)
@@ -404,9 +440,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         b = next(iter(batch_loader(model, examples, [[windows[0][0][2][:4]]], cfg.text.pad_token_id, 0)))[0]
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
             hyps = loss_mod.greedy(b)
-        tok = model.tokenizer
-        heard = [{"reference": tok.decode(loss_mod.targets(e)), "heard": tok.decode(h)}
-                 for e, h in zip(b.examples, hyps)]
+        heard = [{"reference": loss_mod.text(e), "heard": loss_mod.units.decode(h)} for e, h in zip(b.examples, hyps)]
     if rank == 0:
         export(model, model_dir, out, names)
     return {"stage": stage, "steps": step, "losses": losses, "final_loss": losses[-1] if losses else None,

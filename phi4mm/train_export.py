@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import PEFT_TARGET, _adapter_folder
 from .config import LoraConfig
 from .lora import LoraLinear
+from .processor import TEXT_ADAPTER
 from .weights import _PEFT, MAIN, _rename, name_table
 
 _LORA = r"layers\.\d+\.(self_attn|mlp)\.\w+\.lora_[AB]\.{}"
-TEXT_ADAPTER = "text"
 
 
 # ---- output: a complete checkpoint directory -----------------------------------------------------------------

@@ -97,6 +97,20 @@ def test_recipe_phases_run_vision_and_speech_as_branches():
     assert [st.phase for st in micro.RECIPE] == sorted(st.phase for st in micro.RECIPE)
 
 
+def test_a_budget_never_cuts_the_text_stage_and_shares_the_rest_by_plan():
+    phases = micro._phases()
+    planned = [40.0, 30.0, 300.0, 150.0, 100.0, 120.0, 90.0, 150.0]  # seconds, RECIPE order
+    assert len(planned) == len(micro.RECIPE)
+    # 60 s left for a recipe planned at ~750 s: the decoder's text stage still gets its whole plan.
+    assert set(micro._phase_budgets(phases, planned, 60.0).values()) == {None}
+    assert set(micro._phase_budgets(phases[1:], planned, None).values()) == {None}  # no budget at all
+    # Phase 1 lasts 330 s (its longer branch) of the 330 + 120 + 150 s left planned: 55% of 300 s.
+    b = micro._phase_budgets(phases[1:], planned, 300.0)
+    vision, speech = phases[1]
+    assert sum(b[n] for n in vision) == pytest.approx(300.0 * 330 / 600)
+    assert b[vision[1]] == pytest.approx(10 * b[vision[0]])  # each stage in proportion to its plan
+    assert sum(b[n] for n in speech) < sum(b[n] for n in vision)  # the shorter branch is cut no more
+
 def test_fresh_towers_start_as_identity_blocks_that_pass_the_input_on(micro_tok, tmp_path):
     from pathlib import Path
 

@@ -147,12 +147,17 @@ def test_text_stage_overfits_and_reloads(base, tmp_path):
     assert s["losses"][0] > 5 and s["losses"][-1] < 0.1, s["losses"]
     assert len((out / "log.jsonl").read_text().splitlines()) == 20
     _assert_only_trained_changed(_state(base), _state(out), [])  # the text adapter lives in text-lora/ only
-    model = phi4mm.load(out, dtype=torch.float32)
-    load_adapter(model, out / "text-lora", "text")
+    model = phi4mm.load(out, dtype=torch.float32)  # text-lora/ loads with the checkpoint ...
     for q, a in TEXT[:2]:
         prep = model.prepare([{"role": "user", "content": q}])
-        prep.adapter = "text"
+        assert prep.adapter == "text"  # ... and text-only prompts run through it
         assert model.generate(prep, max_new_tokens=8) == a
+    plain = phi4mm.load(out, dtype=torch.float32, adapters=False)
+    assert "text" not in plain.config.loras and plain.prepare(TEXT[0][0]).adapter is None
+    again = phi4mm.load(base, dtype=torch.float32)  # the base has no text-lora/: text runs with no adapter
+    load_adapter(again, out / "text-lora", "text")
+    prep = again.prepare([{"role": "user", "content": TEXT[0][0]}])
+    assert prep.adapter == "text" and again.generate(prep, max_new_tokens=8) == TEXT[0][1]
 
     from phi4mm.evaluate import evaluate
     r = evaluate(out, data, "exact", text_adapter="text", max_tokens=8)
