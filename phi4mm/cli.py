@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import re
 import sys
 import time
@@ -498,8 +499,9 @@ def _train(args) -> int:
               lora_rank=args.lora_rank, device=args.device, dtype=args.dtype, amp=args.amp,
               grad_checkpointing=args.grad_checkpointing, warmup_steps=args.warmup_steps,
               save_every=args.save_every, resume=args.resume, skip_bad=args.skip_bad, workers=args.workers or 0)
-    print(f"trained {s['stage']}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
-          f"{len(s['skipped'])} bad lines skipped; wrote {s['out']}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns here; one line is enough
+        print(f"trained {s['stage']}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
+              f"{len(s['skipped'])} bad lines skipped; wrote {s['out']}")
     return 0
 
 

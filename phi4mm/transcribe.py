@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .audio_processing import SAMPLE_RATE, load_audio
+from .micro_text import LANGUAGE as MICRO_LANGUAGE
 from .sampling import SamplingParams
 
 # --- prompts (model card, "Speech-Language Format") -----------------------------------------------------------
@@ -68,6 +69,8 @@ def language_name(language: str | None) -> str | None:
     for name in SPEECH_LANGUAGES.values():
         if key == name.lower():
             return name
+    if key == MICRO_LANGUAGE.lower():  # the embedded micro model's synthetic translation target
+        return MICRO_LANGUAGE
     supported = ", ".join(f"{n} ({c})" for c, n in SPEECH_LANGUAGES.items())
     raise ValueError(f"language {language!r} is not one of the model card's speech languages: {supported}")
 

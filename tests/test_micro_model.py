@@ -72,6 +72,8 @@ def test_cli_uses_it_without_model(capsys, tmp_path):
     spoken = Path(__file__).parents[1] / "examples" / "spoken.flac"  # the README's first command
     assert main(["transcribe", str(spoken)]) == 0
     assert capsys.readouterr().out.strip() == "the red horse played again"
+    assert main(["translate", str(spoken), "--language", "vellish"]) == 0  # its synthetic language, by name
+    assert capsys.readouterr().out.strip().startswith("kigir niven zadabin")  # to_vellish("the red horse ...")
     assert main(["transcribe", str(DATA / "flite_quick_brown_fox.flac"), "-o", str(tmp_path)]) == 0
     assert (tmp_path / "flite_quick_brown_fox.txt").read_text().strip()
 
