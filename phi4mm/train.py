@@ -168,9 +168,10 @@ class LossModule(nn.Module):
         B, T = ids.shape
         positions = torch.arange(T, device=dev)[None].expand(B, T)  # (B, T): right padding, every row from 0
         long = (batch.lengths.to(dev) > net.cfg.text.original_max_position_embeddings)[:, None].expand(B, T)
-        key_mask = None if batch.key_mask is None else batch.key_mask.to(dev)
+        # No key mask: batches are right-padded, so under the causal mask a real token never sees a pad, and
+        # the loss reads real positions only. Without a mask SDPA can take its causal (flash) kernel.
         plan = AdapterPlan.build([e.adapter for e in batch.examples], dev)
-        x = net.hidden(x, positions, plan=plan, key_mask=key_mask, long_rope=long,
+        x = net.hidden(x, positions, plan=plan, key_mask=None, long_rope=long,
                        checkpoint=self.grad_checkpointing and self.training)  # (B, T, hidden)
         # Only target positions reach the vocabulary projection: (N, vocab) instead of (B, T, vocab).
         targets = batch.labels[:, 1:].to(dev)  # (B, T-1): position t predicts token t+1

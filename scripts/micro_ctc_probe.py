@@ -145,6 +145,19 @@ def _variant(name: str, ckpt: str, feats_file: str, device: str, seconds: float,
     Path(out).write_text(json.dumps(res))
 
 
+def prepare_work(work: Path, scale: float = 1.0) -> Path:
+    """The recipe's micro data (train seed 0, test seed 1000) and init checkpoint in `work` (reused when there)."""
+    from phi4mm import micro, micro_data
+    for split, seed in (("train", 0), ("test", 1000)):
+        if not (work / split / "done").is_file():
+            micro_data.generate(work / split, split, seed, scale=scale, progress=False)
+            (work / split / "done").write_text("")
+    ckpt = work / "init"
+    if not (ckpt / "config.json").is_file():
+        micro.init_checkpoint(ckpt, work / "train", 0)
+    return ckpt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("work")
@@ -154,16 +167,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--scale", type=float, default=1.0)
     a = ap.parse_args()
-    from phi4mm import micro, micro_data
     work = Path(a.work)
     t = time.time()
-    for split, seed in (("train", 0), ("test", 1000)):
-        if not (work / split / "done").is_file():
-            micro_data.generate(work / split, split, seed, scale=a.scale, progress=False)
-            (work / split / "done").write_text("")
-    ckpt = work / "init"
-    if not (ckpt / "config.json").is_file():
-        micro.init_checkpoint(ckpt, work / "train", 0)
+    ckpt = prepare_work(work, a.scale)
     feats_file = work / "feats.pt"
     if not feats_file.is_file():
         tr, trt = _feats(work / "train")
