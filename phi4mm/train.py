@@ -15,6 +15,7 @@ Each stage trains exactly the parts its recipe stage trains; everything else is 
 | text             | a new decoder LoRA "text"                                | text-only samples -> "text" |
 | decoder          | the decoder's own weights (pre-training; micro model)    | text-only samples, no LoRA  |
 | speech-ctc       | Conformer audio encoder, through a CTC head (micro)      | audio samples, no decoder   |
+| vision-ctc       | SigLIP, through a CTC head over patch columns (micro)    | one-crop images, no decoder |
 
 The output directory is a complete checkpoint in the base's layout (config and tokenizer copied, shards with
 the trained tensors rewritten under their stored names, `<adapter>-lora/` PEFT folders), so `phi4mm.load(out)`
@@ -84,8 +85,10 @@ STAGES = {
     # for RECIPE.md's encoder "initialised from an attention encoder-decoder ASR model"). The head is thrown
     # away afterwards: only the encoder is exported.
     "speech-ctc": Stage(("audio",), (_AUDIO_ENC,), None, lambda e: e.has_audio),
+    "vision-ctc": Stage(("vision",), (_VISION_ENC,), None, _has_image),
 }
-CTC_STAGES = ("speech-ctc",)
+CTC_STAGES = ("speech-ctc", "vision-ctc")
+CTC_FRAMES_PER_COLUMN = 2  # vision-ctc: each patch column is read twice, so a letter 1 column wide still fits CTC
 
 
 # The LoRA an encoder/projector stage may train alongside (`with_lora=True`): its modality's adapter.
@@ -223,7 +226,7 @@ def _audio_batch(auds: list, dev: torch.device, dt: torch.dtype) -> tuple[torch.
 CTC_UNITS = 96  # CTC target vocabulary: letters plus the commonest pieces, ~2-3 characters a unit
 
 
-def ctc_units(texts: list[str]) -> Tokenizer:
+def ctc_units(texts: list[str], vocab_size: int = CTC_UNITS) -> Tokenizer:
     """A small BPE over characters (a word-start mark on each word) trained on the stage's transcripts.
 
     CTC targets must be units that words share: with the decoder's tokens (whole words in the micro BPE) the
@@ -233,7 +236,7 @@ def ctc_units(texts: list[str]) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=CTC_UNITS, show_progress=False))
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
     return tok
 
 
@@ -251,12 +254,13 @@ class CTCLossModule(nn.Module):
     to the units plus a blank (the last class). The head and units are thrown away after the stage.
     """
 
-    def __init__(self, model, units: Tokenizer):
+    def __init__(self, model, units: Tokenizer, vision: bool = False):
         super().__init__()
         self.net, self.device, self.dtype = model.net, model.device, model.dtype
-        self.tokenizer, self.units = model.tokenizer, units
+        self.tokenizer, self.units, self.vision = model.tokenizer, units, vision
         self.blank = units.get_vocab_size()
-        self.head = nn.Linear(model.config.audio.hidden_size, self.blank + 1, device=self.device)
+        width = (model.config.vision if vision else model.config.audio).hidden_size
+        self.head = nn.Linear(width, self.blank + 1, device=self.device)
 
     def text(self, e: Example) -> str:
         return _transcript(self.tokenizer, e)
@@ -285,18 +289,49 @@ class CTCLossModule(nn.Module):
         return out
 
     def _log_probs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        f, lens = _audio_batch([e.prep.audios for e in batch.examples], self.device, self.dtype)
-        hidden, token_lengths = self.net.audio.encode(f, lens)  # (N, T', D), (N,)
-        return F.log_softmax(self.head(hidden).float(), dim=-1), token_lengths  # (N, T', V + 1), (N,)
+        if self.vision:
+            hidden, lengths = self._columns(batch)
+        else:
+            f, lens = _audio_batch([e.prep.audios for e in batch.examples], self.device, self.dtype)
+            hidden, lengths = self.net.audio.encode(f, lens)  # (N, T', D), (N,)
+        return F.log_softmax(self.head(hidden).float(), dim=-1), lengths  # (N, T, V + 1), (N,)
+
+    def _columns(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's one 448-px crop through SigLIP, read left to right: the mean of every patch column over
+        its valid rows, each column repeated CTC_FRAMES_PER_COLUMN times -> (N, 32*r, C), and the lengths."""
+        vis, dev = self.net.vision, self.device
+        ims = [e.prep.images for e in batch.examples]
+        pv = torch.cat([i.pixel_values[:, 1] for i in ims]).to(dev, self.dtype, non_blocking=True)  # (N, 3, 448, 448)
+        mask = torch.cat([i.attention_mask[:, 1] for i in ims]).to(dev).bool()  # (N, 32, 32): crop 0 is global
+        n, side = mask.shape[:2]
+        f = vis.encode_crops(pv, mask).view(n, side, side, -1)  # (N, 1024, C) -> (N, rows, cols, C)
+        rows = mask.sum(1, keepdim=True).clamp(min=1)[..., None]  # (N, 1, cols, 1): valid rows per column
+        cols = (f * mask[..., None]).sum(1, keepdim=True).div(rows).squeeze(1)  # (N, cols, C)
+        lengths = mask[:, 0].sum(-1) * CTC_FRAMES_PER_COLUMN  # (N,): valid columns, repeated
+        return cols.repeat_interleave(CTC_FRAMES_PER_COLUMN, dim=1), lengths  # (N, cols*r, C)
 
 
-def _check_ctc(examples: list[Example], data: Path) -> None:
-    """CTC stages need exactly one audio (and no image) per sample."""
+def _check_ctc(examples: list[Example], data: Path, stage: str, dynamic_hd: int) -> None:
+    """speech-ctc needs exactly one audio and no image per sample; vision-ctc exactly one image, no audio, that
+    fits one 448-px crop (its columns are read left to right: a word or a line, up to 448 px wide)."""
+    from .image_processing import plan_hd
     for e in examples:
-        n = len(e.record.audios)
-        if n != 1 or e.has_image:
-            raise DataError(f"{data}:{e.record.line}: stage speech-ctc takes samples with exactly one audio and no "
-                            f"image (this one has {n} audio(s)); give it speech recognition data")
+        if stage == "speech-ctc":
+            n = len(e.record.audios)
+            if n != 1 or e.has_image:
+                raise DataError(f"{data}:{e.record.line}: stage speech-ctc takes samples with exactly one audio and "
+                                f"no image (this one has {n} audio(s)); give it speech recognition data")
+            continue
+        n = len(e.record.images)
+        if n != 1 or e.has_audio:
+            raise DataError(f"{data}:{e.record.line}: stage vision-ctc takes samples with exactly one image and no "
+                            f"audio (this one has {n} image(s)); give it text-reading (OCR) data")
+        from .image_processing import load_image
+        w, h = load_image(e.record.images[0]).size
+        plan = plan_hd(w, h, dynamic_hd)
+        if plan.rows * plan.cols != 1:
+            raise DataError(f"{data}:{e.record.line}: stage vision-ctc reads one 448-px crop, but this {w}x{h} image "
+                            f"takes {plan.rows}x{plan.cols} crops; use images up to 448 px on the long side")
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------
@@ -351,7 +386,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
 
     ctc = stage in CTC_STAGES
     if ctc:
-        _check_ctc(examples, Path(data))
+        _check_ctc(examples, Path(data), stage, cfg.dynamic_hd)
     per_epoch = len(_epoch_batches([e.length for e in examples], batch_tokens, seed, 0, rank, world))
     total = max_steps or math.ceil(epochs * per_epoch / grad_accum)
     model.net.train()
@@ -360,10 +395,12 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         if resume and units_file.is_file():
             units = Tokenizer.from_file(str(units_file))
         else:
-            units = ctc_units([_transcript(model.tokenizer, e) for e in examples])
+            # Speech: character-BPE units; reading: single characters (a word is a few patch columns wide).
+            units = ctc_units([_transcript(model.tokenizer, e) for e in examples],
+                              CTC_UNITS if stage == "speech-ctc" else 1)
             out.mkdir(parents=True, exist_ok=True)
             units.save(str(units_file))
-    loss_mod = CTCLossModule(model, units) if ctc else LossModule(model, grad_checkpointing)
+    loss_mod = CTCLossModule(model, units, stage == "vision-ctc") if ctc else LossModule(model, grad_checkpointing)
     # Everything the optimizer steps, by name: the stage's model parameters (+ the CTC head, never exported).
     trainables = {n: p for n, p in model.net.named_parameters() if n in names}
     if ctc:

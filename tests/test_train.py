@@ -244,6 +244,46 @@ def test_speech_ctc_trains_the_encoder_alone_and_resumes_with_its_head(base, tmp
     assert resumed["losses"] == full["losses"]
 
 
+def _ocr_data(tmp: Path, words=("cab", "dig")) -> Path:
+    from PIL import Image, ImageDraw, ImageFont
+    (tmp / "media").mkdir(exist_ok=True)
+    font = ImageFont.load_default(size=60)
+    for w in words:
+        img = Image.new("RGB", (448, 112), "white")
+        ImageDraw.Draw(img).text((20, 20), w, font=font, fill="black")
+        img.save(tmp / "media" / f"{w}.png")
+    return _write(tmp / "ocr.jsonl", [_chat("What word is written in the image?", w,
+                                            {"type": "image", "path": f"media/{w}.png"}) for w in words])
+
+
+def test_vision_ctc_trains_siglip_alone_to_read_its_images_columns(base, tmp_path):
+    data = _ocr_data(tmp_path)
+    kw = {"max_steps": 150, "lr": 3e-3, "batch_tokens": 64, "progress": False, "warmup_steps": 5}  # one per batch
+    r = train(base, data, "vision-ctc", tmp_path / "a", **kw)
+    assert r["trainable"] and all(n.startswith("vision.img_processor.") for n in r["trainable"])
+    first, last = sum(r["losses"][:4]) / 4, sorted(r["losses"][-10:])[5]  # the median: CTC's loss spikes
+    assert last < 0.3 * first, r["losses"]  # two words: CTC learns their letters (from the blank plateau)
+    _assert_only_trained_changed(_state(base), _state(tmp_path / "a"), r["trainable"])
+    assert {h["reference"] for h in r["ctc_heard"]} <= {"cab", "dig"}
+    units = json.loads((tmp_path / "a" / "ctc-units.json").read_text())["model"]["vocab"]
+    assert set(units) == set("cabdig") | {"\u2581"}  # single letters (+ the word-start mark): no merges
+
+
+def test_vision_ctc_refuses_images_of_several_crops_and_audio_before_training(base, tmp_path):
+    from PIL import Image
+    data = _ocr_data(tmp_path)
+    Image.new("RGB", (1400, 300), "white").save(tmp_path / "media" / "wide.png")
+    wide = _write(tmp_path / "wide.jsonl", [data.read_text().splitlines()[0],
+                                            _chat("What word?", "x", {"type": "image", "path": "media/wide.png"})])
+    with pytest.raises(ValueError, match=r"wide\.jsonl:2: stage vision-ctc reads one 448-px crop, but this "
+                                         r"1400x300 image takes"):
+        train(base, wide, "vision-ctc", tmp_path / "o", max_steps=1, progress=False)
+    mixed = _write(tmp_path / "mixed.jsonl", [data.read_text().splitlines()[0],
+                                              _asr_data(tmp_path).read_text().splitlines()[0]])
+    with pytest.raises(ValueError, match=r"mixed\.jsonl:2: stage vision-ctc takes samples with exactly one image"):
+        train(base, mixed, "vision-ctc", tmp_path / "o2", max_steps=1, progress=False)
+
+
 def test_speech_ctc_needs_one_audio_per_sample(base, tmp_path):
     data = _asr_data(tmp_path)
     mixed = _write(tmp_path / "mixed.jsonl", [json.loads(data.read_text().splitlines()[0]), _chat("Hi", "Hi")])
