@@ -36,7 +36,6 @@ CBPE_VOCAB = 96  # letters + frequent pieces: ~2-3 characters a unit, so a sente
 
 
 def _feats(data: Path) -> tuple[list[torch.Tensor], list[str]]:
-    from phi4mm.audio_processing import load_audio, log_mel
     recs = [json.loads(line) for line in open(data / "asr.jsonl")]
     paths = [str(data / r["messages"][0]["content"][0]["audio_url"]["url"]) for r in recs]
     with mp.get_context("spawn").Pool(16) as pool:
@@ -158,15 +157,31 @@ def prepare_work(work: Path, scale: float = 1.0) -> Path:
     return ckpt
 
 
-def main() -> None:
+def probe_args(variants: dict) -> argparse.ArgumentParser:
+    """The probes' shared command line: WORK OUT_JSON, seconds per variant, which variants, device, data scale."""
     ap = argparse.ArgumentParser()
     ap.add_argument("work")
     ap.add_argument("out")
     ap.add_argument("--seconds", type=float, default=240)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(variants))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--scale", type=float, default=1.0)
-    a = ap.parse_args()
+    return ap
+
+
+def run_variants(target, names: list[str], prefix: Path, args) -> list[dict]:
+    """target(*args(name, out_json)) for every variant at once, one spawned process each; their results."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args(n, f"{prefix}-{n}.json")) for n in names]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return [json.loads(Path(f"{prefix}-{n}.json").read_text()) for n in names if Path(f"{prefix}-{n}.json").is_file()]
+
+
+def main() -> None:
+    a = probe_args(VARIANTS).parse_args()
     work = Path(a.work)
     t = time.time()
     ckpt = prepare_work(work, a.scale)
@@ -176,16 +191,8 @@ def main() -> None:
         te, tet = _feats(work / "test")
         torch.save({"train": tr, "train_text": trt, "test": te, "test_text": tet}, feats_file)
     print(f"data + init + features: {time.time() - t:.0f} s", flush=True)
-    names = a.variants.split(",")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_variant, args=(n, str(ckpt), str(feats_file), a.device, a.seconds,
-                                                str(work / f"probe-{n}.json"))) for n in names]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    results = [json.loads((work / f"probe-{n}.json").read_text()) for n in names
-               if (work / f"probe-{n}.json").is_file()]
+    results = run_variants(_variant, a.variants.split(","), work / "probe",
+                           lambda n, out: (n, str(ckpt), str(feats_file), a.device, a.seconds, out))
     Path(a.out).write_text(json.dumps(results, indent=1))
     print(f"{'variant':16} {'steps':>6} {'tgt/frame':>9} {'heldout':>8} {'WER':>6}")
     for r in results:

@@ -13,9 +13,7 @@ Uses WORK's micro data and init checkpoint when present (micro_ctc_probe.py make
 """
 from __future__ import annotations
 
-import argparse
 import json
-import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from micro_ctc_probe import prepare_work  # noqa: E402  (scripts/ is not a package)
+from micro_ctc_probe import prepare_work, probe_args, run_variants  # noqa: E402  (scripts/ is not a package)
 
 # name: (lr, frames per patch column, clips per batch)
 VARIANTS = {"cols-1e3": (1e-3, 1, 32), "cols-1e3-x2": (1e-3, 2, 32), "cols-3e3-x2": (3e-3, 2, 32)}
@@ -113,13 +111,7 @@ def _variant(name: str, ckpt: str, data_file: str, device: str, seconds: float, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("work")
-    ap.add_argument("out")
-    ap.add_argument("--seconds", type=float, default=240)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--scale", type=float, default=1.0)
+    ap = probe_args(VARIANTS)
     ap.add_argument("--batch", type=int, help="images per step for every variant (default: the variant's)")
     a = ap.parse_args()
     work = Path(a.work)
@@ -131,16 +123,8 @@ def main() -> None:
         te, tew = _images(work / "test")
         torch.save({"train": tr, "train_words": trw, "test": te, "test_words": tew}, data_file)
     print(f"data + init + images: {time.time() - t:.0f} s", flush=True)
-    names = a.variants.split(",")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_variant, args=(n, str(ckpt), str(data_file), a.device, a.seconds,
-                                                str(work / f"ocr-probe-{n}.json"), a.batch)) for n in names]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    results = [json.loads((work / f"ocr-probe-{n}.json").read_text()) for n in names
-               if (work / f"ocr-probe-{n}.json").is_file()]
+    results = run_variants(_variant, a.variants.split(","), work / "ocr-probe",
+                           lambda n, out: (n, str(ckpt), str(data_file), a.device, a.seconds, out, a.batch))
     Path(a.out).write_text(json.dumps(results, indent=1))
     print(f"{'variant':14} {'steps':>6} {'held-out exact':>15}")
     for r in results:
