@@ -97,6 +97,15 @@ def test_recipe_phases_run_vision_and_speech_as_branches():
     assert [st.phase for st in micro.RECIPE] == sorted(st.phase for st in micro.RECIPE)
 
 
+def test_branches_take_their_own_gpu_when_there_are_enough(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [micro._branch_device("cuda", i, 2) for i in range(2)] == ["cuda:0", "cuda:1"]
+    assert micro._branch_device("cuda:1", 0, 2) == "cuda:1"  # a device the user named is kept
+    assert micro._branch_device("cpu", 1, 2) == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert micro._branch_device("cuda", 1, 2) == "cuda"  # one GPU: both branches share it
+
+
 def test_a_budget_never_cuts_the_text_stage_and_shares_the_rest_by_plan():
     phases = micro._phases()
     planned = [40.0, 30.0, 300.0, 150.0, 100.0, 120.0, 90.0, 150.0]  # seconds, RECIPE order
