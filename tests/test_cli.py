@@ -71,6 +71,13 @@ def test_help(cmd):
             assert flag in p.stdout
 
 
+def test_train_offers_every_stage_the_trainer_has():
+    from phi4mm.train import STAGES
+    train = next(a for a in cli._parser()._subparsers._group_actions[0].choices["train"]._actions
+                 if a.dest == "stage")
+    assert sorted(train.choices) == sorted(STAGES)
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_errors_before_loading_are_one_sentence(capsys, tiny_official, tmp_path):
     m = ["--model", tiny_official]
