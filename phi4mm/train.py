@@ -81,9 +81,9 @@ STAGES = {
     "text": Stage((), (_LORA.format(TEXT_ADAPTER),), TEXT_ADAPTER, lambda e: e.adapter == TEXT_ADAPTER),
     # Pre-training the decoder itself (the micro model's first stage; Phi-4-mini arrives pre-trained).
     "decoder": Stage((), (_DECODER,), None, lambda e: not e.has_image and not e.has_audio),
-    # Pre-training the audio encoder as a CTC recogniser of the transcript's tokens (the micro model's stand-in
-    # for RECIPE.md's encoder "initialised from an attention encoder-decoder ASR model"). The head is thrown
-    # away afterwards: only the encoder is exported.
+    # Pre-training an encoder alone as a CTC recogniser of the sample's answer (ctc_units): the audio encoder
+    # (the micro model's stand-in for RECIPE.md's encoder "initialised from an attention encoder-decoder ASR
+    # model"), or SigLIP reading a rendered word. The head is thrown away afterwards: only the encoder is exported.
     "speech-ctc": Stage(("audio",), (_AUDIO_ENC,), None, lambda e: e.has_audio),
     "vision-ctc": Stage(("vision",), (_VISION_ENC,), None, _has_image),
 }
@@ -247,11 +247,13 @@ def _transcript(tokenizer, e: Example) -> str:
 
 
 class CTCLossModule(nn.Module):
-    """(batch) -> summed CTC loss of the audio encoder's frames against each sample's transcript in CTC units.
+    """(batch) -> summed CTC loss of an encoder's frames against each sample's transcript in CTC units.
 
-    One audio per sample; the transcript is the sample's trained tokens without special tokens, decoded (for
-    ASR data: the text heard). `units` (ctc_units) splits it into targets; a linear head maps each 80 ms frame
-    to the units plus a blank (the last class). The head and units are thrown away after the stage.
+    The transcript is the sample's trained tokens without special tokens, decoded (ASR data: the text heard;
+    OCR data: the word). Frames: the audio encoder's 80 ms frames (one audio per sample), or with vision=True
+    SigLIP's patch columns of one crop (one image per sample, `_columns`). `units` (ctc_units) splits the
+    transcript into targets; a linear head maps each frame to the units plus a blank (the last class). The
+    head and units are thrown away after the stage.
     """
 
     def __init__(self, model, units: Tokenizer, vision: bool = False):
@@ -314,7 +316,7 @@ class CTCLossModule(nn.Module):
 def _check_ctc(examples: list[Example], data: Path, stage: str, dynamic_hd: int) -> None:
     """speech-ctc needs exactly one audio and no image per sample; vision-ctc exactly one image, no audio, that
     fits one 448-px crop (its columns are read left to right: a word or a line, up to 448 px wide)."""
-    from .image_processing import plan_hd
+    from .image_processing import load_image, plan_hd
     for e in examples:
         if stage == "speech-ctc":
             n = len(e.record.audios)
@@ -326,7 +328,6 @@ def _check_ctc(examples: list[Example], data: Path, stage: str, dynamic_hd: int)
         if n != 1 or e.has_audio:
             raise DataError(f"{data}:{e.record.line}: stage vision-ctc takes samples with exactly one image and no "
                             f"audio (this one has {n} image(s)); give it text-reading (OCR) data")
-        from .image_processing import load_image
         w, h = load_image(e.record.images[0]).size
         plan = plan_hd(w, h, dynamic_hd)
         if plan.rows * plan.cols != 1:
