@@ -164,6 +164,20 @@ def test_text_stage_overfits_and_reloads(base, tmp_path):
     assert r["n"] == 4 and r["score"] == 1.0, r["predictions"]
 
 
+def test_a_broken_text_lora_beside_a_checkpoint_fails_the_load_by_name(base, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(base, ckpt)
+    lora = ckpt / "text-lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    with pytest.raises(ValueError, match=r"text-lora is not a PEFT adapter folder"):
+        phi4mm.load(ckpt)
+    save_file({"base_model.model.bogus.lora_A.weight": torch.zeros(4, 4)}, str(lora / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"text-lora/adapter_model\.safetensors does not fit this model"):
+        phi4mm.load(ckpt)
+    assert phi4mm.load(ckpt, adapters=False).prepare("hi").adapter is None  # the way around it still works
+
+
 def test_speech_lora_overfits_and_matches_transformers(base_hf, tmp_path):
     out = tmp_path / "out"
     s = train(base_hf, _asr_data(tmp_path), "speech-lora", out, max_steps=12, lr=2e-2, progress=False)
