@@ -20,7 +20,7 @@ from .decoder import KVCache
 from .lora import AdapterPlan
 from .model import Phi4MM
 from .processor import TEXT_ADAPTER, Prepared, encode_media, prepare
-from .sampling import SamplingBatch, SamplingParams, sample
+from .sampling import SamplingBatch, SamplingParams, mask_padded_vocab, sample
 from .tokenizer import Tokenizer
 from .weights import CheckpointError, load_weights, lora_configs_from_folders
 
@@ -87,6 +87,7 @@ class Model:
                  dtype: torch.dtype):
         self.net, self.config, self.tokenizer, self.device, self.dtype = net, cfg, tokenizer, device, dtype
         self.load_seconds = 0.0
+        self.decodable = len(tokenizer.token_bytes())  # ids below this are text; the rest is table padding
 
     def prepare(self, prompt: str | Sequence[dict], images: Sequence[Any] | None = None,
                 audios: Sequence[Any] | None = None, tools: list[dict] | None = None) -> Prepared:
@@ -142,7 +143,7 @@ class Model:
         logits = self._prefill(embeds, cache, plan, long)
         out: list[int] = []
         for step in range(max_new_tokens):
-            tokens = sample(logits[None].float(), sampler).tokens
+            tokens = sample(mask_padded_vocab(logits[None].float(), self.decodable), sampler).tokens
             sampler.update(tokens)
             tok = int(tokens[0])
             out.append(tok)

@@ -24,7 +24,7 @@ from .api import Model
 from .kv_cache import BlockPool, CacheFull, PagedAttention
 from .lora import AdapterPlan
 from .processor import Prepared, encode_media
-from .sampling import SamplingBatch, SamplingParams, apply_min_tokens, sample
+from .sampling import SamplingBatch, SamplingParams, apply_min_tokens, mask_padded_vocab, sample
 
 
 class EngineBusy(RuntimeError):
@@ -295,7 +295,7 @@ class Engine:
         if ready:
             rows = torch.tensor([i for i, _ in ready], device=self.device)
             seqs = [s for _, s in ready]
-            picked = logits.index_select(0, rows)
+            picked = mask_padded_vocab(logits.index_select(0, rows), self.model.decodable)
             if all(_plain_greedy(s.params) for s in seqs):
                 # No per-row state needed: skip building the sampling batch (its (B, V) penalty tables).
                 toks, lps, tops = picked.argmax(-1).tolist(), [None] * len(seqs), [None] * len(seqs)

@@ -301,6 +301,15 @@ def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return logits.masked_fill(mask, float("-inf"))
 
 
+def mask_padded_vocab(logits: Tensor, decodable: int) -> Tensor:
+    """In place: the embedding rows past the tokenizer's last id (the table is padded to a multiple of 64, as
+    the published 200064) are never sampled. No text decodes from them, and an undertrained model can rank
+    them first (a micro recipe smoke run did)."""
+    if decodable < logits.shape[-1]:
+        logits[..., decodable:] = float("-inf")
+    return logits
+
+
 def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
     """Drop tokens with p < min_p * p_max. In log space that is logit < max + log(min_p): no softmax needed,
     and min_p = 0 gives log 0 = -inf, keeping everything."""

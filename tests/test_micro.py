@@ -44,13 +44,19 @@ def test_micro_config_reads_as_the_official_layout(micro_tok):
     assert {k: (v.r, v.lora_alpha) for k, v in cfg.loras.items()} == micro.LORA
 
 
-def test_fresh_checkpoint_loads_and_places_media_by_name(micro_tok, tmp_path):
+@pytest.fixture(scope="module")
+def fresh(micro_tok, tmp_path_factory):
+    """A from-scratch micro checkpoint with a 400-token BPE (its embedding table padded to 448 rows)."""
     from phi4mm.checkpoint import make_checkpoint
-    tok_dir = tmp_path / "tok"
-    micro.train_tokenizer(CORPUS, tok_dir, vocab_size=400)
+    tmp = tmp_path_factory.mktemp("fresh")
+    micro.train_tokenizer(CORPUS, tmp / "tok", vocab_size=400)
     init = micro._init(torch.zeros(80), torch.ones(80), seed=0)
-    ck = make_checkpoint(tmp_path / "ck", config=micro.micro_config(micro_tok), init=init, tokenizer_dir=tok_dir,
-                         dtype=torch.float32)
+    return make_checkpoint(tmp / "ck", config=micro.micro_config(micro_tok), init=init, tokenizer_dir=tmp / "tok",
+                           dtype=torch.float32)
+
+
+def test_fresh_checkpoint_loads_and_places_media_by_name(micro_tok, fresh):
+    ck = fresh
     rows = json.loads((ck / "config.json").read_text())["vocab_size"]
     assert rows % 64 == 0 and micro_tok.vocab_size <= rows < micro_tok.vocab_size + 64
     m = phi4mm.load(ck)
@@ -64,6 +70,27 @@ def test_fresh_checkpoint_loads_and_places_media_by_name(micro_tok, tmp_path):
                      audios=[(wav, 16000)])
     assert prep.input_ids.count(m.config.audio_token_id) == prep.audios.num_tokens[0]
     assert len(m.generate("<|user|>hello<|end|><|assistant|>", max_new_tokens=4)) >= 0
+
+
+def test_padded_embedding_rows_are_never_sampled(fresh):
+    """Make a padding row of the table (past the tokenizer's last id) the best-scoring token of a greedy step:
+    the reference loop and the engine still answer with ids that decode (a recipe smoke run's undertrained
+    model once sampled such a row, and the stream decoder raised)."""
+    from phi4mm.engine import Engine
+    from phi4mm.sampling import SamplingParams
+    m = phi4mm.load(fresh)
+    table = m.net.embed_tokens.weight  # tied: the same rows score the output
+    assert m.decodable < table.shape[0]
+    prompt = "<|user|>hello<|end|><|assistant|>"
+    want = m.generate_ids(prompt, max_new_tokens=4)
+    with torch.no_grad():
+        table[-1] = 50 * table[want[0]]  # it would win every argmax the first token wins
+    assert m.generate_ids(prompt, max_new_tokens=4) == want
+    out = Engine(m, static_decode=False).generate([dict(prompt=prompt, params=SamplingParams(max_tokens=4))])
+    assert out[0]["token_ids"] == want
+    params = SamplingParams(max_tokens=4, temperature=1.0, seed=0)
+    out = Engine(m, static_decode=False).generate([dict(prompt=prompt, params=params)])
+    assert max(out[0]["token_ids"]) < m.decodable
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -91,7 +118,7 @@ def test_recipe_without_a_synthesiser_is_one_sentence(capsys, tmp_path, monkeypa
 def test_recipe_phases_run_vision_and_speech_as_branches():
     phases = micro._phases()
     names = [[[micro.RECIPE[n].name for n in chain] for chain in ph] for ph in phases]
-    assert names == [[["text"]], [["vision-projector", "vision-encoder"], ["speech-ctc", "speech-encoder"]],
+    assert names == [[["text"], ["vision-ctc"]], [["vision-projector", "vision-encoder"], ["speech-ctc", "speech-encoder"]],
                      [["vision-lora"], ["speech-lora"]], [["vision-speech"]]]
     # The order RECIPE.md gives is kept inside each branch, and the stages' folders sort in that order.
     assert [st.phase for st in micro.RECIPE] == sorted(st.phase for st in micro.RECIPE)
@@ -108,9 +135,10 @@ def test_branches_take_their_own_gpu_when_there_are_enough(monkeypatch):
 
 def test_a_budget_never_cuts_the_text_stage_and_shares_the_rest_by_plan():
     phases = micro._phases()
-    planned = [40.0, 30.0, 300.0, 150.0, 100.0, 120.0, 90.0, 150.0]  # seconds, RECIPE order
+    planned = [40.0, 40.0, 30.0, 300.0, 150.0, 100.0, 120.0, 90.0, 150.0]  # seconds, RECIPE order
     assert len(planned) == len(micro.RECIPE)
-    # 60 s left for a recipe planned at ~750 s: the decoder's text stage still gets its whole plan.
+    # 60 s left for a recipe planned at ~750 s: the decoder's text stage (and the vision CTC beside it, capped
+    # by its own max_seconds) still gets its whole plan.
     assert set(micro._phase_budgets(phases, planned, 60.0).values()) == {None}
     assert set(micro._phase_budgets(phases[1:], planned, None).values()) == {None}  # no budget at all
     # Phase 1 lasts 330 s (its longer branch) of the 330 + 120 + 150 s left planned: 55% of 300 s.
