@@ -90,6 +90,7 @@ def main() -> None:
            "torch": torch.__version__, "losses_single": ls, "losses_ddp": ld,
            "max_rel_loss_diff": max(abs(x - y) / max(abs(x), 1e-9) for x, y in zip(ls, ld)),
            "step_s_single": round(t["single"], 4), "step_s_ddp": round(t["ddp"], 4),
+           "data_wait_s": {k: v[-1]["data_wait_s"] for k, v in runs.items()},
            "scaling_efficiency": round(t["single"] / (n * t["ddp"]), 3)}
     print(json.dumps({k: v for k, v in res.items() if not k.startswith("losses")}, indent=1))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -173,11 +173,8 @@ def _worker_init(*_: Any) -> None:
     # the image transform); one thread per worker, as torch's DataLoader workers do. BLAS pools too (the
     # log-mel's filterbank matmul): 16 workers x 16 BLAS threads each crawled at 70 clips/s on 16 cores.
     torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(1)
-    except ImportError:  # optional: without it only torch is limited
-        pass
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)
 
 
 def _encode_one(args):

@@ -206,3 +206,14 @@ def test_train_command_runs_a_stage_and_refuses_bad_data(tiny_official, tmp_path
     assert cli.main(["train", str(data), str(tmp_path / "bad"), "--model", str(tiny_official), "--stage", "text"]) == 2
     err = capsys.readouterr().err.strip()
     assert ":2" in err and len(err.splitlines()) == 1
+
+
+def test_one_stage_on_a_gpu_prepares_media_in_workers_shared_by_the_host(monkeypatch):
+    from phi4mm.cli import _stage_workers
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert _stage_workers(None, "cuda") == 8  # up to 8 per process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 processes on this host share its cores
+    assert _stage_workers(None, "cuda:3") == 4
+    assert _stage_workers(None, "cpu") == 0  # inline: workers would take the training's cores
+    assert _stage_workers(3, "cuda") == 3 and _stage_workers(0, "cuda") == 0  # what the user asked for

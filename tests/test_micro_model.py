@@ -2,7 +2,8 @@
 and translates held-out speech, and is what the CLI uses when no --model is given.
 
 Its held-out scores and what it does not do yet are in docs/micro-model.md: it does not read rendered words (no
-test claims OCR), and this build's tool calls are broken (a strict xfail below says so until a build fixes them). The held-out clips are the first items of the test split (`micro_data.generate(DIR, "test", 1000)`): their
+test claims OCR). The held-out samples are the first items of the test split (`micro_data.generate(DIR, "test",
+1000)`): their
 sentences are held out from training by hash, and the last four are spoken by an espeak-ng voice never trained on.
 """
 from __future__ import annotations
@@ -46,24 +47,22 @@ def test_loads_with_both_adapters_and_special_tokens_by_name(micro):
         assert tok.decode([tok.token_id(name)]) == name
 
 
-@pytest.mark.xfail(strict=True, reason="this build's text stage was cut to 345 of its 720 steps by the run's time "
-                   "budget: held-out tool calls score 0.0 (docs/micro-model.md); the recipe no longer cuts it")
 def test_answers_held_out_tool_requests_with_the_right_call(micro):
     r = evaluate(default_model_dir(), DATA / "micro_heldout_tools.jsonl", "tool", max_tokens=64, model=micro)
-    assert r["n"] == 12 and r["score"] >= 0.9, r["predictions"]
+    assert r["n"] == 12 and r["score"] >= 0.9, r["predictions"]  # 12 of 12 (0.99 on 100 held-out requests)
 
 
 def test_transcribes_held_out_sentences_and_an_unseen_voice(micro):
     r = evaluate(default_model_dir(), DATA / "micro_heldout_asr.jsonl", "wer", max_tokens=32, model=micro)
-    assert r["n"] == 8 and r["score"] <= 0.2, r["predictions"]
+    assert r["n"] == 8 and r["score"] <= 0.1, r["predictions"]  # 0.0 here; 0.011 and 0.039 on 100 each
     exact = [p for p in r["predictions"] if p["prediction"] == p["references"][0]]
-    assert len(exact) >= 4, r["predictions"]
+    assert len(exact) >= 6, r["predictions"]
     assert any(p["line"] > 4 for p in exact), r["predictions"]  # the held-out voice too
 
 
 def test_translates_held_out_speech_into_the_synthetic_language(micro):
     r = evaluate(default_model_dir(), DATA / "micro_heldout_ast.jsonl", "bleu", max_tokens=32, model=micro)
-    assert r["n"] == 4 and r["score"] >= 25, r["predictions"]  # 4 sentences: a noisy BLEU; 68 on 100 of them
+    assert r["n"] == 4 and r["score"] >= 60, r["predictions"]  # 100 here (4 sentences: noisy); 96.5 on 100
 
 
 def test_cli_uses_it_without_model(capsys, tmp_path):
@@ -73,15 +72,16 @@ def test_cli_uses_it_without_model(capsys, tmp_path):
     assert main(["transcribe", str(spoken)]) == 0
     assert capsys.readouterr().out.strip() == "the red horse played again"
     assert main(["translate", str(spoken), "--language", "vellish"]) == 0  # its synthetic language, by name
-    assert capsys.readouterr().out.strip().startswith("kigir niven zadabin")  # to_vellish("the red horse ...")
+    assert capsys.readouterr().out.strip() == "kigir niven zadabin zunetin feruki"  # to_vellish("the red horse ...")
     assert main(["transcribe", str(DATA / "flite_quick_brown_fox.flac"), "-o", str(tmp_path)]) == 0
     assert (tmp_path / "flite_quick_brown_fox.txt").read_text().strip()
 
 
-def test_cli_chat_with_tools_runs_and_refuses_a_bad_tools_file(capsys, tmp_path):
+def test_cli_chat_calls_a_tool_and_refuses_a_bad_tools_file(capsys, tmp_path):
     tools = Path(__file__).parents[1] / "examples" / "tools.json"
     assert main(["chat", "I want to listen to Coldplay.", "--tools", str(tools), "--max-tokens", "64"]) == 0
-    assert capsys.readouterr().out.strip()  # what it says is not checked: this build's tool calls are broken
+    calls = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the parsed calls, as JSON
+    assert calls == [{"name": "play_music", "arguments": {"artist": "Coldplay"}}]
     bad = tmp_path / "tools.json"
     bad.write_text('{"name": "f"}')
     assert main(["chat", "hi", "--tools", str(bad)]) == 2
