@@ -1,6 +1,6 @@
 """DDP across GPUs: `torchrun --nproc-per-node N phi4mm train` against one GPU with the same global batch.
 
-usage: python bench/bench_ddp.py [--size full|tiny] [--gpus 2] [--stage speech-lora] [--steps 12]
+usage: python bench/bench_ddp.py [--size full|tiny] [--gpus 2] [--stage speech-lora] [--steps 12] [--fsdp]
                                  [--out bench/results/ddp.json]
 One run on one GPU with --grad-accum N and one torchrun run on N GPUs with --grad-accum 1 train the same stage
 from the same random-weight checkpoint on the same synthetic conversations (bench_train's batch shapes, N x
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--stage", default="speech-lora")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--fsdp", action="store_true", help="the N-GPU run shards with FSDP2 instead of DDP")
     ap.add_argument("--work", default="/tmp/phi4mm_bench_ddp")
     ap.add_argument("--out", default=str(ROOT / "bench/results/ddp.json"))
     a = ap.parse_args()
@@ -74,7 +75,8 @@ def main() -> None:
     for name, cmd in (
         ("single", [sys.executable, *cli, "--grad-accum", str(n), str(data), str(work / "single")]),
         ("ddp", [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
-                 f"--master-port={_free_port()}", *cli, "--grad-accum", "1", str(data), str(work / "ddp")]),
+                 f"--master-port={_free_port()}", *cli, "--grad-accum", "1", *(["--fsdp"] if a.fsdp else []),
+                 str(data), str(work / "ddp")]),
     ):
         shutil.rmtree(work / name, ignore_errors=True)
         e = dict(env, CUDA_VISIBLE_DEVICES="0") if name == "single" and a.size == "full" else env
@@ -86,6 +88,7 @@ def main() -> None:
     t = {k: (v[-1]["elapsed_s"] - v[1]["elapsed_s"]) / (len(v) - 2) for k, v in runs.items()}
     ls, ld = ([x["loss"] for x in runs[k]] for k in ("single", "ddp"))
     res = {"device": torch.cuda.get_device_name() if a.size == "full" else "cpu", "gpus": n, "stage": a.stage,
+           "sharding": "fsdp" if a.fsdp else "ddp",
            "size": a.size, "steps": a.steps, "samples_per_micro_batch": per_batch, "batch_tokens": batch_tokens,
            "torch": torch.__version__, "losses_single": ls, "losses_ddp": ld,
            "max_rel_loss_diff": max(abs(x - y) / max(abs(x), 1e-9) for x, y in zip(ls, ld)),

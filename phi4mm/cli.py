@@ -169,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     tn.add_argument("--grad-checkpointing", action="store_true")
     tn.add_argument("--resume", action="store_true", help="continue from the latest OUT/checkpoint-*")
     tn.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed lines instead of stopping")
+    tn.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
+                    "state over the processes (FSDP2) instead of copying them to each (DDP), for stages that train "
+                    "large parts; writes no intermediate checkpoints yet (needs --save-every 0)")
     return p
 
 
@@ -515,7 +518,7 @@ def _train(args) -> int:
               lora_rank=args.lora_rank, device=args.device, dtype=args.dtype, amp=args.amp,
               grad_checkpointing=args.grad_checkpointing, warmup_steps=args.warmup_steps,
               save_every=args.save_every, resume=args.resume, skip_bad=args.skip_bad,
-              workers=_stage_workers(args.workers, args.device))
+              workers=_stage_workers(args.workers, args.device), fsdp=args.fsdp)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns here; one line is enough
         print(f"trained {s['stage']}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
               f"{len(s['skipped'])} bad lines skipped; wrote {s['out']}")

@@ -344,7 +344,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
           amp: bool = False, grad_checkpointing: bool = False, warmup_steps: int = 0, weight_decay: float = 0.0,
           max_grad_norm: float = 1.0, save_every: int = 500, resume: bool | str | Path = False,
           skip_bad: bool = False, progress: bool = True, workers: int = 0,
-          max_seconds: float | None = None, with_lora: bool = False) -> dict:
+          max_seconds: float | None = None, with_lora: bool = False, fsdp: bool = False) -> dict:
     """Train `stage` on the JSONL conversations in `data`; write the result to `out`. Returns a summary dict.
 
     lr: peak AdamW learning rate (linear warmup over warmup_steps, cosine decay to 0 at the last step).
@@ -363,6 +363,10 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         raise ValueError(f"out {out} is the base checkpoint itself; write to a new directory")
     records, bad = read_jsonl(data, skip_bad)
     rank, world = _distributed()
+    fsdp = fsdp and world > 1  # one process: nothing to shard
+    if fsdp and (save_every or resume):
+        raise ValueError("fsdp runs write no resumable checkpoints yet (the output is still written at the end); "
+                         "pass save_every=0 (--save-every 0) and no resume, or train with DDP (no --fsdp)")
     if world > 1 and device == "cuda":  # one GPU per process under torchrun
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
@@ -381,6 +385,8 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         else:
             bad.append(f"{data}:{rec.line}: {e}")
     examples = [e for e in examples if e.num_targets > 0]
+    if fsdp:  # every rank must run backward every step (FSDP's collectives), so every sample must reach a
+        examples = [e for e in examples if st.uses(e)]  # trained parameter; the others add no gradient
     if not any(st.uses(e) for e in examples):
         raise DataError(f"none of the {len(examples)} samples in {data} reaches what stage {stage!r} trains "
                         "(e.g. speech stages need audio samples, vision stages image samples)")
@@ -402,6 +408,8 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
             out.mkdir(parents=True, exist_ok=True)
             units.save(str(units_file))
     loss_mod = CTCLossModule(model, units, stage == "vision-ctc") if ctc else LossModule(model, grad_checkpointing)
+    if fsdp:  # before the optimizer: sharding replaces the parameters with their shards
+        _shard(loss_mod, model, world)
     # Everything the optimizer steps, by name: the stage's model parameters (+ the CTC head, never exported).
     trainables = {n: p for n, p in model.net.named_parameters() if n in names}
     if ctc:
@@ -415,7 +423,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         if ckpt is not None:
             step, epoch, pos, losses = _load_state(ckpt, trainables, opt, sched, stage)
     runner = loss_mod
-    if world > 1:  # one process per GPU (or CPU process, gloo) under torchrun
+    if world > 1 and not fsdp:  # one process per GPU (or CPU process, gloo) under torchrun
         runner = nn.parallel.DistributedDataParallel(loss_mod, find_unused_parameters=True)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -445,7 +453,8 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
             (loss * (world / n_targets)).backward()
             loss_sum += float(loss.detach())
         loss_sum = _all_sum(loss_sum, world, model.device)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -462,7 +471,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         if log is not None:
             log.write(json.dumps({"step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"], "epoch": epoch,
                                   "grad_norm": grad_norm, "targets": n_targets, "tokens_per_s": rate,
-                                  "data_wait_s": round(waited, 3),
+                                  "data_wait_s": round(waited, 3), "sharded_over": world if fsdp else 1,
                                   "elapsed_s": round(time.perf_counter() - t0, 4)}) + "\n")
             log.flush()
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}", refresh=False)
@@ -475,17 +484,42 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
     if log is not None:
         log.close()
     heard = []
-    if ctc and rank == 0 and windows:  # a few transcripts as the head hears them: a loss hides a blank plateau
+    # A few transcripts as the head hears them (a loss hides a blank plateau); not under FSDP, where the encoder
+    # would have to run on every rank.
+    if ctc and rank == 0 and windows and not fsdp:
         b = next(iter(batch_loader(model, examples, [[windows[0][0][2][:4]]], cfg.text.pad_token_id, 0)))[0]
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
             hyps = loss_mod.greedy(b)
         heard = [{"reference": loss_mod.text(e), "heard": loss_mod.units.decode(h)} for e, h in zip(b.examples, hyps)]
+    # FSDP: every rank takes part in gathering the trained tensors; rank 0 writes them.
+    values = {n: p.full_tensor() for n, p in trainables.items() if n in names} if fsdp else None
     if rank == 0:
-        export(model, model_dir, out, names)
+        export(model, model_dir, out, names, values)
     return {"stage": stage, "steps": step, "losses": losses, "final_loss": losses[-1] if losses else None,
             "trainable": names, "trainable_params": sum(p.numel() for p in params), "samples": len(examples),
             "skipped": bad, "out": str(out), "seconds": time.perf_counter() - t_start, "data_wait_seconds": waited,
             "ctc_heard": heard}
+
+
+def _shard(loss_mod: nn.Module, model, world: int) -> None:
+    """FSDP2 (`fully_shard`): each decoder layer, SigLIP layer and conformer block is a group of its own (its
+    weights are gathered just before it runs and freed after), the rest (embeddings, norms, projectors, a CTC
+    head) the root's. bf16 runs gather in bf16 and reduce gradients in fp32 (the trained fp32 masters and the
+    frozen bf16 weights share groups)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(model.device.type, (world,))
+    policy = MixedPrecisionPolicy() if model.dtype == torch.float32 else \
+        MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=torch.float32)
+    net = model.net
+    blocks = list(net.layers)
+    if net.vision is not None:
+        blocks += list(net.vision.img_processor.encoder.layers)
+    if net.audio is not None:
+        blocks += list(net.audio.encoder.encoders)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(loss_mod, mesh=mesh, mp_policy=policy)
 
 
 def _distributed() -> tuple[int, int]:

@@ -23,11 +23,12 @@ _LORA = r"layers\.\d+\.(self_attn|mlp)\.\w+\.lora_[AB]\.{}"
 # ---- output: a complete checkpoint directory -----------------------------------------------------------------
 
 
-def export(model, base: Path, out: Path, names: list[str]) -> None:
-    """Write `out` as a checkpoint of the base's layout with the trained tensors in place (see module doc)."""
+def export(model, base: Path, out: Path, names: list[str], values: dict | None = None) -> None:
+    """Write `out` as a checkpoint of the base's layout with the trained tensors in place (see module doc).
+    values: the trained tensors by name when the model's own are shards (FSDP gathers them first)."""
     net, cfg = model.net, model.config
     table = name_table(net, cfg.layout)
-    params = dict(net.named_parameters())
+    params = values if values is not None else dict(net.named_parameters())
     adapters = sorted({n.rsplit(".", 1)[1] for n in names if ".lora_" in n})
     declared = set(cfg.loras) - {TEXT_ADAPTER} if cfg.layout == "phi4mm" else set()
     for item in base.iterdir():  # config, tokenizer, processor files and untouched adapter folders

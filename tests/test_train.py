@@ -340,6 +340,66 @@ def test_two_process_ddp_gives_the_single_process_losses(base, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_two_process_fsdp_gives_the_single_process_losses_and_weights(base, tmp_path):
+    """FSDP2 (fully_shard) on CPU (gloo), stage decoder (the decoder's own weights train, sharded over 2 ranks):
+    the losses and the exported weights equal one process with grad_accum 2."""
+    import socket
+
+    import torch.multiprocessing as mp
+    data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
+    longest = max(len(phi4mm.load(base).prepare([{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                                                 ).input_ids) for q, a in TEXT)
+    kw = {"max_steps": 3, "lr": 1e-3, "batch_tokens": longest + 8, "progress": False, "save_every": 0}
+    one = train(base, data, "decoder", tmp_path / "one", grad_accum=2, **kw)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, (base, data, "decoder", tmp_path / "fsdp"), dict(kw, fsdp=True)), nprocs=2)
+    rows = [json.loads(line) for line in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
+    assert all(r["sharded_over"] == 2 for r in rows)  # the FSDP path ran, not DDP
+    assert [r["loss"] for r in rows] == pytest.approx(one["losses"], rel=1e-5)
+    assert one["losses"][-1] < one["losses"][0]  # it trained
+    shards = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "fsdp").glob("*.safetensors"))
+    for name in shards:
+        a, b = (load_file(str(tmp_path / d / name)) for d in ("one", "fsdp"))
+        # 3 AdamW steps of 1e-3 each: reduce-scatter sums in another order, and Adam's 1/sqrt(v) scales a
+        # near-zero gradient's rounding up to ~6e-6 here (0.2% of the 3e-3 the weights move).
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a), name
+
+
+def test_fsdp_with_bf16_frozen_weights_and_fp32_lora_masters(base, tmp_path):
+    """A LoRA stage at dtype bfloat16 under FSDP: each layer's group holds bf16 frozen weights and fp32 LoRA
+    masters, which FSDP2 gathers in bf16 (its mixed-precision policy); losses and adapter equal one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+    data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
+    longest = max(len(phi4mm.load(base).prepare([{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                                                 ).input_ids) for q, a in TEXT)
+    kw = {"max_steps": 3, "lr": 1e-2, "lora_rank": 4, "batch_tokens": longest + 8, "progress": False,
+          "save_every": 0, "dtype": "bfloat16"}
+    one = train(base, data, "text", tmp_path / "one", grad_accum=2, **kw)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, (base, data, "text", tmp_path / "fsdp"), dict(kw, fsdp=True)), nprocs=2)
+    rows = [json.loads(line) for line in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
+    assert all(r["sharded_over"] == 2 for r in rows)
+    assert [r["loss"] for r in rows] == pytest.approx(one["losses"], rel=1e-3)
+    a, b = (load_file(str(tmp_path / d / "text-lora" / "adapter_model.safetensors")) for d in ("one", "fsdp"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+
+
+def test_fsdp_refuses_checkpoints_it_cannot_write_yet(base, tmp_path, monkeypatch):
+    import phi4mm.train as T
+    monkeypatch.setattr(T, "_distributed", lambda: (0, 2))  # as under torchrun, without a process group
+    data = _write(tmp_path / "text.jsonl", [_chat("Say hi.", "Hi.")])
+    with pytest.raises(ValueError, match="save_every=0"):
+        train(base, data, "decoder", tmp_path / "o", fsdp=True, max_steps=1, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_checkpointing_and_autocast_paths(base, tmp_path):
     data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
     kw = {"max_steps": 2, "lr": 1e-2, "lora_rank": 4, "progress": False}
