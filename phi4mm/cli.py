@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     tn.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed lines instead of stopping")
     tn.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
                     "state over the processes (FSDP2) instead of copying them to each (DDP), for stages that train "
-                    "large parts; writes no intermediate checkpoints yet (needs --save-every 0)")
+                    "large parts; its checkpoints are sharded (each rank writes its part)")
     return p
 
 

@@ -22,6 +22,9 @@ the trained tensors rewritten under their stored names, `<adapter>-lora/` PEFT f
 and transformers (`from_pretrained(out)` + `load_adapter(out/"vision-lora")`, for a transformers-native base)
 read it. A new "text" adapter lives only in `out/text-lora/`; `load_adapter` adds it to a loaded model.
 `out/checkpoint-STEP/` holds what an exact resume needs; `out/log.jsonl` one line per optimizer step.
+Under torchrun every process trains on its share of each global batch: with DDP (the default) each holds the
+whole model; with fsdp=True (FSDP2) the weights, gradients and optimizer state are sharded over them, and
+checkpoints are written in shards (torch.distributed.checkpoint).
 """
 from __future__ import annotations
 
@@ -364,9 +367,6 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
     records, bad = read_jsonl(data, skip_bad)
     rank, world = _distributed()
     fsdp = fsdp and world > 1  # one process: nothing to shard
-    if fsdp and (save_every or resume):
-        raise ValueError("fsdp runs write no resumable checkpoints yet (the output is still written at the end); "
-                         "pass save_every=0 (--save-every 0) and no resume, or train with DDP (no --fsdp)")
     if world > 1 and device == "cuda":  # one GPU per process under torchrun
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
@@ -421,7 +421,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
     if resume:
         ckpt = _latest(out) if resume is True else Path(resume)
         if ckpt is not None:
-            step, epoch, pos, losses = _load_state(ckpt, trainables, opt, sched, stage)
+            step, epoch, pos, losses = _load_state(ckpt, trainables, opt, sched, stage, loss_mod if fsdp else None)
     runner = loss_mod
     if world > 1 and not fsdp:  # one process per GPU (or CPU process, gloo) under torchrun
         runner = nn.parallel.DistributedDataParallel(loss_mod, find_unused_parameters=True)
@@ -476,8 +476,9 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
             log.flush()
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}", refresh=False)
         bar.update(1)
-        if rank == 0 and save_every and step % save_every == 0 and step < total:
-            _save_state(out / f"checkpoint-{step}", trainables, opt, sched, stage, step, epoch, pos, losses)
+        if (rank == 0 or fsdp) and save_every and step % save_every == 0 and step < total:  # FSDP: every rank
+            _save_state(out / f"checkpoint-{step}", trainables, opt, sched, stage, step, epoch, pos, losses,
+                        loss_mod if fsdp else None, rank)
         if max_seconds is not None and _all_sum(time.perf_counter() - t0 > max_seconds, world, model.device):
             break  # every rank stops at the same step (any rank's clock decides)
     bar.close()
@@ -581,16 +582,37 @@ def _bar(total: int, initial: int, enabled: bool):
 # ---- checkpoints (exact resume) -----------------------------------------------------------------------------
 
 
+# FSDP checkpoints: every rank writes its shards of the trained tensors and their optimizer state through
+# torch.distributed.checkpoint (frozen weights are not written: they come from the base again).
+_SHARDED = "sharded"
+
+
+def _sharded_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    # strict=False: the frozen weights are absent by design; dcp.load itself fails on a missing trained tensor.
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 def _save_state(path: Path, trainables: dict[str, nn.Parameter], opt, sched, stage: str, step: int, epoch: int,
-                pos: int, losses: list[float]) -> None:
+                pos: int, losses: list[float], sharded: nn.Module | None = None, rank: int = 0) -> None:
+    """A resumable checkpoint. sharded: the FSDP root (every rank calls; rank 0 also writes the rest)."""
     path.mkdir(parents=True, exist_ok=True)
-    save_file({n: p.detach().contiguous() for n, p in trainables.items()}, str(path / "trainable.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path / "optimizer.pt")
+    if sharded is not None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_sd, optim_sd = get_state_dict(sharded, opt, options=_sharded_options())
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / _SHARDED))
+        if rank != 0:
+            return
+    else:
+        save_file({n: p.detach().contiguous() for n, p in trainables.items()}, str(path / "trainable.safetensors"))
+    torch.save({"optimizer": opt.state_dict() if sharded is None else None, "scheduler": sched.state_dict()},
+               path / "optimizer.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save(rng, path / "rng.pt")
     (path / "state.json").write_text(json.dumps({"stage": stage, "step": step, "epoch": epoch, "position": pos,
-                                                 "losses": losses}, indent=1))
+                                                 "losses": losses, "fsdp": sharded is not None}, indent=1))
 
 
 def _latest(out: Path) -> Path | None:
@@ -598,21 +620,34 @@ def _latest(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _load_state(path: Path, trainables: dict[str, nn.Parameter], opt, sched, stage: str):
+def _load_state(path: Path, trainables: dict[str, nn.Parameter], opt, sched, stage: str,
+                sharded: nn.Module | None = None):
     if not (path / "state.json").is_file():
         raise ValueError(f"{path} is not a training checkpoint (no state.json); pass an out/checkpoint-STEP folder")
     state = json.loads((path / "state.json").read_text())
     if state["stage"] != stage:
         raise ValueError(f"{path} was written by stage {state['stage']!r}, not {stage!r}")
-    saved = load_file(str(path / "trainable.safetensors"))
-    if sorted(saved) != sorted(trainables):
-        raise ValueError(f"{path} holds {len(saved)} trainable tensors, this run trains {len(trainables)}; "
-                         "resume with the same stage and lora_rank")
-    with torch.no_grad():
-        for n, p in trainables.items():
-            p.copy_(saved[n])
+    if state.get("fsdp", False) != (sharded is not None):
+        raise ValueError(f"{path} was written by a{'n FSDP' if state.get('fsdp') else ' non-FSDP'} run; resume it "
+                         f"{'with' if state.get('fsdp') else 'without'} --fsdp")
+    if sharded is not None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_sd, optim_sd = get_state_dict(sharded, opt, options=_sharded_options())
+        dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / _SHARDED))
+        set_state_dict(sharded, opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=_sharded_options())
+    else:
+        saved = load_file(str(path / "trainable.safetensors"))
+        if sorted(saved) != sorted(trainables):
+            raise ValueError(f"{path} holds {len(saved)} trainable tensors, this run trains {len(trainables)}; "
+                             "resume with the same stage and lora_rank")
+        with torch.no_grad():
+            for n, p in trainables.items():
+                p.copy_(saved[n])
     o = torch.load(path / "optimizer.pt", weights_only=False)
-    opt.load_state_dict(o["optimizer"])
+    if sharded is None:
+        opt.load_state_dict(o["optimizer"])
     sched.load_state_dict(o["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=False)
     random.setstate(rng["python"])

@@ -319,23 +319,33 @@ def _ddp_worker(rank: int, world: int, port: int, args: tuple, kw: dict) -> None
         dist.destroy_process_group()
 
 
-def test_two_process_ddp_gives_the_single_process_losses(base, tmp_path):
-    """torchrun's path on CPU (gloo): 2 ranks x 1 micro-batch == 1 process x grad_accum 2, step for step."""
+def _two_ranks(args: tuple, kw: dict) -> list[dict]:
+    """train(*args, **kw) as 2 torchrun-like CPU processes (gloo); the run's log rows."""
     import socket
 
     import torch.multiprocessing as mp
-    data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
-    longest = max(len(phi4mm.load(base).prepare([{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-                                                 ).input_ids) for q, a in TEXT)
-    # One conversation per micro-batch (2 never fit): 4 per epoch, so both ranks get 2, nothing is trimmed.
-    kw = {"max_steps": 4, "lr": 1e-2, "lora_rank": 4, "batch_tokens": longest + 8, "progress": False}
-    one = train(base, data, "text", tmp_path / "one", grad_accum=2, **kw)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, (base, data, "text", tmp_path / "ddp"), kw), nprocs=2)
-    ddp = [json.loads(line)["loss"] for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
-    assert ddp == pytest.approx(one["losses"], rel=1e-5)
+    mp.spawn(_ddp_worker, args=(2, port, args, kw), nprocs=2)
+    return [json.loads(line) for line in (Path(args[3]) / "log.jsonl").read_text().splitlines()]
+
+
+def _longest(base, pairs) -> int:
+    m = phi4mm.load(base)
+    return max(len(m.prepare([{"role": "user", "content": q}, {"role": "assistant", "content": a}]).input_ids)
+               for q, a in pairs)
+
+
+def test_two_process_ddp_gives_the_single_process_losses(base, tmp_path):
+    """torchrun's path on CPU (gloo): 2 ranks x 1 micro-batch == 1 process x grad_accum 2, step for step."""
+    data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
+    # One conversation per micro-batch (2 never fit): 4 per epoch, so both ranks get 2, nothing is trimmed.
+    kw = {"max_steps": 4, "lr": 1e-2, "lora_rank": 4, "batch_tokens": _longest(base, TEXT) + 8, "progress": False}
+    one = train(base, data, "text", tmp_path / "one", grad_accum=2, **kw)
+    ddp = _two_ranks((base, data, "text", tmp_path / "ddp"), kw)
+    assert [r["loss"] for r in ddp] == pytest.approx(one["losses"], rel=1e-5)
+    assert all(r["sharded_over"] == 1 for r in ddp)
     a, b = (load_file(str(tmp_path / d / "text-lora" / "adapter_model.safetensors")) for d in ("one", "ddp"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
@@ -343,19 +353,10 @@ def test_two_process_ddp_gives_the_single_process_losses(base, tmp_path):
 def test_two_process_fsdp_gives_the_single_process_losses_and_weights(base, tmp_path):
     """FSDP2 (fully_shard) on CPU (gloo), stage decoder (the decoder's own weights train, sharded over 2 ranks):
     the losses and the exported weights equal one process with grad_accum 2."""
-    import socket
-
-    import torch.multiprocessing as mp
     data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
-    longest = max(len(phi4mm.load(base).prepare([{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-                                                 ).input_ids) for q, a in TEXT)
-    kw = {"max_steps": 3, "lr": 1e-3, "batch_tokens": longest + 8, "progress": False, "save_every": 0}
+    kw = {"max_steps": 3, "lr": 1e-3, "batch_tokens": _longest(base, TEXT) + 8, "progress": False, "save_every": 0}
     one = train(base, data, "decoder", tmp_path / "one", grad_accum=2, **kw)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, (base, data, "decoder", tmp_path / "fsdp"), dict(kw, fsdp=True)), nprocs=2)
-    rows = [json.loads(line) for line in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
+    rows = _two_ranks((base, data, "decoder", tmp_path / "fsdp"), dict(kw, fsdp=True))
     assert all(r["sharded_over"] == 2 for r in rows)  # the FSDP path ran, not DDP
     assert [r["loss"] for r in rows] == pytest.approx(one["losses"], rel=1e-5)
     assert one["losses"][-1] < one["losses"][0]  # it trained
@@ -371,33 +372,34 @@ def test_two_process_fsdp_gives_the_single_process_losses_and_weights(base, tmp_
 def test_fsdp_with_bf16_frozen_weights_and_fp32_lora_masters(base, tmp_path):
     """A LoRA stage at dtype bfloat16 under FSDP: each layer's group holds bf16 frozen weights and fp32 LoRA
     masters, which FSDP2 gathers in bf16 (its mixed-precision policy); losses and adapter equal one process."""
-    import socket
-
-    import torch.multiprocessing as mp
     data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
-    longest = max(len(phi4mm.load(base).prepare([{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-                                                 ).input_ids) for q, a in TEXT)
-    kw = {"max_steps": 3, "lr": 1e-2, "lora_rank": 4, "batch_tokens": longest + 8, "progress": False,
+    kw = {"max_steps": 3, "lr": 1e-2, "lora_rank": 4, "batch_tokens": _longest(base, TEXT) + 8, "progress": False,
           "save_every": 0, "dtype": "bfloat16"}
     one = train(base, data, "text", tmp_path / "one", grad_accum=2, **kw)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, (base, data, "text", tmp_path / "fsdp"), dict(kw, fsdp=True)), nprocs=2)
-    rows = [json.loads(line) for line in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
+    rows = _two_ranks((base, data, "text", tmp_path / "fsdp"), dict(kw, fsdp=True))
     assert all(r["sharded_over"] == 2 for r in rows)
     assert [r["loss"] for r in rows] == pytest.approx(one["losses"], rel=1e-3)
     a, b = (load_file(str(tmp_path / d / "text-lora" / "adapter_model.safetensors")) for d in ("one", "fsdp"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
 
 
-def test_fsdp_refuses_checkpoints_it_cannot_write_yet(base, tmp_path, monkeypatch):
-    import phi4mm.train as T
-    monkeypatch.setattr(T, "_distributed", lambda: (0, 2))  # as under torchrun, without a process group
-    data = _write(tmp_path / "text.jsonl", [_chat("Say hi.", "Hi.")])
-    with pytest.raises(ValueError, match="save_every=0"):
-        train(base, data, "decoder", tmp_path / "o", fsdp=True, max_steps=1, progress=False)
-    assert not (tmp_path / "o").exists()
+def test_fsdp_checkpoints_resume_the_uninterrupted_run(base, tmp_path):
+    """Each rank writes its shards (torch.distributed.checkpoint); a resumed 2-rank run reproduces the losses and
+    weights of the uninterrupted one. A process without FSDP refuses such a checkpoint, naming the flag."""
+    data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
+    kw = {"max_steps": 4, "lr": 1e-3, "batch_tokens": _longest(base, TEXT) + 8, "progress": False, "fsdp": True}
+    full = _two_ranks((base, data, "decoder", tmp_path / "a"), dict(kw, save_every=2))
+    assert (tmp_path / "a" / "checkpoint-2" / "sharded").is_dir()
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    resumed = _two_ranks((base, data, "decoder", tmp_path / "b"), dict(kw, save_every=0, resume=True))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[2:]]  # the resumed log starts at step 3
+    for f in sorted(p.name for p in (tmp_path / "a").glob("*.safetensors")):
+        a, b = (load_file(str(tmp_path / d / f)) for d in "ab")
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    with pytest.raises(ValueError, match="written by an FSDP run; resume it with --fsdp"):
+        train(base, data, "decoder", tmp_path / "c", resume=tmp_path / "a" / "checkpoint-2", max_steps=4,
+              progress=False)
 
 
 def test_checkpointing_and_autocast_paths(base, tmp_path):
