@@ -157,6 +157,20 @@ def prepare_work(work: Path, scale: float = 1.0) -> Path:
     return ckpt
 
 
+def prepare_probe(work: Path, scale: float, name: str, load, suffix: str) -> tuple[Path, Path]:
+    """prepare_work, then the probe's inputs cached in work/name: load(split_dir) -> (tensor, texts) for the
+    train and test splits, stored as train / train_{suffix} / test / test_{suffix}. Returns (init, cache)."""
+    t = time.time()
+    ckpt = prepare_work(work, scale)
+    path = work / name
+    if not path.is_file():
+        tr, trt = load(work / "train")
+        te, tet = load(work / "test")
+        torch.save({"train": tr, f"train_{suffix}": trt, "test": te, f"test_{suffix}": tet}, path)
+    print(f"data + init + {name}: {time.time() - t:.0f} s", flush=True)
+    return ckpt, path
+
+
 def probe_args(variants: dict) -> argparse.ArgumentParser:
     """The probes' shared command line: WORK OUT_JSON, seconds per variant, which variants, device, data scale."""
     ap = argparse.ArgumentParser()
@@ -183,14 +197,7 @@ def run_variants(target, names: list[str], prefix: Path, args) -> list[dict]:
 def main() -> None:
     a = probe_args(VARIANTS).parse_args()
     work = Path(a.work)
-    t = time.time()
-    ckpt = prepare_work(work, a.scale)
-    feats_file = work / "feats.pt"
-    if not feats_file.is_file():
-        tr, trt = _feats(work / "train")
-        te, tet = _feats(work / "test")
-        torch.save({"train": tr, "train_text": trt, "test": te, "test_text": tet}, feats_file)
-    print(f"data + init + features: {time.time() - t:.0f} s", flush=True)
+    ckpt, feats_file = prepare_probe(work, a.scale, "feats.pt", _feats, "text")
     results = run_variants(_variant, a.variants.split(","), work / "probe",
                            lambda n, out: (n, str(ckpt), str(feats_file), a.device, a.seconds, out))
     Path(a.out).write_text(json.dumps(results, indent=1))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from micro_ctc_probe import prepare_work, probe_args, run_variants  # noqa: E402  (scripts/ is not a package)
+from micro_ctc_probe import prepare_probe, probe_args, run_variants  # noqa: E402  (scripts/ is not a package)
 
 # name: (lr, frames per patch column, clips per batch)
 VARIANTS = {"cols-1e3": (1e-3, 1, 32), "cols-1e3-x2": (1e-3, 2, 32), "cols-3e3-x2": (3e-3, 2, 32)}
@@ -115,14 +115,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help="images per step for every variant (default: the variant's)")
     a = ap.parse_args()
     work = Path(a.work)
-    t = time.time()
-    ckpt = prepare_work(work, a.scale)
-    data_file = work / "ocr.pt"
-    if not data_file.is_file():
-        tr, trw = _images(work / "train")
-        te, tew = _images(work / "test")
-        torch.save({"train": tr, "train_words": trw, "test": te, "test_words": tew}, data_file)
-    print(f"data + init + images: {time.time() - t:.0f} s", flush=True)
+    ckpt, data_file = prepare_probe(work, a.scale, "ocr.pt", _images, "words")
     results = run_variants(_variant, a.variants.split(","), work / "ocr-probe",
                            lambda n, out: (n, str(ckpt), str(data_file), a.device, a.seconds, out, a.batch))
     Path(a.out).write_text(json.dumps(results, indent=1))
