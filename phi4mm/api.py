@@ -10,6 +10,7 @@ separate and is proven equal to this loop.
 from __future__ import annotations
 
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -87,7 +88,13 @@ class Model:
                  dtype: torch.dtype):
         self.net, self.config, self.tokenizer, self.device, self.dtype = net, cfg, tokenizer, device, dtype
         self.load_seconds = 0.0
-        self.decodable = len(tokenizer.token_bytes())  # ids below this are text; the rest is table padding
+
+    @cached_property
+    def decodable(self) -> int:
+        """Ids below this are text; the embedding rows past it are table padding. Built on first use: the
+        id -> bytes table takes ~1 s for the full vocabulary, and a load that never generates needs none of it
+        (the engine builds it at start anyway, for streaming)."""
+        return len(self.tokenizer.token_bytes())
 
     def prepare(self, prompt: str | Sequence[dict], images: Sequence[Any] | None = None,
                 audios: Sequence[Any] | None = None, tools: list[dict] | None = None) -> Prepared:

@@ -627,9 +627,10 @@ def _load_state(path: Path, trainables: dict[str, nn.Parameter], opt, sched, sta
     state = json.loads((path / "state.json").read_text())
     if state["stage"] != stage:
         raise ValueError(f"{path} was written by stage {state['stage']!r}, not {stage!r}")
-    if state.get("fsdp", False) != (sharded is not None):
-        raise ValueError(f"{path} was written by a{'n FSDP' if state.get('fsdp') else ' non-FSDP'} run; resume it "
-                         f"{'with' if state.get('fsdp') else 'without'} --fsdp")
+    written_sharded = bool(state.get("fsdp", False))
+    if written_sharded != (sharded is not None):
+        raise ValueError(f"{path} was written by {'an FSDP' if written_sharded else 'a non-FSDP'} run; resume it "
+                         f"{'with' if written_sharded else 'without'} --fsdp")
     if sharded is not None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
