@@ -1,59 +1,63 @@
 """Decode steps with static shapes, captured once per bucket as CUDA graphs.
 
-A decode step launches ~50 kernels per layer; from Python that costs far more than the GPU work at small
+A decode step launches hundreds of kernels; from Python that costs far more than the GPU work at small
 batch. Here a pure-decode batch (one new token per sequence) runs with fixed shapes: the batch is padded to a
 bucket (1, 2, 4, ... rows), every block table to a bucket of blocks, adapters are applied through masks, and
 all inputs live in persistent buffers. The same code runs eagerly (CPU, tests) or captured and replayed
-(CUDA). Padding rows write their keys into a reserved scratch block and their outputs are ignored.
+(CUDA). Padding rows write their keys into a reserved scratch block and their outputs are ignored. The layer
+loop here uses the fused kernels of kernels.py; the general (prefill) path stays in decoder.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoder import AttentionBackend
+from . import kernels
 from .kv_cache import BlockPool
 from .lora import AdapterPlan
 from .model import Phi4MM
 
 
-class StaticDecodeAttention(AttentionBackend):
-    """One new token per row over a paged pool, all shapes fixed by (rows, blocks per row).
+class _Graph:
+    """One bucket's persistent inputs and outputs, and its captured graph.
 
-    Buffers: block_tables (R, NB) long, seq_lens (R,) long (tokens including the new one), slots (R,) long.
+    Every integer input lives in one device tensor (`ints`) filled from one host staging tensor by a single
+    copy a step; views into it:
+      block_tables (R, NB)  padded with the scratch block
+      slots        (R,)     pool slot of each row's new token
+      seq_lens     (R,)     tokens including the new one
+      tokens       (R,)     the new token ids
+      positions    (R, 1)   their positions
+      longs        (R, 1)   1 where the row uses the long RoPE factors
+      adapter_ids  (R,)     index into `names`, -1 for none
+    Outputs: logits (R, V) with the padded vocabulary masked, greedy (R,) their argmax.
     """
 
-    def __init__(self, pool: BlockPool, rows: int, blocks: int, device: torch.device):
-        self.pool = pool
-        self.block_tables = torch.zeros(rows, blocks, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(rows, dtype=torch.long, device=device)
-        self.slots = torch.zeros(rows, dtype=torch.long, device=device)
-        self.key_pos = torch.arange(blocks * pool.block_size, device=device)  # (L,)
+    def __init__(self, rows: int, blocks: int, names: tuple[str, ...], device: torch.device):
+        self.rows, self.blocks, self.names = rows, blocks, names
+        size = rows * blocks + 6 * rows
+        self.ints = torch.zeros(size, dtype=torch.long, device=device)
+        # Pinned host memory makes the copy asynchronous; the engine rewrites it only after the step's tokens
+        # came back, so the previous copy has finished by then.
+        self.host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.host_np = self.host.numpy()
+        cut = np.cumsum([rows * blocks] + [rows] * 5)
+        views = np.split(np.arange(size), cut)
+        self.views = [(int(v[0]), int(v[-1]) + 1) for v in views]
+        t = [self.ints[a:b] for a, b in self.views]
+        self.block_tables = t[0].view(rows, blocks)  # (R, NB)
+        self.slots, self.seq_lens, self.tokens = t[1], t[2], t[3]  # (R,) each
+        self.positions, self.longs = t[4].view(rows, 1), t[5].view(rows, 1)  # (R, 1) each
+        self.adapter_ids = t[6]  # (R,)
+        self.logits: torch.Tensor | None = None
+        self.greedy: torch.Tensor | None = None
+        self.graph: "torch.cuda.CUDAGraph | None" = None
 
-    def __call__(self, layer, q, k, v):
-        R, KV, D = k.shape[0], self.pool.n_kv, self.pool.head_dim
-        kc, vc = self.pool.k[layer], self.pool.v[layer]  # (num_blocks, block_size, KV, D)
-        kc.view(-1, KV, D).index_copy_(0, self.slots, k[:, :, 0])  # (R, KV, D) new keys into their slots
-        vc.view(-1, KV, D).index_copy_(0, self.slots, v[:, :, 0])
-        L = self.key_pos.shape[0]
-        keys = kc[self.block_tables].view(R, L, KV, D).transpose(1, 2)  # (R, KV, L, D)
-        values = vc[self.block_tables].view(R, L, KV, D).transpose(1, 2)  # (R, KV, L, D)
-        mask = (self.key_pos[None, :] < self.seq_lens[:, None])[:, None, None, :]  # (R, 1, 1, L)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # (R, H, 1, D)
-
-
-@dataclass
-class _Graph:
-    attn: StaticDecodeAttention
-    tokens: torch.Tensor  # (R,) long
-    positions: torch.Tensor  # (R, 1) long
-    long: torch.Tensor  # (R, 1) bool
-    masks: torch.Tensor  # (A, R, 1, 1) float, one per adapter in `names`
-    names: tuple[str, ...]
-    logits: torch.Tensor | None = None
-    graph: "torch.cuda.CUDAGraph | None" = None
+    def host_view(self, i: int) -> np.ndarray:
+        a, b = self.views[i]
+        return self.host_np[a:b]
 
 
 def _bucket(n: int, smallest: int) -> int:
@@ -67,8 +71,9 @@ class DecodeGraphs:
     """Runs pure-decode steps through static buckets; captures a CUDA graph per bucket on first use."""
 
     def __init__(self, net: Phi4MM, pool: BlockPool, scratch_block: int, max_rows: int = 64,
-                 min_blocks: int = 16, capture: bool | None = None):
+                 min_blocks: int = 16, capture: bool | None = None, decodable: int | None = None):
         self.net, self.pool, self.scratch = net, pool, scratch_block
+        self.decodable = net.cfg.text.vocab_size if decodable is None else decodable
         self.device = pool.k.device
         self.max_rows = max_rows
         self.min_blocks = min_blocks
@@ -85,41 +90,80 @@ class DecodeGraphs:
         return min(_bucket(max_blocks, self.min_blocks), self.pool.num_blocks)
 
     def _build(self, rows: int, blocks: int, names: tuple[str, ...]) -> _Graph:
-        d = self.device
-        g = _Graph(StaticDecodeAttention(self.pool, rows, blocks, d), torch.zeros(rows, dtype=torch.long, device=d),
-                   torch.zeros(rows, 1, dtype=torch.long, device=d), torch.zeros(rows, 1, dtype=torch.bool, device=d),
-                   torch.zeros(len(names), rows, 1, 1, device=d), names)
-        self._reset_padding(g)
+        g = _Graph(rows, blocks, names, self.device)
+        self._fill(g, [], [], [], [], [])
+        g.ints.copy_(g.host)
         if self.capture:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: kernels chosen, workspaces allocated, RoPE tables on device
+                for _ in range(2):  # warm-up: kernels chosen and compiled, workspaces allocated, RoPE tables
                     self._forward(g)
             torch.cuda.current_stream().wait_stream(stream)
             g.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g.graph, pool=self._pool_handle):
-                g.logits = self._forward(g)
+                g.logits, g.greedy = self._forward(g)
             self._pool_handle = g.graph.pool()
         return g
 
-    def _reset_padding(self, g: _Graph) -> None:
-        g.attn.block_tables.fill_(self.scratch)
-        g.attn.slots.fill_(self.scratch * self.pool.block_size)
-        g.attn.seq_lens.fill_(1)
-        g.tokens.zero_()
-        g.positions.zero_()
-        g.masks.zero_()
+    def _fill(self, g: _Graph, tokens: list[int], positions: list[int], longs: list[bool],
+              tables: list[list[int]], adapters: list[str | None]) -> None:
+        """Write a step's inputs into the staging tensor; rows past len(tokens) are padding (scratch block)."""
+        n, bs = len(tokens), self.pool.block_size
+        table = g.host_view(0).reshape(g.rows, g.blocks)  # (R, NB)
+        table.fill(self.scratch)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = t
+        pos = np.zeros(g.rows, dtype=np.int64)  # (R,)
+        pos[:n] = positions
+        slots = g.host_view(1)
+        slots[:] = table[np.arange(g.rows), pos // bs] * bs + pos % bs
+        g.host_view(2)[:] = pos + 1
+        toks = g.host_view(3)
+        toks.fill(0)
+        toks[:n] = tokens
+        g.host_view(4)[:] = pos
+        lg = g.host_view(5)
+        lg.fill(0)
+        lg[:n] = longs
+        ids = g.host_view(6)
+        ids.fill(-1)
+        ids[:n] = [g.names.index(a) if a is not None else -1 for a in adapters]
 
-    def _forward(self, g: _Graph) -> torch.Tensor:
-        embeds = self.net.embed_tokens(g.tokens)[:, None]  # (R, 1, hidden)
-        plan = AdapterPlan.from_masks(list(g.names), g.masks) if g.names else AdapterPlan()
-        return self.net(embeds, g.positions, plan=plan, long_rope=g.long, attn=g.attn)[:, 0]  # (R, V)
+    def _forward(self, g: _Graph) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder for one new token per row, with the fused kernels of kernels.py (their torch versions
+        off CUDA): ~10 launches a layer instead of ~40. Same arithmetic as DecoderLayer, rounding included."""
+        net, pool = self.net, self.pool
+        x = net.embed_tokens(g.tokens)  # (R, hidden)
+        plan = AdapterPlan()
+        if g.names:
+            which = torch.arange(len(g.names), device=x.device)[:, None]  # (A, 1)
+            masks = (g.adapter_ids[None, :] == which).to(x.dtype)  # (A, R)
+            plan = AdapterPlan.from_masks(list(g.names), masks.view(len(g.names), -1, 1, 1))  # (A, R, 1, 1)
+        cos, sin = net.rope.cos_sin(g.positions, g.longs != 0, x.dtype)  # (R, 1, 1, rd)
+        cos, sin = cos.view(x.shape[0], -1), sin.view(x.shape[0], -1)  # (R, rd)
+        eps = net.cfg.text.rms_norm_eps
+        residual = None
+        for i, layer in enumerate(net.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h, residual = kernels.add_rms_norm(x, residual, layer.input_layernorm.weight, eps)
+            qkv = attn.qkv_proj(h[:, None], plan)[:, 0]  # (R, (H + 2 KV) * D)
+            q = kernels.rope_store(qkv, cos, sin, g.slots, pool.k[i], pool.v[i], attn.n_heads)  # (R, H, D)
+            o = kernels.paged_decode_attention(q, pool.k[i], pool.v[i], g.block_tables, g.seq_lens)
+            x = attn.o_proj(o.view(o.shape[0], 1, -1), plan)[:, 0]  # (R, H*D) -> (R, hidden)
+            h, residual = kernels.add_rms_norm(x, residual, layer.post_attention_layernorm.weight, eps)
+            x = mlp.down_proj(kernels.silu_mul(mlp.gate_up_proj(h[:, None], plan)[:, 0])[:, None], plan)[:, 0]
+        h, _ = kernels.add_rms_norm(x, residual, net.norm.weight, eps)
+        logits = F.linear(h, net.output_weight)  # (R, V)
+        if self.decodable < logits.shape[-1]:
+            logits[:, self.decodable:] = float("-inf")  # padded vocabulary rows are never sampled
+        return logits, logits.argmax(-1)  # (R, V), (R,): greedy rows need only the second
 
     @torch.inference_mode()
     def run(self, tokens: list[int], positions: list[int], longs: list[bool], tables: list[list[int]],
-            adapters: list[str | None]) -> torch.Tensor:
-        """One decode step for n sequences -> logits (n, V). Each sequence's new token goes at `positions`."""
+            adapters: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step for n sequences -> logits (n, V) (padded vocabulary masked) and their argmax (n,).
+        Each sequence's new token goes at `positions`."""
         n = len(tokens)
         self.steps += 1
         rows = _bucket(n, 1)
@@ -129,22 +173,10 @@ class DecodeGraphs:
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._build(rows, blocks, names)
-        self._reset_padding(g)
-        bs = self.pool.block_size
-        table = torch.full((n, blocks), self.scratch, dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t)
-        pos = torch.tensor(positions)
-        slots = table[torch.arange(n), pos // bs] * bs + pos % bs
-        g.attn.block_tables[:n].copy_(table, non_blocking=True)
-        g.attn.slots[:n].copy_(slots, non_blocking=True)
-        g.attn.seq_lens[:n].copy_(pos + 1, non_blocking=True)
-        g.tokens[:n].copy_(torch.tensor(tokens), non_blocking=True)
-        g.positions[:n, 0].copy_(pos, non_blocking=True)
-        g.long[:n, 0].copy_(torch.tensor(longs), non_blocking=True)
-        for j, name in enumerate(names):
-            g.masks[j, :n, 0, 0].copy_(torch.tensor([float(a == name) for a in adapters]), non_blocking=True)
+        self._fill(g, tokens, positions, longs, tables, adapters)
+        g.ints.copy_(g.host, non_blocking=True)  # one copy for every input
         if g.graph is not None:
             g.graph.replay()
-            return g.logits[:n]
-        return self._forward(g)[:n]
+            return g.logits[:n], g.greedy[:n]
+        logits, greedy = self._forward(g)
+        return logits[:n], greedy[:n]

@@ -47,7 +47,7 @@ class StepOutput:
     num_generated: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `seq in self.running` must not compare every field (it did, O(batch^2) a step)
 class Sequence:
     id: str
     prep: Prepared
@@ -107,7 +107,8 @@ class Engine:
         self.graphs = None
         if static_decode if static_decode is not None else self.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(self.net, self.pool, self.pool.allocate(1)[0], max_rows=max_batch)
+            self.graphs = DecodeGraphs(self.net, self.pool, self.pool.allocate(1)[0], max_rows=max_batch,
+                                       decodable=model.decodable)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
@@ -281,7 +282,7 @@ class Engine:
             return outs
         self.stats["steps"] += 1
         try:
-            logits = self._forward(plan)  # (S, V): each planned sequence's last new token
+            logits, greedy = self._forward(plan)  # (S, V): each planned sequence's last new token
         except torch.OutOfMemoryError as e:  # fail the prefills of this step, keep serving the others
             torch.cuda.empty_cache()
             return outs + [self._finish(s, "error", f"out of memory during prefill: {e}") for s, n in plan if n > 1]
@@ -293,13 +294,18 @@ class Engine:
         # a decode, or the last chunk of a recompute.
         ready = [(i, s) for i, (s, _) in enumerate(plan) if s.num_cached == s.length]
         if ready:
-            rows = torch.tensor([i for i, _ in ready], device=self.device)
             seqs = [s for _, s in ready]
-            picked = mask_padded_vocab(logits.index_select(0, rows), self.model.decodable)
-            if all(_plain_greedy(s.params) for s in seqs):
+            if greedy is not None and all(_plain_greedy(s.params) for s in seqs):
+                # A decode step's graph already took the argmax (every row of it is ready).
+                toks, lps, tops = greedy.tolist(), [None] * len(seqs), [None] * len(seqs)
+            elif all(_plain_greedy(s.params) for s in seqs):
                 # No per-row state needed: skip building the sampling batch (its (B, V) penalty tables).
+                rows = torch.tensor([i for i, _ in ready], device=self.device)
+                picked = mask_padded_vocab(logits.index_select(0, rows), self.model.decodable)
                 toks, lps, tops = picked.argmax(-1).tolist(), [None] * len(seqs), [None] * len(seqs)
             else:
+                rows = torch.tensor([i for i, _ in ready], device=self.device)
+                picked = mask_padded_vocab(logits.index_select(0, rows), self.model.decodable)
                 batch = SamplingBatch.build([s.params for s in seqs], self.device, self.cfg.text.vocab_size,
                                             [s.prep.input_ids for s in seqs], [s.generated for s in seqs])
                 picked = apply_min_tokens(picked.float(), batch, None, sorted(self.eos))
@@ -317,7 +323,9 @@ class Engine:
         self.stats["decode_tokens"] += sum(1 for _, n in plan if n == 1)
         return outs
 
-    def _forward(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
+    def _forward(self, plan: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> logits (S, V) of each planned sequence's last new token, and their argmax when a decode graph
+        computed it (None otherwise)."""
         if self.graphs is not None and all(n == 1 for _, n in plan) and \
                 self.graphs.fits(len(plan), max(len(s.blocks) for s, _ in plan)):
             return self.graphs.run([s.token_at(s.num_cached) for s, _ in plan], [s.num_cached for s, _ in plan],
@@ -338,7 +346,7 @@ class Engine:
         long = torch.cat(longs)[None].to(self.device)  # (1, N)
         attn = PagedAttention.build(self.pool, [(s.blocks, s.num_cached, n) for s, n in plan], self.device)
         return self.net(x, pos, plan=AdapterPlan.for_spans(spans, self.device), long_rope=long,
-                        last_only=torch.tensor(last, device=self.device), attn=attn)[:, 0]  # (S, V)
+                        last_only=torch.tensor(last, device=self.device), attn=attn)[:, 0], None  # (S, V)
 
     def _embeds(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         p = seq.prep.num_tokens

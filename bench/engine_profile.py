@@ -1,0 +1,133 @@
+"""Where the engine's time goes on a GPU: time to first token and decode steps, split into GPU and host.
+
+usage: python bench/engine_profile.py [--ckpt DIR] [--out DIR]
+Full-size random checkpoint (made under --work if missing), bf16. For each case it prints and writes
+(out/engine_profile.json):
+  - ttft: wall time of add_request + the steps up to the first token, for a 512-token text prompt, and the
+    top CUDA kernels and CPU ops of one profiled first-token step;
+  - decode b=1 / b=64: wall time per engine step, and the GPU time of replaying the step's CUDA graph alone
+    (the difference is host work: scheduling, sampling, streaming text);
+  - the top CUDA kernels of a profiled decode step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+CUDA = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def top_kernels(prof, n: int = 15, key: str = "self_device_time_total" if CUDA else "self_cpu_time_total"
+                ) -> list[dict]:
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:n]
+    return [{"name": e.key[:90], "count": e.count, "ms": round(getattr(e, key, 0) / 1e3, 3)} for e in rows]
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/phi4mm_bench")
+    ap.add_argument("--out", default="/tmp/engine_profile")
+    ap.add_argument("--size", default="full", help="tiny: a dry run of this script on CPU")
+    args = ap.parse_args()
+    import phi4mm
+    from phi4mm.checkpoint import make_checkpoint
+    from phi4mm.engine import Engine
+    from phi4mm.processor import Prepared
+    from phi4mm.sampling import SamplingParams
+    from torch.profiler import ProfilerActivity, profile
+    ckpt = Path(args.work) / "official"
+    dev = "cuda" if CUDA else "cpu"
+    if args.size != "full":
+        ckpt = Path(args.work) / args.size
+    if not (ckpt / "config.json").exists():
+        make_checkpoint(ckpt, args.size, "official", seed=0, device=dev)
+    m = phi4mm.load(ckpt, device=dev, dtype=torch.bfloat16 if CUDA else torch.float32)
+    eng = Engine(m, max_batch=64, max_tokens_per_step=4096, static_decode=True)
+    res: dict = {"gpu": torch.cuda.get_device_name() if CUDA else "cpu"}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    gen = torch.Generator().manual_seed(0)
+
+    def prep(n: int, adapter: str | None = None) -> Prepared:
+        return Prepared(torch.randint(1000, 190000, (n,), generator=gen).tolist(), None, None, adapter, "speech")
+
+    # Time to first token.
+    p = SamplingParams(max_tokens=1, ignore_eos=True)
+    for _ in range(3):
+        eng.generate([dict(prompt=prep(512), params=p)])
+    walls = []
+    for _ in range(5):
+        x = prep(512)
+        sync()
+        t0 = time.perf_counter()
+        eng.add_request(x, params=p)
+        while eng.has_work():
+            eng.step()
+        sync()
+        walls.append(time.perf_counter() - t0)
+    eng.add_request(prep(512), params=p)
+    with profile(activities=acts) as prof:
+        while eng.has_work():
+            eng.step()
+        sync()
+    res["ttft_512"] = {"wall_ms": [round(w * 1e3, 2) for w in walls], "kernels": top_kernels(prof),
+                       "cpu_ops": top_kernels(prof, 12, "self_cpu_time_total")}
+    print(json.dumps(res["ttft_512"], indent=1), flush=True)
+
+    # Decode steps.
+    for b in (1, 64):
+        p = SamplingParams(max_tokens=200, ignore_eos=True)
+        for _ in range(b):
+            eng.add_request(prep(512), params=p)
+        while any(s.prefilling or not s.generated for s in eng.running) or eng.waiting:
+            eng.step()
+        for _ in range(5):
+            eng.step()  # captures this bucket
+        sync()
+        n = 40
+        t0 = time.perf_counter()
+        for _ in range(n):
+            eng.step()
+        sync()
+        step_ms = (time.perf_counter() - t0) / n * 1e3
+        g = next(iter(v for k, v in eng.graphs.graphs.items() if k[0] == b))
+        replay = g.graph.replay if g.graph is not None else (lambda: eng.graphs._forward(g))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            replay()
+        sync()
+        replay_ms = (time.perf_counter() - t0) / n * 1e3
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                replay()
+            sync()
+        row = {"step_ms": round(step_ms, 3), "graph_replay_ms": round(replay_ms, 3),
+               "tok_s": round(b * 1e3 / step_ms, 1), "graph_only_tok_s": round(b * 1e3 / replay_ms, 1),
+               "kernels": top_kernels(prof)}
+        res[f"decode_b{b}"] = row
+        print(json.dumps(row, indent=1), flush=True)
+        for s in list(eng.running):
+            eng.cancel(s.id)
+        while eng.has_work():
+            eng.step()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine_profile.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

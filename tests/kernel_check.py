@@ -1,0 +1,105 @@
+"""Checks every Triton kernel of phi4mm.kernels against its torch version; run by tests/test_kernels.py.
+
+Runs on CUDA when present, else on CPU under Triton's interpreter (TRITON_INTERPRET=1 must be set before
+phi4mm.kernels is imported, hence a separate process). Prints one line per check and exits non-zero on a miss.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from phi4mm import kernels
+
+
+def check(name: str, ok: bool, detail: str = "") -> bool:
+    print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
+    return ok
+
+
+def main(device: str) -> int:
+    assert kernels.available(torch.empty(0, device=device)), "Triton kernels are not available on " + device
+    g = torch.Generator().manual_seed(0)
+    good = True
+    # Triton's interpreter truncates fp32 -> bf16 instead of rounding to nearest even, and its bf16 dot products
+    # are wrong, so bf16 (where the kernels must match eager torch bit for bit) is checked on CUDA only.
+    for dtype in (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,):
+        def rnd(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+        # add + RMSNorm: the sum must round as the eager add does; the norm may differ in its last bit
+        # (the row sum is reduced in another order).
+        x, res, w = rnd(5, 96), rnd(5, 96), rnd(96)
+        for r in (None, res):
+            out, new_res = kernels.add_rms_norm(x, r, w, 1e-5)
+            want_res = x if r is None else r + x
+            want = kernels.rms_norm_torch(want_res, w, 1e-5)
+            err = (out.float() - want.float()).abs().max().item()
+            tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * want.float().abs().max().item()
+            good &= check(f"add_rms_norm {dtype} res={r is not None}",
+                          torch.equal(new_res, want_res) and err <= tol, f"max err {err:.2e}")
+
+        # RoPE + cache write: bit-exact, both in the returned q and in the pool.
+        H, KV, D, RD, bs, nb = 6, 2, 32, 24, 4, 12
+        qkv = rnd(3, (H + 2 * KV) * D)
+        ang = torch.rand(3, RD, generator=g) * 6
+        cos, sin = ang.cos().to(device, dtype), ang.sin().to(device, dtype)
+        slots = torch.tensor([5, 17, 30], device=device)
+        kc = [torch.zeros(nb, bs, KV, D, device=device, dtype=dtype) for _ in range(2)]
+        vc = [torch.zeros(nb, bs, KV, D, device=device, dtype=dtype) for _ in range(2)]
+        q0 = kernels.rope_store(qkv, cos, sin, slots, kc[0], vc[0], H)
+        q1 = kernels.rope_store_torch(qkv, cos, sin, slots, kc[1], vc[1], H)
+        diffs = [(a.float() - b.float()).abs().max().item() for a, b in ((q0, q1), (kc[0], kc[1]), (vc[0], vc[1]))]
+        good &= check(f"rope_store {dtype}", torch.equal(q0, q1) and torch.equal(kc[0], kc[1])
+                      and torch.equal(vc[0], vc[1]), "max err q %.2e k %.2e v %.2e" % tuple(diffs))
+
+        # Paged decode attention: rows of length 1, mid-block and across many blocks; one and several parts.
+        nb, bs = 64, 4
+        kcache, vcache = rnd(nb, bs, KV, D), rnd(nb, bs, KV, D)
+        tables = torch.stack([torch.randperm(nb, generator=g)[:40] for _ in range(4)]).to(device)  # (4, 40)
+        lens = torch.tensor([1, 7, 133, 160], device=device)
+        q = rnd(4, H, D)
+        want = kernels.paged_decode_attention_torch(q, kcache, vcache, tables, lens)
+        for parts in (1, 2, 3):
+            got = kernels.paged_decode_attention(q, kcache, vcache, tables, lens, parts=parts)
+            err = (got.float() - want.float()).abs().max().item()
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            good &= check(f"paged_decode_attention {dtype} parts={parts}", err <= tol, f"max err {err:.2e}")
+
+        # SiLU gate: bit-exact in bf16; in fp32 exp() itself may differ in the last bit between libraries.
+        gu = rnd(3, 2 * 80, scale=3.0)
+        got, want = kernels.silu_mul(gu), kernels.silu_mul_torch(gu)
+        ok = torch.equal(got, want) if dtype == torch.bfloat16 else torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+        good &= check(f"silu_mul {dtype}", ok)
+    return 0 if good else 1
+
+
+def engine_check(device: str, ckpt: str) -> int:
+    """The engine's static decode path, now on the kernels, against the reference loop (fp32, tiny model):
+    text (no adapter), a speech and a vision request in one batch, two block sizes, and prompts that span
+    several blocks so the split attention has more than one partition."""
+    import phi4mm
+    from phi4mm.engine import Engine
+    from phi4mm.sampling import SamplingParams
+    from tests.conftest import scene, tone
+    m = phi4mm.load(ckpt, device=device, dtype=torch.float32)
+    reqs = [dict(prompt="<|user|>Tell me a story about a fox." + " Then another one." * 30 + "<|end|><|assistant|>"),
+            dict(prompt="<|user|><|audio_1|>Transcribe the audio to text.<|end|><|assistant|>", audios=[tone(1.1)]),
+            dict(prompt="<|user|><|image_1|>What is this?<|end|><|assistant|>", images=[scene(448, 300, 1)]),
+            dict(prompt="<|system|>Be brief.<|end|><|user|>Hi!<|end|><|assistant|>")]
+    want = [m.generate_ids(r["prompt"], r.get("images"), r.get("audios"), max_new_tokens=5) for r in reqs]
+    good = True
+    for bs in (4, 16):
+        eng = Engine(m, num_blocks=600, block_size=bs, static_decode=True)
+        got = [o["token_ids"] for o in eng.generate([dict(r, params=SamplingParams(max_tokens=5)) for r in reqs])]
+        good &= check(f"engine static decode block_size={bs}", got == want and eng.graphs.steps >= 4,
+                      f"{got} vs {want}")
+    return 0 if good else 1
+
+
+if __name__ == "__main__":
+    dev = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    rc = main(dev)
+    if len(sys.argv) > 2:
+        rc |= engine_check(dev, sys.argv[2])
+    sys.exit(rc)
