@@ -9,8 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import LoraConfig, TextConfig
 from .lora import AdapterPlan, LoraLinear
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Inference on a device with the Triton kernels: norms, RoPE and the SiLU gate run fused (fewer launches,
+    the same rounding). Training keeps plain torch ops: the kernels have no backward."""
+    return not torch.is_grad_enabled() and kernels.available(x)
 
 
 class RMSNorm(nn.Module):
@@ -20,6 +27,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32, cast back to the activation dtype, *then* scale: the order matters in bf16.
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -128,10 +137,18 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.qkv_proj(x, plan)
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q = qkv[..., :q_out].view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = qkv[..., q_out:q_out + kv_out].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = qkv[..., q_out + kv_out:].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if _fused(qkv):
+            rd = cos.shape[-1]
+            c = cos.expand(B, 1, T, rd).reshape(B * T, rd)  # (B*T, rd): one row per token
+            s = sin.expand(B, 1, T, rd).reshape(B * T, rd)
+            q, k = kernels.rope_qk(qkv.reshape(B * T, -1).contiguous(), c, s, self.n_heads, self.n_kv)
+            q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B*T, H, D) -> (B, H, T, D)
+            k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B*T, KV, D) -> (B, KV, T, D)
+        else:
+            q = qkv[..., :q_out].view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+            k = qkv[..., q_out:q_out + kv_out].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attn(layer, q, k, v)  # (B, H, T, D): the backend stores k/v in its cache and attends
         return self.o_proj(out.transpose(1, 2).reshape(B, T, q_out), plan)  # (B, T, H*D)
 
@@ -170,7 +187,11 @@ class MLP(nn.Module):
         self.down_proj = LoraLinear(cfg.intermediate_size, cfg.hidden_size, loras)
 
     def forward(self, x: torch.Tensor, plan: AdapterPlan) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, plan).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x, plan)
+        if _fused(gate_up):
+            act = kernels.silu_mul(gate_up.reshape(-1, gate_up.shape[-1]))  # (B*T, I)
+            return self.down_proj(act.view(*gate_up.shape[:-1], -1), plan)  # (B, T, I)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(up * F.silu(gate), plan)
 
 
@@ -183,6 +204,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, loras)
 
     def forward(self, x, cos, sin, plan, attn, layer):
+        if _fused(x):
+            # The residual add and the second norm in one kernel.
+            B, T, N = x.shape
+            a = self.self_attn(self.input_layernorm(x), cos, sin, plan, attn, layer)
+            eps = self.post_attention_layernorm.eps
+            h, x2 = kernels.add_rms_norm(a.reshape(B * T, N), x.reshape(B * T, N).contiguous(),
+                                         self.post_attention_layernorm.weight, eps)  # (B*T, N) each
+            return x2.view(B, T, N) + self.mlp(h.view(B, T, N), plan)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, attn, layer)
         return x + self.mlp(self.post_attention_layernorm(x), plan)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .api import Model
-from .kv_cache import BlockPool, CacheFull, PagedAttention
+from .kv_cache import BlockPool, CacheFull, PagedAttention, prefer_flash
 from .lora import AdapterPlan
 from .processor import Prepared, encode_media
 from .sampling import SamplingBatch, SamplingParams, apply_min_tokens, mask_padded_vocab, sample
@@ -102,13 +102,15 @@ class Engine:
         if num_blocks is None:
             num_blocks = _default_blocks(self.cfg.text, block_size, self.dtype, self.device)
         self.pool = BlockPool(self.cfg.text, num_blocks, block_size, self.dtype, self.device)
-        # Pure-decode steps run with static shapes (CUDA graphs on GPU, by default); padding rows of those
-        # buckets write into one reserved scratch block.
-        self.graphs = None
+        # Pure-decode steps, and a new prompt alone in its step, run with static shapes (CUDA graphs on GPU, by
+        # default); padding rows and tokens of those buckets write into one reserved scratch block.
+        self.graphs = self.prefill_graphs = None
         if static_decode if static_decode is not None else self.device.type == "cuda":
-            from .cuda_graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(self.net, self.pool, self.pool.allocate(1)[0], max_rows=max_batch,
-                                       decodable=model.decodable)
+            from .cuda_graphs import DecodeGraphs, PrefillGraphs
+            scratch = self.pool.allocate(1)[0]
+            self.graphs = DecodeGraphs(self.net, self.pool, scratch, max_rows=max_batch, decodable=model.decodable)
+            self.prefill_graphs = PrefillGraphs(self.net, self.pool, scratch, model.decodable,
+                                                max_tokens=min(2048, max_tokens_per_step))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
@@ -331,6 +333,11 @@ class Engine:
             return self.graphs.run([s.token_at(s.num_cached) for s, _ in plan], [s.num_cached for s, _ in plan],
                                    [s.long_rope for s, _ in plan], [s.blocks for s, _ in plan],
                                    [s.prep.adapter for s, _ in plan])
+        if self.prefill_graphs is not None and len(plan) == 1:
+            seq, n = plan[0]
+            if seq.num_cached == 0 and n == seq.length and self.prefill_graphs.fits(n):
+                # A whole new prompt alone in the step (time to first token): static shapes, one graph.
+                return self.prefill_graphs.run(self._embeds(seq, 0, n), seq.blocks, seq.prep.adapter, seq.long_rope)
         embeds, positions, longs, spans, last = [], [], [], [], []
         n_total = 0
         for seq, n in plan:
@@ -345,8 +352,9 @@ class Engine:
         pos = torch.cat(positions)[None].to(self.device)  # (1, N)
         long = torch.cat(longs)[None].to(self.device)  # (1, N)
         attn = PagedAttention.build(self.pool, [(s.blocks, s.num_cached, n) for s, n in plan], self.device)
-        return self.net(x, pos, plan=AdapterPlan.for_spans(spans, self.device), long_rope=long,
-                        last_only=torch.tensor(last, device=self.device), attn=attn)[:, 0], None  # (S, V)
+        with prefer_flash():
+            return self.net(x, pos, plan=AdapterPlan.for_spans(spans, self.device), long_rope=long,
+                            last_only=torch.tensor(last, device=self.device), attn=attn)[:, 0], None  # (S, V)
 
     def _embeds(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         p = seq.prep.num_tokens

@@ -31,9 +31,13 @@ except ImportError:  # pragma: no cover - depends on the install
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DISABLED = os.environ.get("PHI4MM_NO_TRITON") == "1"  # force the torch versions (A/B timing, debugging)
 MIN_DOT = 16  # tl.dot needs at least 16 rows: a GQA group (3 heads) is padded up to it
-PART_TOKENS = 256  # keys per program of the split attention when a row alone cannot fill the GPU
 MAX_PARTS = 64  # partitions per row at most (the merge kernel holds them all at once)
 TARGET_PROGRAMS = 264  # ~2 programs per multiprocessor of an H100/H200 (132 SMs)
+# Paged decode attention launch settings: keys per partition when a row alone cannot fill the GPU, keys per
+# tile, warps and pipeline depth. Chosen with bench/kernel_tune.py on an H200 (bench/results/kernel_tune.json):
+# within 5% of each case's best at 1 row x 768 keys (6.0 us), 64 rows x ~640 (45.6 us, 3.6 TB/s) and
+# 1 row x 24k (33.1 us).
+DECODE_CONFIG = {"part_tokens": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
 
 
 def available(t: torch.Tensor) -> bool:
@@ -91,6 +95,15 @@ def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ Triton kernels
 if triton is not None:
     @triton.jit
+    def _round_bf16(v):
+        """fp32 -> the nearest bf16 value (ties to even), still in fp32, by integer arithmetic. A plain
+        `.to(bf16).to(fp32)` lets the compiler turn `round(a*b) + round(c*d)` into a bf16 FMA, which rounds
+        once instead of three times and no longer matches eager torch bit for bit."""
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _add_rms_norm_kernel(X, RES, W, OUT, RES_OUT, eps, N: tl.constexpr, BLOCK: tl.constexpr,
                              HAS_RES: tl.constexpr):
         row = tl.program_id(0)
@@ -108,8 +121,8 @@ if triton is not None:
         tl.store(OUT + row * N + i, (w.to(tl.float32) * y.to(tl.float32)).to(x.dtype), mask=m)
 
     @triton.jit
-    def _rope_store_kernel(QKV, COS, SIN, SLOTS, KC, VC, QOUT, H: tl.constexpr, KV: tl.constexpr,
-                           D: tl.constexpr, D_PAD: tl.constexpr, RD: tl.constexpr):
+    def _rope_store_kernel(QKV, COS, SIN, SLOTS, KC, VC, QOUT, KOUT, H: tl.constexpr, KV: tl.constexpr,
+                           D: tl.constexpr, D_PAD: tl.constexpr, RD: tl.constexpr, TO_CACHE: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)  # 0..H-1: query heads; H..H+KV-1: key heads (which also move their values)
         i = tl.arange(0, D_PAD)
@@ -122,17 +135,24 @@ if triton is not None:
         xr = tl.where(i < RD // 2, -xr, xr)
         c = tl.load(COS + row * RD + i, mask=i < RD, other=0.0).to(tl.float32)
         s = tl.load(SIN + row * RD + i, mask=i < RD, other=0.0).to(tl.float32)
-        a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)  # each product rounds, then the sum: as in bf16 torch
-        b = (xr * s).to(x.dtype).to(tl.float32)
+        # Each product rounds to the dtype, then their sum does: eager torch's order.
+        if x.dtype == tl.bfloat16:
+            a = _round_bf16(x.to(tl.float32) * c)
+            b = _round_bf16(xr * s)
+        else:
+            a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
+            b = (xr * s).to(x.dtype).to(tl.float32)
         y = tl.where(i < RD, (a + b).to(x.dtype), x)
         if head < H:
             tl.store(QOUT + (row * H + head) * D + i, y, mask=m)
-        else:
+        elif TO_CACHE:
             kh = head - H
             slot = tl.load(SLOTS + row)
             tl.store(KC + (slot * KV + kh) * D + i, y.to(KC.dtype.element_ty), mask=m)
             v = tl.load(base + KV * D + i, mask=m, other=0.0)
             tl.store(VC + (slot * KV + kh) * D + i, v.to(VC.dtype.element_ty), mask=m)
+        else:
+            tl.store(KOUT + (row * KV + head - H) * D + i, y, mask=m)
 
     @triton.jit
     def _paged_decode_kernel(Q, KC, VC, BT, LENS, OUT, ACC, MAX, SUM, qk_scale, bt_stride,
@@ -223,6 +243,13 @@ def add_rms_norm(delta: torch.Tensor, residual: torch.Tensor | None, w: torch.Te
     return out, res_out
 
 
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of any shape."""
+    if not available(x):
+        return rms_norm_torch(x, w, eps)
+    return add_rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), None, w, eps)[0].view(x.shape)
+
+
 def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rotate q and k of one new token per row, store k and v in their slots -> q (R, H, D)."""
@@ -231,15 +258,29 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: t
     R = qkv.shape[0]
     KV, D = k_cache.shape[2], k_cache.shape[3]
     q = torch.empty(R, n_heads, D, dtype=qkv.dtype, device=qkv.device)
-    _rope_store_kernel[(R, n_heads + KV)](qkv, cos, sin, slots, k_cache, v_cache, q, n_heads, KV, D, _p2(D),
-                                          cos.shape[-1], num_warps=1)
+    _rope_store_kernel[(R, n_heads + KV)](qkv, cos, sin, slots, k_cache, v_cache, q, q, n_heads, KV, D, _p2(D),
+                                          cos.shape[-1], True, num_warps=1)
     return q
 
 
-def decode_parts(rows: int, kv_heads: int, max_keys: int) -> int:
+def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+            n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k of packed rows: qkv (R, (H+2KV)*D) contiguous, cos/sin (R, rd) -> q (R, H, D),
+    k (R, KV, D). Callers check `available` first (there is no torch twin: decoder.apply_rope is it)."""
+    R = qkv.shape[0]
+    D = qkv.shape[1] // (n_heads + 2 * n_kv)
+    q = torch.empty(R, n_heads, D, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(R, n_kv, D, dtype=qkv.dtype, device=qkv.device)
+    _rope_store_kernel[(R, n_heads + n_kv)](qkv, cos, sin, cos, q, q, q, k, n_heads, n_kv, D, _p2(D),
+                                            cos.shape[-1], False, num_warps=1)
+    return q, k
+
+
+def decode_parts(rows: int, kv_heads: int, max_keys: int, part_tokens: int | None = None) -> int:
     """How many partitions each row's keys are split into: enough programs to fill the GPU, none empty-ish."""
+    part_tokens = part_tokens or DECODE_CONFIG["part_tokens"]
     parts = 1
-    while rows * kv_heads * parts < TARGET_PROGRAMS and (parts * 2) * PART_TOKENS <= max_keys \
+    while rows * kv_heads * parts < TARGET_PROGRAMS and (parts * 2) * part_tokens <= max_keys \
             and parts * 2 <= MAX_PARTS:
         parts *= 2
     return parts
@@ -247,7 +288,7 @@ def decode_parts(rows: int, kv_heads: int, max_keys: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                           parts: int | None = None) -> torch.Tensor:
+                           parts: int | None = None, config: dict | None = None) -> torch.Tensor:
     """q (R, H, D), caches (num_blocks, block_size, KV, D), block_tables (R, NB), seq_lens (R,) -> (R, H, D).
 
     Shapes depend only on (R, NB): safe to capture in a CUDA graph; seq_lens and tables are read on device."""
@@ -257,10 +298,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     bs, KV = k_cache.shape[1], k_cache.shape[2]
     G = H // KV
     max_keys = block_tables.shape[1] * bs
+    cfg = dict(DECODE_CONFIG, **(config or {}))
     if parts is None:
-        parts = decode_parts(R, KV, max_keys)
+        parts = decode_parts(R, KV, max_keys, cfg["part_tokens"])
     part = -(-max_keys // parts)
-    block_n = 64 if D <= 128 else 32
+    block_n = cfg["block_n"]
     part = -(-part // block_n) * block_n  # whole tiles per partition
     out = torch.empty_like(q)
     qk_scale = (1.0 / math.sqrt(D)) * 1.4426950408889634  # softmax in base 2: exp2(x * log2 e) = exp(x)
@@ -273,7 +315,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _paged_decode_kernel[(R, KV, parts)](q, k_cache, v_cache, block_tables, seq_lens, out, acc, mx, sm, qk_scale,
                                          block_tables.stride(0), H, KV, G, max(MIN_DOT, _p2(G)), D, bs, block_n,
                                          part, parts, "ieee" if q.dtype == torch.float32 else "tf32",
-                                         num_warps=4, num_stages=2)  # fp32 (tests): no TF32 rounding
+                                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if parts > 1:
         _merge_parts_kernel[(R * H,)](acc, mx, sm, out, D, parts, max(2, _p2(parts)), num_warps=4)
     return out

@@ -180,6 +180,11 @@ def test_static_decode_path_equals_reference(model, requests, expected, block_si
     eng = Engine(model, num_blocks=400, block_size=block_size, static_decode=True)
     assert _run(eng, requests) == expected
     assert eng.graphs.steps >= N_NEW - 1 and eng.graphs.graphs  # the decode steps went through the static path
+    # One request at a time: each prompt alone in its step takes the padded static prefill (no prefix cache:
+    # a hit would leave less than the whole prompt to compute).
+    eng = Engine(model, num_blocks=400, block_size=block_size, static_decode=True, prefix_caching=False)
+    assert [_run(eng, [r])[0] for r in requests] == expected
+    assert eng.prefill_graphs.steps == len(requests) and eng.prefill_graphs.graphs
 
 
 @pytest.mark.parametrize("budget", [64, 8192])
