@@ -35,8 +35,9 @@ class _Graph:
     Outputs: logits (R, V) with the padded vocabulary masked, greedy (R,) their argmax.
     """
 
-    def __init__(self, rows: int, blocks: int, names: tuple[str, ...], device: torch.device):
+    def __init__(self, rows: int, blocks: int, names: tuple[str, ...], device: torch.device, uniform: bool = False):
         self.rows, self.blocks, self.names = rows, blocks, names
+        self.uniform = uniform  # every real row uses names[0]: no masks (padding rows get the adapter too, unread)
         size = rows * blocks + 6 * rows
         self.ints = torch.zeros(size, dtype=torch.long, device=device)
         # Pinned host memory makes the copy asynchronous; the engine rewrites it only after the step's tokens
@@ -78,7 +79,7 @@ class DecodeGraphs:
         self.max_rows = max_rows
         self.min_blocks = min_blocks
         self.capture = self.device.type == "cuda" if capture is None else capture
-        self.graphs: dict[tuple[int, int, tuple[str, ...]], _Graph] = {}
+        self.graphs: dict[tuple[int, int, tuple[str, ...], bool], _Graph] = {}
         self._pool_handle = None
         self.steps = 0  # decode steps served by this path
 
@@ -89,8 +90,8 @@ class DecodeGraphs:
         # Powers of two keep the number of graphs small; never more than the pool holds.
         return min(_bucket(max_blocks, self.min_blocks), self.pool.num_blocks)
 
-    def _build(self, rows: int, blocks: int, names: tuple[str, ...]) -> _Graph:
-        g = _Graph(rows, blocks, names, self.device)
+    def _build(self, rows: int, blocks: int, names: tuple[str, ...], uniform: bool) -> _Graph:
+        g = _Graph(rows, blocks, names, self.device, uniform)
         self._fill(g, [], [], [], [], [])
         g.ints.copy_(g.host)
         if self.capture:
@@ -136,7 +137,9 @@ class DecodeGraphs:
         net, pool = self.net, self.pool
         x = net.embed_tokens(g.tokens)  # (R, hidden)
         plan = AdapterPlan()
-        if g.names:
+        if g.uniform:
+            plan = AdapterPlan.build(g.names[0])
+        elif g.names:
             which = torch.arange(len(g.names), device=x.device)[:, None]  # (A, 1)
             masks = (g.adapter_ids[None, :] == which).to(x.dtype)  # (A, R)
             plan = AdapterPlan.from_masks(list(g.names), masks.view(len(g.names), -1, 1, 1))  # (A, R, 1, 1)
@@ -169,10 +172,11 @@ class DecodeGraphs:
         rows = _bucket(n, 1)
         blocks = self._blocks_bucket(max(len(t) for t in tables))
         names = tuple(sorted({a for a in adapters if a is not None}))
-        key = (rows, blocks, names)
+        uniform = len(names) == 1 and all(a == names[0] for a in adapters)
+        key = (rows, blocks, names, uniform)
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = self._build(rows, blocks, names)
+            g = self.graphs[key] = self._build(rows, blocks, names, uniform)
         self._fill(g, tokens, positions, longs, tables, adapters)
         g.ints.copy_(g.host, non_blocking=True)  # one copy for every input
         if g.graph is not None:

@@ -23,8 +23,11 @@ import torch
 from .api import Model
 from .kv_cache import BlockPool, CacheFull, PagedAttention, prefer_flash
 from .lora import AdapterPlan
-from .processor import Prepared, encode_media
+from .processor import Prepared, encode_audio_batch, encode_media
 from .sampling import SamplingBatch, SamplingParams, apply_min_tokens, mask_padded_vocab, sample
+
+
+AUDIO_BATCH_FRAMES = 64 * 3000  # padded feature frames per batched conformer forward: 64 clips of 30 s
 
 
 class EngineBusy(RuntimeError):
@@ -52,7 +55,7 @@ class Sequence:
     id: str
     prep: Prepared
     params: SamplingParams
-    prompt_embeds: torch.Tensor  # (P, hidden): text and media embeddings of the prompt
+    prompt_embeds: torch.Tensor | None  # (P, hidden): text and media embeddings (None: audio not encoded yet)
     media_key: bytes  # content hash of the media, folded into prefix-cache hashes
     arrival: float
     generated: list[int] = field(default_factory=list)
@@ -139,7 +142,11 @@ class Engine:
         if need > self.pool.num_blocks:
             raise ValueError(f"prompt + max_tokens needs {need} KV blocks but the cache has {self.pool.num_blocks}; "
                              "lower max_tokens or start the engine with more cache memory")
-        embeds, key = self._prompt_embeds(prep)
+        key = self._media_key(prep)
+        # Audio-only prompts are encoded at the next step, together with the others then waiting (one conformer
+        # forward for a batch of clips); everything else now.
+        deferred = prep.audios is not None and prep.images is None and key not in self._media_cache
+        embeds = None if deferred else self._prompt_embeds(prep, key)
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -164,28 +171,62 @@ class Engine:
         return bool(self.waiting or self.running or any(s.cancelled for s in self.seqs.values()))
 
     # ---------------------------------------------------------------- media
-    def _prompt_embeds(self, prep: Prepared) -> tuple[torch.Tensor, bytes]:
-        """(P, hidden) prompt embeddings; tower outputs are cached by content hash (same image asked twice)."""
+    @staticmethod
+    def _media_key(prep: Prepared) -> bytes:
+        """Content hash of the prompt's media (and audio projector): the media cache's and prefix cache's key."""
         h = hashlib.blake2b(digest_size=16)
         for part in (prep.images and (prep.images.pixel_values, prep.images.image_sizes),
                      prep.audios and (prep.audios.features,)):
             for t in part or ():
                 h.update(t.numpy().tobytes())
         h.update(prep.audio_projector.encode())
-        key = h.digest()
-        if prep.images is None and prep.audios is None:
+        return h.digest()
+
+    def _cache_media(self, key: bytes, value: tuple) -> None:
+        if len(self._media_cache) >= self._media_cache_items:
+            self._media_cache.pop(next(iter(self._media_cache)))
+        self._media_cache[key] = value
+
+    def _prompt_embeds(self, prep: Prepared, key: bytes, media: tuple | None = None) -> torch.Tensor:
+        """(P, hidden) prompt embeddings; tower outputs are cached by content hash (same image asked twice)."""
+        if media is not None:
+            img, aud = media
+        elif prep.images is None and prep.audios is None:
             img = aud = None
         elif key in self._media_cache:
             img, aud = self._media_cache[key]
         else:
             with torch.inference_mode():
                 img, aud = encode_media(self.net, prep, self.device, self.dtype)
-            if len(self._media_cache) >= self._media_cache_items:
-                self._media_cache.pop(next(iter(self._media_cache)))
-            self._media_cache[key] = (img, aud)
+            self._cache_media(key, (img, aud))
         with torch.inference_mode():
             ids = torch.tensor([prep.input_ids], device=self.device)
-            return self.net.embed(ids, img, aud)[0], key
+            return self.net.embed(ids, img, aud)[0]
+
+    def _encode_waiting(self) -> list[StepOutput]:
+        """Encode the audio of waiting audio-only prompts in batches of similar length (one conformer forward
+        each, not one a request). A batch that fails fails its requests only."""
+        todo = sorted((s for s in self.waiting if s.prompt_embeds is None),
+                      key=lambda s: s.prep.audios.features.shape[1])[:self.max_batch]
+        groups: list[list[Sequence]] = []
+        for s in todo:  # ascending length: the newest member sets the padded length
+            frames = s.prep.audios.features.shape[1]
+            if groups and (len(groups[-1]) + 1) * frames <= AUDIO_BATCH_FRAMES:
+                groups[-1].append(s)
+            else:
+                groups.append([s])
+        outs = []
+        for group in groups:
+            try:
+                with torch.inference_mode():
+                    auds = encode_audio_batch(self.net, [s.prep for s in group], self.device, self.dtype)
+            except (RuntimeError, ValueError) as e:  # out of memory included
+                outs += [self._finish(s, "error", f"the audio encoder failed: {e}") for s in group]
+                continue
+            for s, aud in zip(group, auds):
+                self._cache_media(s.media_key, (None, aud))
+                s.prompt_embeds = self._prompt_embeds(s.prep, s.media_key, (None, aud))
+        return outs
 
     # ---------------------------------------------------------------- scheduling
     def _hasher(self, seq: Sequence):
@@ -255,7 +296,7 @@ class Engine:
             if budget <= 0:
                 break
             if seq in self.waiting:
-                if len(self.running) >= self.max_batch:
+                if len(self.running) >= self.max_batch or seq.prompt_embeds is None:
                     break
                 self._admit_prefix(seq)
             # A recompute (preemption, LongRoPE switch) covers every token, the newest sampled one included.
@@ -279,6 +320,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         outs = [self._finish(s, "cancelled") for s in list(self.seqs.values()) if s.cancelled]
+        outs += self._encode_waiting()
         plan = self._schedule()
         if not plan:
             return outs

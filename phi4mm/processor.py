@@ -124,3 +124,19 @@ def encode_media(net, prep: Prepared, device: torch.device | str, dtype: torch.d
         feats = net.audio(a.features.to(device, dtype), a.frame_lengths.to(device), projector=prep.audio_projector)
         aud = torch.cat(feats)
     return img, aud
+
+
+def encode_audio_batch(net, preps: list[Prepared], device: torch.device | str,
+                       dtype: torch.dtype) -> list[torch.Tensor]:
+    """The audio of several audio-only prompts (one projector) through one conformer forward -> each prompt's
+    (N_i, hidden) embeddings. Equal to encoding each alone: padded frames are masked (tests/test_audio_encoder)."""
+    feats = [p.audios.features for p in preps]  # each (n_i, T_i, 80)
+    longest = max(f.shape[1] for f in feats)
+    batch = torch.cat([torch.nn.functional.pad(f, (0, 0, 0, longest - f.shape[1])) for f in feats])  # (sum n_i, T, 80)
+    lengths = torch.cat([p.audios.frame_lengths for p in preps])  # (sum n_i,)
+    out = net.audio(batch.to(device, dtype), lengths.to(device), projector=preps[0].audio_projector)  # one per clip
+    res, i = [], 0
+    for f in feats:
+        res.append(torch.cat(out[i:i + f.shape[0]]))  # this prompt's clips, in prompt order
+        i += f.shape[0]
+    return res

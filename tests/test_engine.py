@@ -213,3 +213,33 @@ def test_seeded_sampling_matches_the_reference_loop(model, requests):
                               temperature=0.8, top_p=0.9, seed=11)
     assert _run(Engine(model, num_blocks=512), requests[:3], p)[2] == want
     assert model.generate_ids(requests[0]["prompt"], max_new_tokens=0) == []
+
+
+AUDIO_PROMPT = "<|user|><|audio_1|>Transcribe the audio to text.<|end|><|assistant|>"
+
+
+def test_audio_prompts_are_encoded_together(model, monkeypatch):
+    """Waiting audio-only prompts share one conformer forward (clips of different lengths, padded and masked),
+    and each still gets the reference loop's tokens."""
+    import phi4mm.engine as engine_mod
+    reqs = [dict(prompt=AUDIO_PROMPT, audios=[tone(d, seed=i)]) for i, d in enumerate((1.1, 2.3, 0.7))]
+    want = [model.generate_ids(r["prompt"], audios=r["audios"], max_new_tokens=N_NEW) for r in reqs]
+    sizes, real = [], engine_mod.encode_audio_batch
+    monkeypatch.setattr(engine_mod, "encode_audio_batch", lambda net, preps, *a: sizes.append(len(preps)) or
+                        real(net, preps, *a))
+    assert _run(Engine(model, num_blocks=512), reqs) == want
+    assert sizes == [3]
+
+
+def test_audio_encoder_failure_fails_only_its_requests(model, requests, monkeypatch):
+    import phi4mm.engine as engine_mod
+
+    def boom(*a):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(engine_mod, "encode_audio_batch", boom)
+    eng = Engine(model, num_blocks=512)
+    out = eng.generate([dict(prompt=AUDIO_PROMPT, audios=[tone(1.0)], params=SamplingParams(max_tokens=3)),
+                        dict(requests[0], params=SamplingParams(max_tokens=3))])
+    assert out[0]["finish_reason"] == "error" and "audio encoder failed" in out[0]["error"]
+    assert out[1]["finish_reason"] == "length" and len(out[1]["token_ids"]) == 3
+    assert eng.pool.num_free == eng.pool.num_blocks and not eng.has_work()
