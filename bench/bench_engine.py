@@ -64,6 +64,8 @@ def ours(ckpt: str, cases: list[str]) -> list[dict]:
     print(json.dumps(rows[-1]), flush=True)
     eng = Engine(m, max_batch=64, max_tokens_per_step=4096)
 
+    steps: list[float] = []  # wall time of each step after the first token of the last run
+
     def run(preps, new):
         p = SamplingParams(max_tokens=new, ignore_eos=True)
         sync()
@@ -71,12 +73,16 @@ def ours(ckpt: str, cases: list[str]) -> list[dict]:
         first = None
         ids = [eng.add_request(x, params=p) for x in preps]
         done = 0
+        steps.clear()
         while eng.has_work():
+            s0 = time.perf_counter()
             for o in eng.step():
                 if first is None and o.token_id is not None:
                     sync()
                     first = time.perf_counter() - t0
                 done += o.finished
+            if first is not None:
+                steps.append(time.perf_counter() - s0)
         sync()
         return first, time.perf_counter() - t0
 
@@ -94,15 +100,20 @@ def ours(ckpt: str, cases: list[str]) -> list[dict]:
         elif case.startswith("text"):
             b, new = (1, 256) if case == "text b=1" else (64, 128)
             preps = [Prepared(rand_prompt(512, i), None, None, None, "speech") for i in range(b)]
-            run(preps, new)  # warm-up, the same run: graph buckets, kernel variants and caches all in place
+            run(preps, new)  # warm-up, the same run twice (the first misses the prefix cache, later ones hit it):
+            run(preps, new)  # graph buckets, Triton kernel variants and caches are all in place
             _, total = run(preps, new)
+            med = sorted(steps[1:])[len(steps[1:]) // 2]  # steps[0] holds the first token's step
+            slow = sorted(steps[1:])[-3:]
             _, one = run(preps, 1)
             dec = b * (new - 1) / max(total - one, 1e-9)
             # Time to first token of new prompts (no prefix-cache hit), the median of five.
             ttfts = sorted(run([Prepared(rand_prompt(512, 1000 * k + i), None, None, None, "speech")
                                 for i in range(b)], 1)[0] for k in range(5))
             rows.append({"case": f"{case} prompt=512 new={new}", "ttft_s": round(ttfts[2], 4),
-                         "decode_tok_s": round(dec, 1)})
+                         "decode_tok_s": round(dec, 1), "decode_step_ms_median": round(med * 1e3, 3),
+                         "decode_tok_s_at_median_step": round(b / med, 1),
+                         "slowest_steps_ms": [round(x * 1e3, 2) for x in slow]})
         elif case == "image ttft":
             prep = m.prepare("<|user|><|image_1|>Describe.<|end|><|assistant|>", images=[scene(896, 896)])
             run([prep], 2)
