@@ -1,11 +1,14 @@
-"""Decode steps with static shapes, captured once per bucket as CUDA graphs.
+"""Decode steps and lone prefills with static shapes, captured once per bucket as CUDA graphs.
 
 A decode step launches hundreds of kernels; from Python that costs far more than the GPU work at small
 batch. Here a pure-decode batch (one new token per sequence) runs with fixed shapes: the batch is padded to a
-bucket (1, 2, 4, ... rows), every block table to a bucket of blocks, adapters are applied through masks, and
-all inputs live in persistent buffers. The same code runs eagerly (CPU, tests) or captured and replayed
-(CUDA). Padding rows write their keys into a reserved scratch block and their outputs are ignored. The layer
-loop here uses the fused kernels of kernels.py; the general (prefill) path stays in decoder.py.
+bucket (1, 2, 4, ... rows), every block table to a bucket of blocks, adapters are applied through masks (or
+not at all when every row shares one), and all inputs live in persistent buffers filled by one copy. The same
+code runs eagerly (CPU, tests) or captured and replayed (CUDA). Padding rows write their keys into a reserved
+scratch block and their outputs are ignored. The decode layer loop uses the fused kernels of kernels.py.
+
+`PrefillGraphs` does the same for a new prompt alone in its step (the time-to-first-token case), padded to a
+power-of-two number of tokens, through the model's own forward.
 """
 from __future__ import annotations
 
@@ -61,6 +64,21 @@ class _Graph:
         return self.host_np[a:b]
 
 
+def _capture(fn, pool_handle) -> tuple["torch.cuda.CUDAGraph", tuple[torch.Tensor, ...]]:
+    """Run fn twice on a side stream (kernels chosen and compiled, workspaces allocated, RoPE tables on the
+    device), then capture it into a graph sharing `pool_handle`'s memory -> (graph, fn's outputs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool_handle):
+        out = fn()
+    return graph, out
+
+
 def _bucket(n: int, smallest: int) -> int:
     b = smallest
     while b < n:
@@ -95,15 +113,7 @@ class DecodeGraphs:
         self._fill(g, [], [], [], [], [])
         g.ints.copy_(g.host)
         if self.capture:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: kernels chosen and compiled, workspaces allocated, RoPE tables
-                    self._forward(g)
-            torch.cuda.current_stream().wait_stream(stream)
-            g.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g.graph, pool=self._pool_handle):
-                g.logits, g.greedy = self._forward(g)
+            g.graph, (g.logits, g.greedy) = _capture(lambda: self._forward(g), self._pool_handle)
             self._pool_handle = g.graph.pool()
         return g
 
@@ -242,15 +252,7 @@ class PrefillGraphs:
         g = _Prefill(tokens, cfg.hidden_size, self.net.embed_tokens.weight.dtype, self.device)
         g.ints[:tokens] = self.scratch * self.pool.block_size  # warm-up and capture write only scratch slots
         if self.capture:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._forward(g, adapter, long)
-            torch.cuda.current_stream().wait_stream(stream)
-            g.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g.graph, pool=self._pool_handle):
-                g.logits, g.greedy = self._forward(g, adapter, long)
+            g.graph, (g.logits, g.greedy) = _capture(lambda: self._forward(g, adapter, long), self._pool_handle)
             self._pool_handle = g.graph.pool()
         return g
 

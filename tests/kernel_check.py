@@ -100,6 +100,11 @@ def engine_check(device: str, ckpt: str, new: int = 5) -> int:
         got = [o["token_ids"] for o in eng.generate([dict(r, params=SamplingParams(max_tokens=new)) for r in reqs])]
         good &= check(f"engine static decode block_size={bs}", got == want and eng.graphs.steps >= new - 1,
                       f"{got} vs {want}")
+    # One request at a time, no prefix cache: each prompt alone in its step takes the static prefill.
+    eng = Engine(m, num_blocks=600, block_size=16, static_decode=True, prefix_caching=False)
+    got = [eng.generate([dict(r, params=SamplingParams(max_tokens=new))])[0]["token_ids"] for r in reqs]
+    good &= check("engine static prefill, one request at a time",
+                  got == want and eng.prefill_graphs.steps == len(reqs), f"{got} vs {want}")
     fused = [m.generate_ids(r["prompt"], r.get("images"), r.get("audios"), max_new_tokens=new) for r in reqs]
     good &= check("reference loop on the fused kernels", fused == want)
     return 0 if good else 1
