@@ -461,7 +461,12 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
 
     import phi4mm
     model = phi4mm.load(model_dir, device=device, dtype=dtype)
-    app = create_app(model, model_name=model_name or Path(model_dir).resolve().name, api_key=api_key,
+    engine = None
+    if model.device.type == "cuda":
+        # Compile the kernels and capture the first graphs now, not on the first user's request.
+        engine = Engine(model, num_blocks=num_blocks, max_batch=max_batch, max_waiting=max_waiting)
+        print(f"engine warm-up: {engine.warmup():.1f} s", flush=True)
+    app = create_app(model, engine, model_name=model_name or Path(model_dir).resolve().name, api_key=api_key,
                      num_blocks=num_blocks, max_batch=max_batch, max_waiting=max_waiting,
                      allow_remote_media=allow_remote_media, allow_local_files=allow_local_files,
                      max_body_bytes=max_body_bytes)

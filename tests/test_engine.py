@@ -243,3 +243,12 @@ def test_audio_encoder_failure_fails_only_its_requests(model, requests, monkeypa
     assert out[0]["finish_reason"] == "error" and "audio encoder failed" in out[0]["error"]
     assert out[1]["finish_reason"] == "length" and len(out[1]["token_ids"]) == 3
     assert eng.pool.num_free == eng.pool.num_blocks and not eng.has_work()
+
+
+def test_warmup_leaves_the_engine_clean(model, requests, expected):
+    eng = Engine(model, num_blocks=256, static_decode=True)
+    assert eng.warmup() >= 0
+    assert eng.prefill_graphs.steps >= 1 and eng.graphs.graphs  # the static paths ran
+    assert not eng.has_work() and not eng.seqs and all(v == 0 for v in eng.stats.values())
+    assert eng.pool.num_free == eng.pool.num_blocks - 1  # all but the scratch block
+    assert _run(eng, requests) == expected
