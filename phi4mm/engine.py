@@ -206,8 +206,10 @@ class Engine:
     def _encode_waiting(self) -> list[StepOutput]:
         """Encode the audio of waiting audio-only prompts in batches of similar length (one conformer forward
         each, not one a request). A batch that fails fails its requests only."""
-        todo = sorted((s for s in self.waiting if s.prompt_embeds is None),
-                      key=lambda s: s.prep.audios.features.shape[1])[:self.max_batch]
+        # The next max_batch in arrival order (admission is FIFO: a long clip at the head must not wait behind
+        # shorter ones), then sorted by length so each forward pads little.
+        todo = sorted([s for s in self.waiting if s.prompt_embeds is None][:self.max_batch],
+                      key=lambda s: s.prep.audios.features.shape[1])
         groups: list[list[Sequence]] = []
         for s in todo:  # ascending length: the newest member sets the padded length
             frames = s.prep.audios.features.shape[1]
