@@ -173,14 +173,18 @@ class Engine:
     # ---------------------------------------------------------------- media
     @staticmethod
     def _media_key(prep: Prepared) -> bytes:
-        """Content hash of the prompt's media (and audio projector): the media cache's and prefix cache's key."""
-        h = hashlib.blake2b(digest_size=16)
+        """Content hash of the prompt's media (and audio projector): the media cache's and prefix cache's key.
+
+        SHA-256 over the tensors' memory (no byte copy): an 896x896 image is 12 MB of pixels, 8 ms here against
+        18-22 ms for blake2b over a copy (x86 has SHA instructions). A cryptographic hash, because a collision
+        would hand one request another's cached image or audio."""
+        h = hashlib.sha256()
         for part in (prep.images and (prep.images.pixel_values, prep.images.image_sizes),
                      prep.audios and (prep.audios.features,)):
             for t in part or ():
-                h.update(t.numpy().tobytes())
+                h.update(t.contiguous().numpy())
         h.update(prep.audio_projector.encode())
-        return h.digest()
+        return h.digest()[:16]
 
     def _cache_media(self, key: bytes, value: tuple) -> None:
         if len(self._media_cache) >= self._media_cache_items:
