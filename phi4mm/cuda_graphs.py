@@ -21,6 +21,7 @@ from . import kernels
 from .kv_cache import BlockPool, PagedAttention, prefer_flash
 from .lora import AdapterPlan
 from .model import Phi4MM
+from .sampling import mask_padded_vocab
 
 
 class _Graph:
@@ -41,15 +42,13 @@ class _Graph:
     def __init__(self, rows: int, blocks: int, names: tuple[str, ...], device: torch.device, uniform: bool = False):
         self.rows, self.blocks, self.names = rows, blocks, names
         self.uniform = uniform  # every real row uses names[0]: no masks (padding rows get the adapter too, unread)
-        size = rows * blocks + 6 * rows
-        self.ints = torch.zeros(size, dtype=torch.long, device=device)
+        ends = np.cumsum([rows * blocks] + [rows] * 6).tolist()  # where each of the 7 inputs ends
+        self.views = list(zip([0] + ends[:-1], ends))
+        self.ints = torch.zeros(ends[-1], dtype=torch.long, device=device)
         # Pinned host memory makes the copy asynchronous; the engine rewrites it only after the step's tokens
         # came back, so the previous copy has finished by then.
-        self.host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.host = torch.zeros(ends[-1], dtype=torch.long, pin_memory=device.type == "cuda")
         self.host_np = self.host.numpy()
-        cut = np.cumsum([rows * blocks] + [rows] * 5)
-        views = np.split(np.arange(size), cut)
-        self.views = [(int(v[0]), int(v[-1]) + 1) for v in views]
         t = [self.ints[a:b] for a, b in self.views]
         self.block_tables = t[0].view(rows, blocks)  # (R, NB)
         self.slots, self.seq_lens, self.tokens = t[1], t[2], t[3]  # (R,) each
@@ -167,9 +166,7 @@ class DecodeGraphs:
             h, residual = kernels.add_rms_norm(x, residual, layer.post_attention_layernorm.weight, eps)
             x = mlp.down_proj(kernels.silu_mul(mlp.gate_up_proj(h[:, None], plan)[:, 0])[:, None], plan)[:, 0]
         h, _ = kernels.add_rms_norm(x, residual, net.norm.weight, eps)
-        logits = F.linear(h, net.output_weight)  # (R, V)
-        if self.decodable < logits.shape[-1]:
-            logits[:, self.decodable:] = float("-inf")  # padded vocabulary rows are never sampled
+        logits = mask_padded_vocab(F.linear(h, net.output_weight), self.decodable)  # (R, V)
         return logits, logits.argmax(-1)  # (R, V), (R,): greedy rows need only the second
 
     @torch.inference_mode()
@@ -243,8 +240,7 @@ class PrefillGraphs:
         with prefer_flash():
             logits = self.net(g.embeds, g.positions, plan=AdapterPlan.build(adapter), long_rope=long,
                               last_only=g.last, attn=attn)[:, 0]  # (1, V)
-        if self.decodable < logits.shape[-1]:
-            logits[:, self.decodable:] = float("-inf")
+        logits = mask_padded_vocab(logits, self.decodable)
         return logits, logits.argmax(-1)
 
     def _build(self, tokens: int, adapter: str | None, long: bool) -> _Prefill:

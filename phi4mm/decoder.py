@@ -27,12 +27,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back to the activation dtype, *then* scale: the order matters in bf16.
         if _fused(x):
             return kernels.rms_norm(x, self.weight, self.eps)
-        # Normalise in fp32, cast back to the activation dtype, *then* scale: the order matters in bf16.
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
+        return kernels.rms_norm_torch(x, self.weight, self.eps)
 
 
 class LongRope:
@@ -191,8 +189,7 @@ class MLP(nn.Module):
         if _fused(gate_up):
             act = kernels.silu_mul(gate_up.reshape(-1, gate_up.shape[-1]))  # (B*T, I)
             return self.down_proj(act.view(*gate_up.shape[:-1], -1), plan)  # (B, T, I)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate), plan)
+        return self.down_proj(kernels.silu_mul_torch(gate_up), plan)
 
 
 class DecoderLayer(nn.Module):

@@ -345,17 +345,15 @@ class Engine:
         ready = [(i, s) for i, (s, _) in enumerate(plan) if s.num_cached == s.length]
         if ready:
             seqs = [s for _, s in ready]
-            if greedy is not None and all(_plain_greedy(s.params) for s in seqs):
-                # A decode step's graph already took the argmax (every row of it is ready).
+            rows = [i for i, _ in ready]
+            if all(_plain_greedy(s.params) for s in seqs):
+                # No per-row state needed: no sampling batch (its (B, V) penalty tables). A decode step's graph
+                # already took the argmax (every row of it is ready).
+                if greedy is None:
+                    greedy = self._ready_logits(logits, rows).argmax(-1)
                 toks, lps, tops = greedy.tolist(), [None] * len(seqs), [None] * len(seqs)
-            elif all(_plain_greedy(s.params) for s in seqs):
-                # No per-row state needed: skip building the sampling batch (its (B, V) penalty tables).
-                rows = torch.tensor([i for i, _ in ready], device=self.device)
-                picked = mask_padded_vocab(logits.index_select(0, rows), self.model.decodable)
-                toks, lps, tops = picked.argmax(-1).tolist(), [None] * len(seqs), [None] * len(seqs)
             else:
-                rows = torch.tensor([i for i, _ in ready], device=self.device)
-                picked = mask_padded_vocab(logits.index_select(0, rows), self.model.decodable)
+                picked = self._ready_logits(logits, rows)
                 batch = SamplingBatch.build([s.params for s in seqs], self.device, self.cfg.text.vocab_size,
                                             [s.prep.input_ids for s in seqs], [s.generated for s in seqs])
                 picked = apply_min_tokens(picked.float(), batch, None, sorted(self.eos))
@@ -372,6 +370,11 @@ class Engine:
         self.stats["prefill_tokens"] += sum(n for _, n in plan if n > 1)
         self.stats["decode_tokens"] += sum(1 for _, n in plan if n == 1)
         return outs
+
+    def _ready_logits(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The rows of `logits` to sample from, with the padded vocabulary masked."""
+        picked = logits.index_select(0, torch.tensor(rows, device=self.device))  # (len(rows), V)
+        return mask_padded_vocab(picked, self.model.decodable)
 
     def _forward(self, plan: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> logits (S, V) of each planned sequence's last new token, and their argmax when a decode graph

@@ -51,7 +51,7 @@ def _p2(n: int) -> int:
 
 # ------------------------------------------------------------------------------------------ torch versions
 def rms_norm_torch(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """As decoder.RMSNorm: normalise in fp32, cast, then scale."""
+    """RMSNorm (decoder.RMSNorm's torch path): normalise in fp32, cast, then scale."""
     x32 = x.float()
     return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -87,7 +87,7 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 
 def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
-    """(R, 2I) -> (R, I): up * silu(gate), the gate being the first half (decoder.MLP)."""
+    """(..., 2I) -> (..., I): up * silu(gate), the gate being the first half (decoder.MLP's torch path)."""
     gate, up = gate_up.chunk(2, dim=-1)
     return up * F.silu(gate)
 

@@ -120,9 +120,7 @@ def encode_media(net, prep: Prepared, device: torch.device | str, dtype: torch.d
         feats = net.vision(i.pixel_values.to(device, dtype), i.attention_mask.to(device), i.image_sizes.to(device))
         img = torch.cat(feats)
     if prep.audios is not None:
-        a = prep.audios
-        feats = net.audio(a.features.to(device, dtype), a.frame_lengths.to(device), projector=prep.audio_projector)
-        aud = torch.cat(feats)
+        aud = encode_audio_batch(net, [prep], device, dtype)[0]
     return img, aud
 
 
