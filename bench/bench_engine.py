@@ -65,6 +65,7 @@ def ours(ckpt: str, cases: list[str]) -> list[dict]:
     eng = Engine(m, max_batch=64, max_tokens_per_step=4096)
 
     steps: list[float] = []  # wall time of each step after the first token of the last run
+    failures: list[str] = []  # requests that ended in error: a timing that includes them means nothing
 
     def run(preps, new):
         p = SamplingParams(max_tokens=new, ignore_eos=True)
@@ -81,6 +82,8 @@ def ours(ckpt: str, cases: list[str]) -> list[dict]:
                     sync()
                     first = time.perf_counter() - t0
                 done += o.finished
+                if o.finished and o.finish_reason not in ("length", "stop"):
+                    failures.append(f"{o.finish_reason}: {o.error}")
             if first is not None:
                 steps.append(time.perf_counter() - s0)
         sync()
@@ -136,6 +139,10 @@ def ours(ckpt: str, cases: list[str]) -> list[dict]:
             _, total = run(preps[:64], 100)
             rows.append({"case": "asr b=64 30s new=100", "rtfx": round(64 * 30 / total, 1), "total_s": round(total, 2)})
         rows[-1]["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if failures:
+            rows[-1]["failed_requests"] = len(failures)
+            rows[-1]["first_failure"] = failures[0][:300]
+            failures.clear()
         print(json.dumps(rows[-1]), flush=True)
         Path(os.environ.get("OUT", "/tmp"), "ours_partial.json").write_text(json.dumps(rows, indent=1))
     return rows

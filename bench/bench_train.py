@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 STAGES = ("vision-projector", "vision-encoder", "vision-lora", "speech-encoder", "speech-lora", "vision-speech",
           "text")
+PROFILE = os.environ.get("PHI4MM_BENCH_PROFILE") == "1"  # --profile, passed to the side processes
 TEXT_RANK = 16  # the new text adapter's rank on both sides
 # (samples, image side px, audio seconds, answer words) per batch; the answer is what the loss counts.
 SHAPES = {"full": {"vision": (8, 896, 0, 100), "speech": (8, 0, 30, 100), "vision-speech": (8, 448, 10, 50),
@@ -91,6 +92,22 @@ def _timed(step, steps: int, dev: str) -> tuple[float, float | None]:
     return sec, (torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None)
 
 
+def _profiled(step, dev: str) -> dict | None:
+    """The top CUDA kernels and CPU ops of two profiled steps (where a step's time goes), on CUDA only."""
+    if dev != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.engine_profile import top_kernels
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    total = sum(e.self_device_time_total for e in prof.key_averages()) / 2e3
+    return {"gpu_ms_per_step": round(total, 1), "kernels": top_kernels(prof, 25),
+            "cpu_ops": top_kernels(prof, 12, "self_cpu_time_total")}
+
+
 def _masters(params: list[torch.nn.Parameter]) -> None:
     for p in params:
         p.requires_grad_(True)
@@ -125,6 +142,8 @@ def side_ours(ckpt: str, work: str, stages: list[str], steps: int, size: str) ->
             opt.zero_grad(set_to_none=True)
         sec, peak = _timed(step, steps, dev)
         out[stage] = _row(batch, sec, peak, len(params), sum(p.numel() for p in params))
+        if PROFILE:
+            out[stage]["profile"] = _profiled(step, dev)
         print(json.dumps({"side": "phi4mm", "stage": stage, **out[stage]}), flush=True)
         _frozen(params, dt)
         opt = loss_mod = None  # the next stage starts without this one's optimizer state
@@ -199,6 +218,8 @@ def side_hf(ckpt: str, work: str, stages: list[str], steps: int, size: str) -> d
             opt.zero_grad(set_to_none=True)
         sec, peak = _timed(step, steps, dev)
         out[stage] = _row(b, sec, peak, len(params), sum(p.numel() for p in params))
+        if PROFILE:
+            out[stage]["profile"] = _profiled(step, dev)
         print(json.dumps({"side": "transformers", "stage": stage, **out[stage]}), flush=True)
         _frozen(params, dt)
         opt = None
@@ -220,10 +241,16 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--work", default="/tmp/phi4mm_bench_train")
     ap.add_argument("--out", default=str(ROOT / "bench/results/train.json"))
+    ap.add_argument("--profile", action="store_true", help="also record each step's top kernels and CPU ops")
+    ap.add_argument("--skip-peer", action="store_true", help="run phi4mm's side only")
     ap.add_argument("--side")
     ap.add_argument("--ckpt")
     a = ap.parse_args()
     stages = a.stages.split(",")
+    if a.profile:
+        os.environ["PHI4MM_BENCH_PROFILE"] = "1"
+        global PROFILE
+        PROFILE = True
     if a.side:
         fn = side_ours if a.side == "ours" else side_hf
         res = fn(a.ckpt, a.work, stages, a.steps, a.size)
@@ -236,7 +263,7 @@ def main() -> None:
         make_checkpoint(ckpt, a.size, layout="hf", device="cuda" if a.size == "full" else "cpu")
     res = {"device": torch.cuda.get_device_name() if a.size == "full" else "cpu", "size": a.size,
            "steps": a.steps, "torch": torch.__version__}
-    for side in ("ours", "hf"):
+    for side in ("ours",) if a.skip_peer else ("ours", "hf"):
         r = subprocess.run([sys.executable, __file__, "--side", side, "--ckpt", str(ckpt), "--work", str(work),
                             "--size", a.size, "--steps", str(a.steps), "--stages", a.stages], cwd=ROOT)
         if r.returncode != 0:

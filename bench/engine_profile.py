@@ -40,9 +40,12 @@ def top_kernels(prof, n: int = 15, key: str = "self_device_time_total" if CUDA e
 def asr_profile(m, eng) -> dict:
     """64 clips of 30 s, 100 tokens each: wall time of admission (towers), prefill and decode, and the
     host functions that take the time (cProfile, cumulative)."""
+    import contextlib
     import cProfile
     import io
     import pstats
+
+    from torch.profiler import ProfilerActivity, profile
 
     import numpy as np
 
@@ -50,7 +53,8 @@ def asr_profile(m, eng) -> dict:
     wav = (0.1 * np.random.default_rng(0).standard_normal(16000 * 30)).astype(np.float32)
     prompt = "<|user|><|audio_1|>Transcribe the audio to text.<|end|><|assistant|>"
     t0 = time.perf_counter()
-    preps = [m.prepare(prompt, audios=[(wav + 1e-4 * i, 16000)]) for i in range(66)]
+    # Distinct clips for every timed pass: a repeated clip would hit the encoder cache and the prefix cache.
+    preps = [m.prepare(prompt, audios=[(wav + 1e-4 * i, 16000)]) for i in range(66 + 2 * 64)]
     prep_s = time.perf_counter() - t0
     p = SamplingParams(max_tokens=100, ignore_eos=True)
     eng.generate([dict(prompt=x, params=p) for x in preps[64:]])  # warm-up
@@ -73,10 +77,32 @@ def asr_profile(m, eng) -> dict:
     prof.disable()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
-    row = {"prepare_s_66": round(prep_s, 3), "add_request_s": round(t1 - t0, 3), "prefill_s": round(t2 - t1, 3),
+    row = {"prepare_s_194": round(prep_s, 3), "add_request_s": round(t1 - t0, 3), "prefill_s": round(t2 - t1, 3),
            "decode_s": round(t3 - t2, 3), "rtfx": round(64 * 30 / (t3 - t0), 1),
            "host_profile": buf.getvalue()[-6000:]}
-    print(json.dumps({k: v for k, v in row.items() if k != "host_profile"}), flush=True)
+    # The same 64 clips again, without cProfile's overhead, then once more under the CUDA profiler: how much
+    # of the wall time the GPU is busy, and with what.
+    walls = {}
+    for name in ("plain", "profiled"):
+        ctx = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if (CUDA and name == "profiled") \
+            else contextlib.nullcontext()
+        with ctx as prof:
+            sync()
+            t0 = time.perf_counter()
+            first = 66 + 64 * (name == "profiled")
+            outs = eng.generate([dict(prompt=x, params=p) for x in preps[first:first + 64]])
+            bad = [o for o in outs if o["finish_reason"] not in ("length", "stop")]
+            if bad:
+                walls[f"{name}_failed"] = f"{len(bad)}: {bad[0].get('error', '')[:200]}"
+            sync()
+        walls[name] = round(time.perf_counter() - t0, 3)
+    row["wall_s"] = walls
+    row["rtfx_plain"] = round(64 * 30 / walls["plain"], 1)
+    if CUDA:
+        row["gpu_busy_s"] = round(sum(e.self_device_time_total for e in prof.key_averages()) / 1e6, 3)
+        row["kernels"] = top_kernels(prof, 25)
+    print(json.dumps({k: v for k, v in row.items() if k not in ("host_profile", "kernels")}), flush=True)
+    print(json.dumps(row.get("kernels"), indent=0), flush=True)
     print(row["host_profile"], flush=True)
     return row
 

@@ -35,6 +35,7 @@ FF_RESIDUAL_SCALE = 0.5  # Macaron-style half-step feed-forward modules
 SUBSAMPLING_KERNEL = 3  # every conv of the subsampling stack: kernel 3, stride 2, padding 1
 SUBSAMPLING_STRIDE = 2
 
+CONV_CHUNK_VALUES = 1 << 30  # first-stage conv outputs per slice of clips (2 GB in bf16; 16 clips of 30 s)
 PROJECTORS = ("speech", "vision")  # "vision" = the projector for prompts that also hold images
 
 
@@ -103,14 +104,29 @@ class ConvSubsampling(nn.Module):
         is None). With lengths, frames past each stage's valid length are zeroed, so the next conv sees the
         zeros it would see at the edge of an audio encoded alone."""
         x = x.unsqueeze(1)  # (n, 1, T, F): a one-channel image, time x mel
+        # The first stage's output is n x channels x T/2 x F/2 (64 clips of 30 s: 3.9 G values, 7.9 GB in bf16,
+        # and each later op makes another): clips are independent here, so big batches go through in slices.
+        per_clip = self.conv[0].out_channels * _halve_ceil(x.shape[2]) * _halve_ceil(x.shape[3])
+        step = max(1, CONV_CHUNK_VALUES // per_clip)
+        if x.shape[0] > step:
+            parts = [self._convs(x[i:i + step], None if lengths is None else lengths[i:i + step])
+                     for i in range(0, x.shape[0], step)]
+            x = torch.cat([p for p, _ in parts])
+            lengths = None if lengths is None else torch.cat([l for _, l in parts])
+        else:
+            x, lengths = self._convs(x, lengths)
+        n, ch, t, freq = x.shape
+        x = x.transpose(1, 2).reshape(n, t, ch * freq)  # (n, C, T', F') -> (n, T', C, F') -> (n, T', C*F')
+        return self.out(x), lengths
+
+    def _convs(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(n, 1, T, F) -> (n, C, T', F') and the subsampled lengths."""
         for i, layer in enumerate(self.conv):
             x = layer(x)
             if i in self._stage_ends and lengths is not None:
                 lengths = _halve_ceil(lengths)
                 x = x.masked_fill(~_frames_before(lengths, x.shape[2])[:, None, :, None], 0.0)
-        n, ch, t, freq = x.shape
-        x = x.transpose(1, 2).reshape(n, t, ch * freq)  # (n, C, T', F') -> (n, T', C, F') -> (n, T', C*F')
-        return self.out(x), lengths
+        return x, lengths
 
 
 class RelativeAttentionBias(nn.Module):

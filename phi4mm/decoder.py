@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import fused_train, kernels
 from .config import LoraConfig, TextConfig
 from .lora import AdapterPlan, LoraLinear
 
@@ -30,6 +30,8 @@ class RMSNorm(nn.Module):
         # Normalise in fp32, cast back to the activation dtype, *then* scale: the order matters in bf16.
         if _fused(x):
             return kernels.rms_norm(x, self.weight, self.eps)
+        if fused_train.enabled(x):
+            return fused_train.rms_norm(x, self.weight, self.eps)
         return kernels.rms_norm_torch(x, self.weight, self.eps)
 
 
@@ -135,6 +137,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.qkv_proj(x, plan)
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        if fused_train.enabled(qkv):
+            q, k, v = fused_train.rope_qkv(qkv, cos, sin, self.n_heads, self.n_kv)  # (B, H|KV, T, D) each
+            out = attn(layer, q, k, v)  # (B, H, T, D)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, q_out), plan)  # (B, T, H*D)
         v = qkv[..., q_out + kv_out:].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         if _fused(qkv):
             rd = cos.shape[-1]
@@ -189,6 +195,8 @@ class MLP(nn.Module):
         if _fused(gate_up):
             act = kernels.silu_mul(gate_up.reshape(-1, gate_up.shape[-1]))  # (B*T, I)
             return self.down_proj(act.view(*gate_up.shape[:-1], -1), plan)  # (B, T, I)
+        if fused_train.enabled(gate_up):
+            return self.down_proj(fused_train.silu_mul(gate_up), plan)
         return self.down_proj(kernels.silu_mul_torch(gate_up), plan)
 
 
@@ -209,6 +217,11 @@ class DecoderLayer(nn.Module):
             h, x2 = kernels.add_rms_norm(a.reshape(B * T, N), x.reshape(B * T, N).contiguous(),
                                          self.post_attention_layernorm.weight, eps)  # (B*T, N) each
             return x2.view(B, T, N) + self.mlp(h.view(B, T, N), plan)
+        if fused_train.enabled(x):
+            a = self.self_attn(self.input_layernorm(x), cos, sin, plan, attn, layer)
+            x, h = fused_train.add_rms_norm(a, x, self.post_attention_layernorm.weight,
+                                            self.post_attention_layernorm.eps)
+            return x + self.mlp(h, plan)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, attn, layer)
         return x + self.mlp(self.post_attention_layernorm(x), plan)
 

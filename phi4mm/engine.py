@@ -221,18 +221,26 @@ class Engine:
                 groups[-1].append(s)
             else:
                 groups.append([s])
-        outs = []
-        for group in groups:
-            try:
-                with torch.inference_mode():
-                    auds = encode_audio_batch(self.net, [s.prep for s in group], self.device, self.dtype)
-            except (RuntimeError, ValueError) as e:  # out of memory included
-                outs += [self._finish(s, "error", f"the audio encoder failed: {e}") for s in group]
-                continue
-            for s, aud in zip(group, auds):
-                self._cache_media(s.media_key, (None, aud))
-                s.prompt_embeds = self._prompt_embeds(s.prep, s.media_key, (None, aud))
-        return outs
+        return [o for group in groups for o in self._encode_group(group)]
+
+    def _encode_group(self, group: list[Sequence]) -> list[StepOutput]:
+        """One conformer forward for `group`. Out of memory: the two halves separately (the KV pool leaves the
+        encoders what it does not hold, and 64 clips of 30 s need ~16 GB of activations); any other failure, or
+        out of memory for one clip alone, fails the group's requests with the reason."""
+        try:
+            with torch.inference_mode():
+                auds = encode_audio_batch(self.net, [s.prep for s in group], self.device, self.dtype)
+        except torch.OutOfMemoryError as e:
+            if len(group) > 1:
+                half = len(group) // 2
+                return self._encode_group(group[:half]) + self._encode_group(group[half:])
+            return [self._finish(group[0], "error", f"the audio encoder ran out of memory: {e}")]
+        except (RuntimeError, ValueError) as e:
+            return [self._finish(s, "error", f"the audio encoder failed: {e}") for s in group]
+        for s, aud in zip(group, auds):
+            self._cache_media(s.media_key, (None, aud))
+            s.prompt_embeds = self._prompt_embeds(s.prep, s.media_key, (None, aud))
+        return []
 
     # ---------------------------------------------------------------- scheduling
     def _hasher(self, seq: Sequence):

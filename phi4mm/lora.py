@@ -92,10 +92,16 @@ class LoraLinear(nn.Module):
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, cfg.r, device=dev, dtype=dt))
         self.scale[name], self.dropout[name] = cfg.scale, cfg.dropout
 
-    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _low(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """(alpha / r) * A(dropout(x)): the scale is applied in the small rank space, not on the output."""
         if self.training and self.dropout[name] > 0:
             x = F.dropout(x, self.dropout[name])
-        return F.linear(F.linear(x, self.lora_A[name]), self.lora_B[name]) * self.scale[name]
+        return F.linear(x, self.lora_A[name]) * self.scale[name]  # (..., r)
+
+    def _add_delta(self, y: torch.Tensor, h: torch.Tensor, name: str) -> torch.Tensor:
+        """y + B(h) as one GEMM with the add in its epilogue (beta=1): no separate pass over the wide output."""
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B[name].t())
+        return out.view(y.shape)  # (N, out) -> y's shape
 
     def forward(self, x: torch.Tensor, plan: AdapterPlan = NO_ADAPTER) -> torch.Tensor:
         """x: (B, T, in) -> (B, T, out)."""
@@ -104,13 +110,15 @@ class LoraLinear(nn.Module):
             if name not in self.lora_A:
                 raise KeyError(f"adapter {name!r} is not loaded (loaded: {sorted(self.lora_A)})")
             if rows is None:
-                y = y + self._delta(x, name)
+                y = self._add_delta(y, self._low(x, name), name)
             elif plan.masked:
-                y = y + self._delta(x, name) * rows.to(y.dtype)
+                # 0/1 row mask on the rank-space activations: the same product, r columns instead of `out`.
+                y = self._add_delta(y, self._low(x, name) * rows.to(y.dtype), name)
             elif plan.per_token:
                 flat_x = x.reshape(-1, x.shape[-1])  # (B*T, in)
-                flat_y = y.reshape(-1, y.shape[-1]).index_add(0, rows, self._delta(flat_x.index_select(0, rows), name))
-                y = flat_y.view(y.shape)  # (B, T, out)
+                delta = F.linear(self._low(flat_x.index_select(0, rows), name), self.lora_B[name])
+                y = y.reshape(-1, y.shape[-1]).index_add(0, rows, delta).view(y.shape)  # (B*T, out) -> (B, T, out)
             else:
-                y = y.index_add(0, rows, self._delta(x.index_select(0, rows), name))
+                delta = F.linear(self._low(x.index_select(0, rows), name), self.lora_B[name])
+                y = y.index_add(0, rows, delta)
         return y

@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 
+from . import fused_train
 from .config import LoraConfig, ModelConfig
 from .lora import AdapterPlan, LoraLinear
 from .tokenizer import ADDED_TOKENS
@@ -182,8 +183,10 @@ class LossModule(nn.Module):
         # Only target positions reach the vocabulary projection: (N, vocab) instead of (B, T, vocab).
         targets = batch.labels[:, 1:].to(dev)  # (B, T-1): position t predicts token t+1
         keep = targets != IGNORE
-        logits = F.linear(net.norm(x[:, :-1][keep]), net.output_weight).float()  # (N, vocab)
-        return F.cross_entropy(logits, targets[keep], reduction="sum")
+        logits = F.linear(net.norm(x[:, :-1][keep]), net.output_weight)  # (N, vocab)
+        if fused_train.enabled(logits):
+            return fused_train.cross_entropy_sum(logits, targets[keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
     def _towers(self, preps: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Every image of the batch through SigLIP in one call, every audio per projector in one call;

@@ -212,6 +212,20 @@ def test_equal_length_batch_without_lengths(models) -> None:
     _assert_close(both[1:], second)
 
 
+def test_conv_subsampling_in_slices_equals_one_pass(models, monkeypatch) -> None:
+    """Big batches run the conv front end a few clips at a time (memory); the output is the same."""
+    import phi4mm.audio_encoder as audio_mod
+    _, ours = models
+    lengths = [SHORT_FRAMES, 1601, 417]
+    batch, lens = _padded_batch(lengths, seeds=lengths), torch.tensor(lengths)
+    with torch.no_grad():
+        whole, tok = ours.encode(batch, lens)
+        monkeypatch.setattr(audio_mod, "CONV_CHUNK_VALUES", 1)  # one clip a slice
+        sliced, tok2 = ours.encode(batch, lens)
+    assert torch.equal(tok, tok2)
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_inputs(models) -> None:
     _, ours = models
     x = _features(SHORT_FRAMES, 41)

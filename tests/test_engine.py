@@ -187,6 +187,23 @@ def test_static_decode_path_equals_reference(model, requests, expected, block_si
     assert eng.prefill_graphs.steps == len(requests) and eng.prefill_graphs.graphs
 
 
+def test_prefill_buckets_grow_linearly_past_512():
+    from phi4mm.cuda_graphs import _prefill_bucket
+    got = [_prefill_bucket(n, 64) for n in (1, 64, 65, 300, 512, 513, 1334, 2048)]
+    assert got == [64, 64, 128, 512, 512, 768, 1536, 2048]  # an image prompt of 1,334 pads to 1,536, not 2,048
+
+
+def test_static_prefill_of_a_long_prompt_equals_eager(model):
+    """A 700-token prompt takes the 768-token static bucket; its greedy answer equals the eager engine's."""
+    ids = torch.randint(100, 1000, (700,), generator=torch.Generator().manual_seed(5)).tolist()
+    req = [dict(prompt=Prepared(ids, None, None, None, "speech"))]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    eager = _run(Engine(model, num_blocks=400, max_tokens_per_step=1024), req, params)
+    eng = Engine(model, num_blocks=400, max_tokens_per_step=1024, static_decode=True, prefix_caching=False)
+    assert _run(eng, req, params) == eager
+    assert [k[0] for k in eng.prefill_graphs.graphs] == [768]
+
+
 @pytest.mark.parametrize("budget", [64, 8192])
 def test_static_decode_under_preemption_and_chunking(model, requests, expected, budget):
     lens = [model.prepare(r["prompt"], r.get("images"), r.get("audios")).num_tokens for r in requests]
@@ -243,6 +260,23 @@ def test_audio_encoder_failure_fails_only_its_requests(model, requests, monkeypa
     assert out[0]["finish_reason"] == "error" and "audio encoder failed" in out[0]["error"]
     assert out[1]["finish_reason"] == "length" and len(out[1]["token_ids"]) == 3
     assert eng.pool.num_free == eng.pool.num_blocks and not eng.has_work()
+
+
+def test_audio_encoder_out_of_memory_splits_the_batch(model, monkeypatch):
+    """A batch of clips too big for the encoder's memory is encoded in halves; every request is answered."""
+    import phi4mm.engine as engine_mod
+    reqs = [dict(prompt=AUDIO_PROMPT, audios=[tone(d, seed=i)]) for i, d in enumerate((1.1, 2.3, 0.7, 1.5, 0.9))]
+    want = [model.generate_ids(r["prompt"], audios=r["audios"], max_new_tokens=N_NEW) for r in reqs]
+    sizes, real = [], engine_mod.encode_audio_batch
+
+    def small_memory(net, preps, *a):
+        sizes.append(len(preps))
+        if len(preps) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(net, preps, *a)
+    monkeypatch.setattr(engine_mod, "encode_audio_batch", small_memory)
+    assert _run(Engine(model, num_blocks=512), reqs) == want
+    assert sizes == [5, 2, 3, 1, 2]  # 5 fails, then 2 + (3 fails, then 1 + 2)
 
 
 def test_warmup_leaves_the_engine_clean(model, requests, expected):

@@ -1,0 +1,69 @@
+"""The compiled training ops (phi4mm/fused_train.py) give the eager path's loss and gradients.
+
+On CUDA they are on by default while training; here PHI4MM_COMPILE's switch turns them on for CPU tensors so
+Inductor's CPU backend compiles the same functions (forward and backward) on the tiny model.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import phi4mm
+from phi4mm import fused_train
+from phi4mm.train import TEXT_ADAPTER, LossModule, setup_stage
+from phi4mm.train_data import Record, collate, encode
+
+CHATS = [("Say hi.", "Hi there, how are you today?"), ("Name three colours, please.", "Blue, red and green.")]
+
+
+def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.net.zero_grad(set_to_none=True)
+    loss = LossModule(model).train()(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.net.named_parameters() if p.grad is not None}
+
+
+def test_compiled_training_ops_equal_eager(tiny_official, monkeypatch):
+    model = phi4mm.load(tiny_official)
+    setup_stage(model, "text", 4)
+    with torch.no_grad():  # B starts at zero (the model unchanged); nonzero B lets A's gradients show too
+        for name, p in model.net.named_parameters():
+            if f"lora_B.{TEXT_ADAPTER}" in name:
+                p.normal_(0, 0.02)
+    recs = [Record(i + 1, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], [], [])
+            for i, (q, a) in enumerate(CHATS)]
+    batch = collate([encode(model, r, TEXT_ADAPTER) for r in recs], model.config.text.pad_token_id)
+    assert len(set(batch.lengths.tolist())) == 2  # right padding in the batch
+
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    monkeypatch.setattr(fused_train, "FORCE", True)
+    loss, grads = _loss_and_grads(model, batch)
+    for op in (fused_train.rms_norm, fused_train.add_rms_norm, fused_train.rope_qkv, fused_train.silu_mul,
+               fused_train.cross_entropy_sum):
+        assert op.compiled is not None and not op.failed, op.fn.__name__  # the compiled path really ran
+
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert ref_grads.keys() == grads.keys() and len(grads) == 4 * 2 * model.config.text.num_hidden_layers
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_ops_stay_off_without_autograd(monkeypatch):
+    monkeypatch.setattr(fused_train, "FORCE", True)
+    x = torch.ones(2, 3)
+    with torch.no_grad():
+        assert not fused_train.enabled(x)  # inference keeps the eager ops or the Triton kernels
+    assert fused_train.enabled(x)
+    monkeypatch.setattr(fused_train, "DISABLED", True)
+    assert not fused_train.enabled(x)
+
+
+def test_a_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    op = fused_train._Compiled(lambda x: x * 2)
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    with pytest.warns(UserWarning, match="training continues with eager torch ops"):
+        assert torch.equal(op(torch.ones(2)), torch.full((2,), 2.0))
+    assert op.failed and torch.equal(op(torch.ones(2)), torch.full((2,), 2.0))  # no second warning, no retry
