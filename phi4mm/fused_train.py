@@ -29,7 +29,7 @@ FORCE = os.environ.get("PHI4MM_COMPILE") == "1"
 
 
 def enabled(x: torch.Tensor) -> bool:
-    """Whether the compiled training ops apply to this activation."""
+    """Whether the fused training ops (compiled and hand-written) apply to this activation."""
     return not DISABLED and torch.is_grad_enabled() and (x.is_cuda or FORCE)
 
 
