@@ -136,25 +136,32 @@ class Attention(nn.Module):
                 attn: "AttentionBackend", layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv_proj(x, plan)
-        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        if fused_train.enabled(qkv):
-            q, k, v = fused_train.rope_qkv(qkv, cos, sin, self.n_heads, self.n_kv)  # (B, H|KV, T, D) each
-            out = attn(layer, q, k, v)  # (B, H, T, D)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, q_out), plan)  # (B, T, H*D)
-        v = qkv[..., q_out + kv_out:].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        if _fused(qkv):
-            rd = cos.shape[-1]
-            c = cos.expand(B, 1, T, rd).reshape(B * T, rd)  # (B*T, rd): one row per token
-            s = sin.expand(B, 1, T, rd).reshape(B * T, rd)
-            q, k = kernels.rope_qk(qkv.reshape(B * T, -1).contiguous(), c, s, self.n_heads, self.n_kv)
-            q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B*T, H, D) -> (B, H, T, D)
-            k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B*T, KV, D) -> (B, KV, T, D)
-        else:
-            q = qkv[..., :q_out].view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-            k = qkv[..., q_out:q_out + kv_out].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Training on CUDA: an autograd function with a written-out backward; otherwise views and a forward.
+        heads = fused_train.rope_qkv if fused_train.enabled(qkv) else rotated_heads
+        q, k, v = heads(qkv, cos, sin, self.n_heads, self.n_kv)  # (B, H, T, D), (B, KV, T, D) x 2
         out = attn(layer, q, k, v)  # (B, H, T, D): the backend stores k/v in its cache and attends
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, q_out), plan)  # (B, T, H*D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1), plan)  # (B, T, H*D)
+
+
+def rotated_heads(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+                  n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv (B, T, (H + 2KV) * D); cos/sin (B|1, 1, T, rd) -> q (B, H, T, D), k, v (B, KV, T, D), q and k
+    rotated (the RoPE kernel when fused, else apply_rope on views), v a view of qkv."""
+    B, T, width = qkv.shape
+    D = width // (n_heads + 2 * n_kv)
+    q_out, kv_out = n_heads * D, n_kv * D
+    v = qkv[..., q_out + kv_out:].view(B, T, n_kv, D).transpose(1, 2)  # (B, KV, T, D)
+    if _fused(qkv):
+        rd = cos.shape[-1]
+        c = cos.expand(B, 1, T, rd).reshape(B * T, rd)  # (B*T, rd): one row per token
+        s = sin.expand(B, 1, T, rd).reshape(B * T, rd)
+        q, k = kernels.rope_qk(qkv.reshape(B * T, -1).contiguous(), c, s, n_heads, n_kv)
+        q = q.view(B, T, n_heads, D).transpose(1, 2)  # (B*T, H, D) -> (B, H, T, D)
+        k = k.view(B, T, n_kv, D).transpose(1, 2)  # (B*T, KV, D) -> (B, KV, T, D)
+        return q, k, v
+    q = qkv[..., :q_out].view(B, T, n_heads, D).transpose(1, 2)  # (B, H, T, D)
+    k = qkv[..., q_out:q_out + kv_out].view(B, T, n_kv, D).transpose(1, 2)  # (B, KV, T, D)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class AttentionBackend:
@@ -217,13 +224,14 @@ class DecoderLayer(nn.Module):
             h, x2 = kernels.add_rms_norm(a.reshape(B * T, N), x.reshape(B * T, N).contiguous(),
                                          self.post_attention_layernorm.weight, eps)  # (B*T, N) each
             return x2.view(B, T, N) + self.mlp(h.view(B, T, N), plan)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, plan, attn, layer)
         if fused_train.enabled(x):
-            a = self.self_attn(self.input_layernorm(x), cos, sin, plan, attn, layer)
             x, h = fused_train.add_rms_norm(a, x, self.post_attention_layernorm.weight,
                                             self.post_attention_layernorm.eps)
-            return x + self.mlp(h, plan)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, attn, layer)
-        return x + self.mlp(self.post_attention_layernorm(x), plan)
+        else:
+            x = x + a
+            h = self.post_attention_layernorm(x)
+        return x + self.mlp(h, plan)
 
 
 def attention_mask(key_mask: torch.Tensor | None, q_len: int, past: int, dtype: torch.dtype,

@@ -71,32 +71,20 @@ class _RopeQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int):
-        B, T, width = qkv.shape
-        D = width // (n_heads + 2 * n_kv)
-        rd = cos.shape[-1]
-        c = cos.expand(B, 1, T, rd).reshape(B * T, rd)  # (B*T, rd): one row per token
-        s = sin.expand(B, 1, T, rd).reshape(B * T, rd)
-        if kernels.available(qkv):
-            q, k = kernels.rope_qk(qkv.reshape(B * T, width).contiguous(), c, s, n_heads, n_kv)  # (B*T, H|KV, D)
-            q = q.view(B, T, n_heads, D).transpose(1, 2)  # (B, H, T, D)
-            k = k.view(B, T, n_kv, D).transpose(1, 2)  # (B, KV, T, D)
-        else:
-            from .decoder import apply_rope
-            q = apply_rope(qkv[..., :n_heads * D].view(B, T, n_heads, D).transpose(1, 2), cos, sin)
-            k = apply_rope(qkv[..., n_heads * D:(n_heads + n_kv) * D].view(B, T, n_kv, D).transpose(1, 2), cos, sin)
-        v = qkv[..., (n_heads + n_kv) * D:].reshape(B, T, n_kv, D).transpose(1, 2)  # (B, KV, T, D), a copy
-        ctx.save_for_backward(c, s)
-        ctx.dims = (B, T, n_heads, n_kv, D)
-        return q, k, v
+        from .decoder import rotated_heads  # autograd is off in here: the RoPE kernel on CUDA, else apply_rope
+        q, k, v = rotated_heads(qkv, cos, sin, n_heads, n_kv)  # (B, H|KV, T, D)
+        ctx.save_for_backward(cos, sin)
+        ctx.dims = (*qkv.shape[:2], n_heads, n_kv, q.shape[-1])
+        return q, k, v.contiguous()  # v a copy: a view of the input would alias qkv across the boundary
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
-        c, s = ctx.saved_tensors
+        cos, sin = ctx.saved_tensors
         B, T, n_heads, n_kv, D = ctx.dims
-        rd, half = c.shape[-1], c.shape[-1] // 2
+        rd, half = cos.shape[-1], cos.shape[-1] // 2
         grad = torch.empty(B, T, n_heads + 2 * n_kv, D, dtype=dq.dtype, device=dq.device)  # (B, T, heads, D)
-        c = c.view(B, T, 1, rd)[..., :half]  # cos and sin repeat over the two halves
-        s = s.view(B, T, 1, rd)[..., :half]
+        c = cos.transpose(1, 2)[..., :half]  # (B|1, T, 1, rd/2): cos and sin repeat over the two halves
+        s = sin.transpose(1, 2)[..., :half]
         for g, out in ((dq, grad[:, :, :n_heads]), (dk, grad[:, :, n_heads:n_heads + n_kv])):
             g = g.transpose(1, 2)  # (B, T, heads, D) view
             g1, g2 = g[..., :half], g[..., half:rd]
