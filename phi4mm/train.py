@@ -92,7 +92,10 @@ STAGES = {
     "vision-ctc": Stage(("vision",), (_VISION_ENC,), None, _has_image),
 }
 CTC_STAGES = ("speech-ctc", "vision-ctc")
-CTC_FRAMES_PER_COLUMN = 2  # vision-ctc: each patch column is read twice, so a letter 1 column wide still fits CTC
+# vision-ctc: the head reads each patch column (or patch) as this many frames, each with its own outputs. At
+# 22-30 pt two letters often share a 14-px column; one frame per column (or a repeated copy, whose outputs are
+# the same) cannot emit both.
+CTC_FRAMES_PER_VISION_FRAME = 2
 
 
 # The LoRA an encoder/projector stage may train alongside (`with_lora=True`): its modality's adapter.
@@ -257,7 +260,7 @@ class CTCLossModule(nn.Module):
 
     The transcript is the sample's trained tokens without special tokens, decoded (ASR data: the text heard;
     OCR data: the word). Frames: the audio encoder's 80 ms frames (one audio per sample), or with vision=True
-    SigLIP's patch columns of one crop (one image per sample, `_columns`). `units` (ctc_units) splits the
+    SigLIP's patches of one crop (one image per sample, `vision_frames`). `units` (ctc_units) splits the
     transcript into targets; a linear head maps each frame to the units plus a blank (the last class). The
     head and units are thrown away after the stage.
     """
@@ -267,8 +270,9 @@ class CTCLossModule(nn.Module):
         self.net, self.device, self.dtype = model.net, model.device, model.dtype
         self.tokenizer, self.units, self.vision = model.tokenizer, units, vision
         self.blank = units.get_vocab_size()
+        self.per_frame = CTC_FRAMES_PER_VISION_FRAME if vision else 1
         width = (model.config.vision if vision else model.config.audio).hidden_size
-        self.head = nn.Linear(width, self.blank + 1, device=self.device)
+        self.head = nn.Linear(width, self.per_frame * (self.blank + 1), device=self.device)
 
     def text(self, e: Example) -> str:
         return _transcript(self.tokenizer, e)
@@ -298,30 +302,58 @@ class CTCLossModule(nn.Module):
 
     def _log_probs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.vision:
-            hidden, lengths = self._columns(batch)
+            hidden, lengths = self._vision_frames(batch)
         else:
             f, lens = _audio_batch([e.prep.audios for e in batch.examples], self.device, self.dtype)
             hidden, lengths = self.net.audio.encode(f, lens)  # (N, T', D), (N,)
-        return F.log_softmax(self.head(hidden).float(), dim=-1), lengths  # (N, T, V + 1), (N,)
+        return ctc_log_probs(self.head(hidden), lengths, self.per_frame)
 
-    def _columns(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each image's one 448-px crop through SigLIP, read left to right: the mean of every patch column over
-        its valid rows, each column repeated CTC_FRAMES_PER_COLUMN times -> (N, 32*r, C), and the lengths."""
+    def _vision_frames(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's one 448-px crop through SigLIP, as CTC frames (`vision_frames`)."""
         vis, dev = self.net.vision, self.device
         ims = [e.prep.images for e in batch.examples]
-        pv = torch.cat([i.pixel_values[:, 1] for i in ims]).to(dev, self.dtype, non_blocking=True)  # (N, 3, 448, 448)
-        mask = torch.cat([i.attention_mask[:, 1] for i in ims]).to(dev).bool()  # (N, 32, 32): crop 0 is global
-        n, side = mask.shape[:2]
-        f = vis.encode_crops(pv, mask).view(n, side, side, -1)  # (N, 1024, C) -> (N, rows, cols, C)
-        rows = mask.sum(1, keepdim=True).clamp(min=1)[..., None]  # (N, 1, cols, 1): valid rows per column
-        cols = (f * mask[..., None]).sum(1, keepdim=True).div(rows).squeeze(1)  # (N, cols, C)
-        lengths = mask[:, 0].sum(-1) * CTC_FRAMES_PER_COLUMN  # (N,): valid columns, repeated
-        return cols.repeat_interleave(CTC_FRAMES_PER_COLUMN, dim=1), lengths  # (N, cols*r, C)
+        # Each crop to the device on its own (pinned, async), then joined there: a host-side cat would first
+        # copy the pinned pixels into a pageable buffer and then move that synchronously.
+        pv = torch.cat([i.pixel_values[:, 1].to(dev, self.dtype, non_blocking=True) for i in ims])  # (N, 3, 448, 448)
+        mask = torch.cat([i.attention_mask[:, 1].to(dev, non_blocking=True) for i in ims]).bool()  # (N, 32, 32)
+        return vision_frames(vis.encode_crops(pv, mask), mask)
+
+
+def ctc_log_probs(logits: torch.Tensor, lengths: torch.Tensor, per_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CTC head's output (N, T, per_frame * (V + 1)) -> log-probabilities of per_frame frames for each input
+    frame (N, T * per_frame, V + 1), and the lengths scaled to match."""
+    n, t = logits.shape[:2]
+    logits = logits.reshape(n, t * per_frame, -1)  # (N, T, r*(V+1)) -> (N, T*r, V+1): frame j's r outputs in order
+    return F.log_softmax(logits.float(), dim=-1), lengths * per_frame
+
+
+def vision_frames(f: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SigLIP patch features (N, side*side, C) of one crop per image and its valid-patch mask (N, side, side) ->
+    CTC frames (N, T, C) and their lengths (N,).
+
+    A line of text (valid rows at most half its valid columns: a 448x112 word has 8 of 32) is read left to
+    right: each frame is the mean of one patch column over its valid rows (the head reads each as
+    CTC_FRAMES_PER_VISION_FRAME frames: `ctc_log_probs`). Any other image is read in raster order, one frame per
+    patch of its valid rows, so a transcript that names objects in the order a row-by-row scan meets them (the
+    micro scenes: "red circle, blue square") can be emitted where each object first appears.
+    """
+    n, side = mask.shape[:2]
+    f = f.view(n, side, side, -1)  # (N, 1024, C) -> (N, rows, cols, C)
+    rows_valid = mask.any(2).sum(1)  # (N,)
+    cols_valid = mask.any(1).sum(1)  # (N,)
+    line = rows_valid * 2 <= cols_valid  # (N,)
+    rows = mask.sum(1, keepdim=True).clamp(min=1)[..., None]  # (N, 1, cols, 1): valid rows per column
+    cols = (f * mask[..., None]).sum(1, keepdim=True).div(rows).squeeze(1)  # (N, cols, C)
+    raster = f.flatten(1, 2)  # (N, rows*cols, C): row-major, each valid row whole (padding is right and below)
+    cols = F.pad(cols, (0, 0, 0, raster.shape[1] - cols.shape[1]))  # (N, cols, C) -> (N, rows*cols, C)
+    frames = torch.where(line[:, None, None], cols, raster)  # (N, T, C)
+    lengths = torch.where(line, cols_valid, rows_valid * side)  # (N,)
+    return frames[:, :int(lengths.max())], lengths  # a batch of lines only needs its 32 frames, not 1024
 
 
 def _check_ctc(examples: list[Example], data: Path, stage: str, dynamic_hd: int) -> None:
     """speech-ctc needs exactly one audio and no image per sample; vision-ctc exactly one image, no audio, that
-    fits one 448-px crop (its columns are read left to right: a word or a line, up to 448 px wide)."""
+    fits one 448-px crop (`vision_frames` says how it is read)."""
     from .image_processing import load_image, plan_hd
     for e in examples:
         if stage == "speech-ctc":
@@ -333,7 +365,7 @@ def _check_ctc(examples: list[Example], data: Path, stage: str, dynamic_hd: int)
         n = len(e.record.images)
         if n != 1 or e.has_audio:
             raise DataError(f"{data}:{e.record.line}: stage vision-ctc takes samples with exactly one image and no "
-                            f"audio (this one has {n} image(s)); give it text-reading (OCR) data")
+                            f"audio (this one has {n} image(s)); give it text-reading (OCR) or scene-listing data")
         w, h = load_image(e.record.images[0]).size
         plan = plan_hd(w, h, dynamic_hd)
         if plan.rows * plan.cols != 1:
