@@ -159,3 +159,39 @@ def test_tool_samples_cover_both_cases():
     answers = [md._tools("tools", i)["messages"][-1]["content"] for i in range(300)]
     share = sum(not a.startswith("<|tool_call|>") for a in answers) / len(answers)
     assert 0.08 < share < 0.25
+
+
+def test_scene_lists_every_shape_in_the_order_a_patch_raster_meets_it(data):
+    # Tops in the same 14-px patch row go left to right, whatever their exact heights.
+    items = [("circle", "red"), ("square", "blue"), ("triangle", "green")]
+    tops = [(100.0, 300.0), (103.0, 20.0), (50.0, 200.0)]
+    assert md.scene_description(items, tops) == "green triangle, blue square, red circle"
+    # Every generated scene answer names 1-5 known (colour, shape) pairs, and is the same scene as drawn: the
+    # shapes question of the same seed sees the same items.
+    for rec, answer in _answers(data["train"]["scene"]):
+        parts = [p.split(" ") for p in answer.split(", ")]
+        assert 1 <= len(parts) <= 5 and all(c in md.SHAPE_COLOURS and s in md.SHAPES for c, s in parts), answer
+        assert rec["messages"][0]["content"][-1]["text"] == md.PROMPTS["scene"]
+    for seed in range(20):
+        img, items, tops = md._scene(random.Random(f"scene-check-{seed}"))
+        pix = np.asarray(img).astype(int)
+        for (y, x), (shape, colour) in zip(tops, items):  # the topmost point is on the shape's edge, drawn in colour
+            y0, x0 = int(round(y)), int(round(x))
+            near = pix[max(0, y0 - 1):y0 + 4, max(0, x0 - 3):x0 + 4].reshape(-1, 3)
+            assert np.abs(near - np.array(md.SHAPE_COLOURS[colour])).sum(1).min() < 60, (shape, colour, y, x)
+            above = pix[max(0, y0 - 8):max(0, y0 - 2), max(0, x0 - 1):x0 + 2].reshape(-1, 3)  # shapes keep 10 px apart
+            assert above.size == 0 or np.abs(above - np.array(md.SHAPE_COLOURS[colour])).sum(1).min() > 45
+
+
+def test_ocr_trains_on_many_sizes_but_never_the_test_ones():
+    train, test = md.OCR_FONT_SIZES["train"], md.OCR_FONT_SIZES["test"]
+    assert not set(train) & set(test) and len(train) > 30
+
+
+def test_generate_can_limit_the_tasks_and_keeps_their_items(data, tmp_path):
+    out = md.generate(tmp_path, "train", 0, scale=SCALE, workers=1, progress=False, tasks=("ocr", "scene"))
+    assert set(out) == {"ocr", "scene"}
+    for t in out:
+        assert out[t].read_text() == data["train"][t].read_text()  # item i is the same as in a full run
+    with pytest.raises(ValueError, match="unknown micro tasks"):
+        md.generate(tmp_path, "train", 0, tasks=("ocr", "poems"))

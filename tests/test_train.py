@@ -486,3 +486,22 @@ def test_batched_towers_equal_per_sample(base, tmp_path):
         alone = sum(float(loss(collate([e], pad))) for e in full)
     assert together == pytest.approx(alone, rel=1e-4)
     assert encode(model, recs[2]).prep.images.pixel_values.shape[1] != full[0].prep.images.pixel_values.shape[1]
+
+
+def test_vision_frames_read_lines_by_columns_and_other_images_in_raster_order():
+    from phi4mm.train import ctc_log_probs, vision_frames
+    side, c = 4, 3
+    f = torch.arange(2 * side * side * c, dtype=torch.float32).view(2, side * side, c)  # (N, patches, C)
+    mask = torch.zeros(2, side, side, dtype=torch.bool)
+    mask[0, :2] = True  # a line: 2 valid rows of 4 columns
+    mask[1, :3, :3] = True  # a 3x3 picture: read row by row
+    frames, lengths = vision_frames(f, mask)
+    assert lengths.tolist() == [4, 3 * side]  # columns; the valid rows, each whole (padding is right/below)
+    grid = f.view(2, side, side, c)
+    assert torch.equal(frames[0, :4], grid[0, :2].mean(0))  # each column's mean over its valid rows
+    assert torch.equal(frames[1, :12], grid[1, :3].reshape(12, c))  # row-major patches
+    assert frames.shape[1] == 12  # trimmed to the longest image
+    logits = torch.randn(2, 12, 2 * 5)  # two frames of 5 classes per input frame
+    logp, n = ctc_log_probs(logits, lengths, 2)
+    assert logp.shape == (2, 24, 5) and n.tolist() == [8, 24]
+    assert torch.allclose(logp[0, 1], torch.log_softmax(logits[0, 0, 5:], -1))  # input frame 0's second output
