@@ -175,14 +175,18 @@ class Engine:
     def _media_key(prep: Prepared) -> bytes:
         """Content hash of the prompt's media (and audio projector): the media cache's and prefix cache's key.
 
-        SHA-256 over the tensors' memory (no byte copy): an 896x896 image is 12 MB of pixels, 8 ms here against
-        18-22 ms for blake2b over a copy (x86 has SHA instructions). A cryptographic hash, because a collision
-        would hand one request another's cached image or audio."""
+        Images: the processor's digest of their uint8 HD canvases (`ImageInputs.digest`; 1.6 ms for an 896x896
+        image), else SHA-256 over the float pixels' memory (12 MB, ~8 ms). Audio: over its features. A
+        cryptographic hash, because a collision would hand one request another's cached image or audio."""
         h = hashlib.sha256()
-        for part in (prep.images and (prep.images.pixel_values, prep.images.image_sizes),
-                     prep.audios and (prep.audios.features,)):
-            for t in part or ():
-                h.update(t.contiguous().numpy())
+        images = prep.images
+        if images is not None and images.digest:
+            h.update(b"canvas:" + images.digest)
+        elif images is not None:
+            h.update(images.pixel_values.contiguous().numpy())
+            h.update(images.image_sizes.contiguous().numpy())
+        if prep.audios is not None:
+            h.update(prep.audios.features.contiguous().numpy())
         h.update(prep.audio_projector.encode())
         return h.digest()[:16]
 

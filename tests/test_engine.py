@@ -85,6 +85,21 @@ def test_prefix_cache_hit_equals_miss(model, requests, expected):
     assert other == [model.generate_ids(requests[1]["prompt"], [scene(448, 300, 9)], max_new_tokens=N_NEW)]
 
 
+def test_media_key_comes_from_the_image_canvas_and_tells_images_apart(model, requests):
+    import dataclasses
+    prep = model.prepare(requests[1]["prompt"], requests[1]["images"])
+    again = model.prepare(requests[1]["prompt"], requests[1]["images"])
+    assert prep.images.digest and Engine._media_key(prep) == Engine._media_key(again)
+    img = requests[1]["images"][0].copy()
+    img.putpixel((3, 4), tuple(255 - v for v in img.getpixel((3, 4))))  # one pixel of one image
+    assert Engine._media_key(model.prepare(requests[1]["prompt"], [img])) != Engine._media_key(prep)
+    # Inputs built without a digest are keyed by their pixels, and still tell images apart.
+    bare = dataclasses.replace(prep, images=dataclasses.replace(prep.images, digest=b""))
+    other = model.prepare(requests[1]["prompt"], [img])
+    bare_other = dataclasses.replace(other, images=dataclasses.replace(other.images, digest=b""))
+    assert Engine._media_key(bare) not in (Engine._media_key(bare_other), Engine._media_key(prep))
+
+
 def test_crossing_the_longrope_switch_equals_reference(model):
     torch.manual_seed(5)
     ids = model.tokenizer.encode("<|user|>") + torch.randint(0, 199000, (4088,)).tolist() + \

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from tests.conftest import scene
 from phi4mm.image_processing import (
     CROP_SIZE,
     MASK_SIZE,
@@ -104,6 +105,14 @@ def test_global_view_equals_bicubic_of_the_whole_canvas(rows, cols):
     out = torch.empty(3, CROP_SIZE, CROP_SIZE)
     _global_view(small, out)
     assert (out - ref).abs().max().item() <= PIXEL_ATOL
+
+
+def test_digest_covers_each_canvas_and_plan_in_order():
+    a, b = scene(700, 500, 1), scene(700, 500, 2)
+    d = [preprocess_images(x).digest for x in ([a], [a], [b], [a, b], [b, a])]
+    assert d[0] == d[1] and len(set(d[1:])) == 4
+    # The same pixels on another plan (dynamic_hd changes the crop grid) are other inputs.
+    assert preprocess_images([a], dynamic_hd=1).digest != d[0]
 
 
 @pytest.mark.parametrize("size", [(1, 2000), (2000, 1), (3, 2000), (5000, 4)])
