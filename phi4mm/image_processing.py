@@ -429,15 +429,10 @@ def _global_view(taps: torch.Tensor, out: torch.Tensor) -> None:
     out.div_(scale).sub_(PIXEL_MEAN).div_(PIXEL_STD)
 
 
-def _fill_image(image: Image.Image, plan: HDPlan, out_crops: torch.Tensor) -> torch.Tensor:
-    """Write the global view and crops of one image into `out_crops` [1 + rows*cols, 3, 448, 448]; returns the
-    uint8 HD canvas (3, H_hd, W_hd) they were computed from.
-
-    The HD canvas stays uint8 (4x less memory traffic than float); each crop is converted and normalised
-    straight into the output, and the global view is built from only the canvas pixels bicubic reads, in
-    integer arithmetic (_global_view).
-    """
-    # The canvas is planar uint8: the crop copies and the global view's row slices read whole contiguous rows.
+def hd_canvas(image: Image.Image, plan: HDPlan) -> torch.Tensor:
+    """The image resized and padded onto its HD canvas: contiguous planar uint8 (3, rows*448, cols*448), white
+    (PAD_VALUE) right and below. Crop k of the batch is its k-th 448-px tile, normalised."""
+    # Planar uint8: the crop copies and the global view's row slices read whole contiguous rows.
     if (plan.new_h, plan.new_w) != (image.height, image.width):
         # torch's native uint8 bilinear+antialias kernel: what torchvision v2 runs for uint8 CPU tensors.
         # A channels_last input (our HWC view) takes its fast path, ~5x quicker than a contiguous copy
@@ -451,6 +446,18 @@ def _fill_image(image: Image.Image, plan: HDPlan, out_crops: torch.Tensor) -> to
         canvas[:, : plan.new_h, : plan.new_w] = src                          # (3, H_hd, W_hd), white pad
     else:
         canvas = src.contiguous()                                            # (3, H_hd, W_hd)
+    return canvas
+
+
+def _fill_image(image: Image.Image, plan: HDPlan, out_crops: torch.Tensor) -> torch.Tensor:
+    """Write the global view and crops of one image into `out_crops` [1 + rows*cols, 3, 448, 448]; returns the
+    uint8 HD canvas (3, H_hd, W_hd) they were computed from.
+
+    The HD canvas stays uint8 (4x less memory traffic than float); each crop is converted and normalised
+    straight into the output, and the global view is built from only the canvas pixels bicubic reads, in
+    integer arithmetic (_global_view).
+    """
+    canvas = hd_canvas(image, plan)                                          # (3, H_hd, W_hd)
     # Crops, row-major: three whole-tensor ops, not three per crop: each op is an OpenMP region, and on a busy
     # host every region can stall for a scheduler slice waiting on a preempted worker (measured: per-crop ops
     # 4x slower under load).

@@ -90,7 +90,7 @@ RECIPE = (
     MicroStage("vision-encoder", "vision-encoder", IMAGE_TASKS, 12, 5e-4, phase=1, branch="vision",
                with_lora=True, warmup=100),
     # RECIPE.md's audio encoder starts from an ASR model; the micro one learns to recognise speech first (CTC
-    # on the transcripts, in character-BPE units: train.ctc_units). Without it the encoder's output stayed nearly
+    # on the transcripts, in character-BPE units: train_ctc.ctc_units). Without it the encoder's output stayed nearly
     # constant over time after 1,136 LM-loss steps and the model transcribed from its language prior (WER 1.04);
     # with whole-word targets CTC sat on its plateau (loss ~3.0 per word after 2,640 GPU steps); with the units
     # a probe reached held-out WER 0.25 in 385 steps (scripts/micro_ctc_probe.py, docs/micro-model.md).

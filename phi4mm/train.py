@@ -15,7 +15,7 @@ Each stage trains exactly the parts its recipe stage trains; everything else is 
 | text             | a new decoder LoRA "text"                                | text-only samples -> "text" |
 | decoder          | the decoder's own weights (pre-training; micro model)    | text-only samples, no LoRA  |
 | speech-ctc       | Conformer audio encoder, through a CTC head (micro)      | audio samples, no decoder   |
-| vision-ctc       | SigLIP, through a CTC head over patch columns (micro)    | one-crop images, no decoder |
+| vision-ctc       | SigLIP, through a CTC head over its patches (micro)      | one-crop images, no decoder |
 
 The output directory is a complete checkpoint in the base's layout (config and tokenizer copied, shards with
 the trained tensors rewritten under their stored names, `<adapter>-lora/` PEFT folders), so `phi4mm.load(out)`
@@ -42,15 +42,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 from torch import nn
 
 from . import fused_train
 from .config import LoraConfig, ModelConfig
 from .lora import AdapterPlan, LoraLinear
-from .tokenizer import ADDED_TOKENS
-from .train_data import (IGNORE, Batch, DataError, Example, batch_loader, encode_all, make_batches,
-                         progress_interval, read_jsonl)
+from .train_ctc import CTC_UNITS, CTCLossModule, check_ctc, ctc_units, transcript
+from .train_data import (
+    IGNORE,
+    Batch,
+    DataError,
+    Example,
+    audio_batch,
+    batch_loader,
+    encode_all,
+    make_batches,
+    progress_interval,
+    read_jsonl,
+)
 from .train_export import _LORA, TEXT_ADAPTER, export, load_adapter  # noqa: F401 (public: train.load_adapter)
 
 _VISION_PROJ = r"vision\.(img_projection_(up|down)\.\w+|(global|sub)_img_feature_extensor)"
@@ -92,10 +102,6 @@ STAGES = {
     "vision-ctc": Stage(("vision",), (_VISION_ENC,), None, _has_image),
 }
 CTC_STAGES = ("speech-ctc", "vision-ctc")
-# vision-ctc: the head reads each patch column (or patch) as this many frames, each with its own outputs. At
-# 22-30 pt two letters often share a 14-px column; one frame per column (or a repeated copy, whose outputs are
-# the same) cannot emit both.
-CTC_FRAMES_PER_VISION_FRAME = 2
 
 
 # The LoRA an encoder/projector stage may train alongside (`with_lora=True`): its modality's adapter.
@@ -215,162 +221,13 @@ class LossModule(nn.Module):
             group = [(k, p.audios) for k, p in enumerate(preps) if p.audios is not None and p.audio_projector == proj]
             if not group:
                 continue
-            f, lens = _audio_batch([a for _, a in group], dev, dt)
+            f, lens = audio_batch([a for _, a in group], dev, dt)
             out = iter(net.audio(f, lens, projector=proj))
             for k, a in group:
                 feats.append((k, [next(out) for _ in range(len(a.num_tokens))]))
         if feats:
             aud = torch.cat([t for _, ts in sorted(feats, key=lambda x: x[0]) for t in ts])
         return img, aud
-
-
-def _audio_batch(auds: list, dev: torch.device, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every clip of `auds` (AudioInputs) as one right-padded feature batch on the device, and its lengths."""
-    frames = max(a.features.shape[1] for a in auds)
-    f = torch.cat([F.pad(a.features.to(dev, dt, non_blocking=True), (0, 0, 0, frames - a.features.shape[1]))
-                   for a in auds])  # (N, T, 80)
-    return f, torch.cat([a.frame_lengths for a in auds]).to(dev)  # (N,)
-
-
-CTC_UNITS = 96  # CTC target vocabulary: letters plus the commonest pieces, ~2-3 characters a unit
-
-
-def ctc_units(texts: list[str], vocab_size: int = CTC_UNITS) -> Tokenizer:
-    """A small BPE over characters (a word-start mark on each word) trained on the stage's transcripts.
-
-    CTC targets must be units that words share: with the decoder's tokens (whole words in the micro BPE) the
-    encoder has to learn each word's sound as a separate class, and a probe on the micro data stayed at WER
-    0.89 after 385 steps where these units reached 0.25 (scripts/micro_ctc_probe.py). Characters alone would
-    not fit: speech runs ~15 characters a second against 12.5 frames; these units need ~0.55 per frame."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
-    return tok
-
-
-def _transcript(tokenizer, e: Example) -> str:
-    """The sample's trained tokens without special tokens, as text (for ASR data: what is said)."""
-    special = {tokenizer.token_id(c) for _, c, _, _ in ADDED_TOKENS if tokenizer.has_token(c)}
-    return tokenizer.decode([t for t in e.labels if t != IGNORE and t not in special]).strip()
-
-
-class CTCLossModule(nn.Module):
-    """(batch) -> summed CTC loss of an encoder's frames against each sample's transcript in CTC units.
-
-    The transcript is the sample's trained tokens without special tokens, decoded (ASR data: the text heard;
-    OCR data: the word). Frames: the audio encoder's 80 ms frames (one audio per sample), or with vision=True
-    SigLIP's patches of one crop (one image per sample, `vision_frames`). `units` (ctc_units) splits the
-    transcript into targets; a linear head maps each frame to the units plus a blank (the last class). The
-    head and units are thrown away after the stage.
-    """
-
-    def __init__(self, model, units: Tokenizer, vision: bool = False):
-        super().__init__()
-        self.net, self.device, self.dtype = model.net, model.device, model.dtype
-        self.tokenizer, self.units, self.vision = model.tokenizer, units, vision
-        self.blank = units.get_vocab_size()
-        self.per_frame = CTC_FRAMES_PER_VISION_FRAME if vision else 1
-        width = (model.config.vision if vision else model.config.audio).hidden_size
-        self.head = nn.Linear(width, self.per_frame * (self.blank + 1), device=self.device)
-
-    def text(self, e: Example) -> str:
-        return _transcript(self.tokenizer, e)
-
-    def targets(self, e: Example) -> list[int]:
-        return self.units.encode(self.text(e)).ids
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        logp, token_lengths = self._log_probs(batch)
-        tgt = [self.targets(e) for e in batch.examples]
-        dev = self.device
-        flat = torch.tensor([t for ts in tgt for t in ts], dtype=torch.long, device=dev)  # (sum L,)
-        tlens = torch.tensor([len(ts) for ts in tgt], dtype=torch.long, device=dev)  # (N,)
-        # zero_infinity: a sample whose transcript outruns its frames adds nothing rather than inf.
-        return F.ctc_loss(logp.transpose(0, 1), flat, token_lengths, tlens, blank=self.blank,  # (T', N, V + 1)
-                          reduction="sum", zero_infinity=True)
-
-    @torch.no_grad()
-    def greedy(self, batch: Batch) -> list[list[int]]:
-        """Best-path decoding (argmax per frame, repeats merged, blanks dropped): what the head hears."""
-        logp, token_lengths = self._log_probs(batch)
-        out = []
-        for row, n in zip(logp.argmax(-1).tolist(), token_lengths.tolist()):
-            row = row[:n]
-            out.append([t for j, t in enumerate(row) if t != self.blank and (j == 0 or t != row[j - 1])])
-        return out
-
-    def _log_probs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.vision:
-            hidden, lengths = self._vision_frames(batch)
-        else:
-            f, lens = _audio_batch([e.prep.audios for e in batch.examples], self.device, self.dtype)
-            hidden, lengths = self.net.audio.encode(f, lens)  # (N, T', D), (N,)
-        return ctc_log_probs(self.head(hidden), lengths, self.per_frame)
-
-    def _vision_frames(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each image's one 448-px crop through SigLIP, as CTC frames (`vision_frames`)."""
-        vis, dev = self.net.vision, self.device
-        ims = [e.prep.images for e in batch.examples]
-        # Each crop to the device on its own (pinned, async), then joined there: a host-side cat would first
-        # copy the pinned pixels into a pageable buffer and then move that synchronously.
-        pv = torch.cat([i.pixel_values[:, 1].to(dev, self.dtype, non_blocking=True) for i in ims])  # (N, 3, 448, 448)
-        mask = torch.cat([i.attention_mask[:, 1].to(dev, non_blocking=True) for i in ims]).bool()  # (N, 32, 32)
-        return vision_frames(vis.encode_crops(pv, mask), mask)
-
-
-def ctc_log_probs(logits: torch.Tensor, lengths: torch.Tensor, per_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A CTC head's output (N, T, per_frame * (V + 1)) -> log-probabilities of per_frame frames for each input
-    frame (N, T * per_frame, V + 1), and the lengths scaled to match."""
-    n, t = logits.shape[:2]
-    logits = logits.reshape(n, t * per_frame, -1)  # (N, T, r*(V+1)) -> (N, T*r, V+1): frame j's r outputs in order
-    return F.log_softmax(logits.float(), dim=-1), lengths * per_frame
-
-
-def vision_frames(f: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SigLIP patch features (N, side*side, C) of one crop per image and its valid-patch mask (N, side, side) ->
-    CTC frames (N, T, C) and their lengths (N,).
-
-    A line of text (valid rows at most half its valid columns: a 448x112 word has 8 of 32) is read left to
-    right: each frame is the mean of one patch column over its valid rows (the head reads each as
-    CTC_FRAMES_PER_VISION_FRAME frames: `ctc_log_probs`). Any other image is read in raster order, one frame per
-    patch of its valid rows, so a transcript that names objects in the order a row-by-row scan meets them (the
-    micro scenes: "red circle, blue square") can be emitted where each object first appears.
-    """
-    n, side = mask.shape[:2]
-    f = f.view(n, side, side, -1)  # (N, 1024, C) -> (N, rows, cols, C)
-    rows_valid = mask.any(2).sum(1)  # (N,)
-    cols_valid = mask.any(1).sum(1)  # (N,)
-    line = rows_valid * 2 <= cols_valid  # (N,)
-    rows = mask.sum(1, keepdim=True).clamp(min=1)[..., None]  # (N, 1, cols, 1): valid rows per column
-    cols = (f * mask[..., None]).sum(1, keepdim=True).div(rows).squeeze(1)  # (N, cols, C)
-    raster = f.flatten(1, 2)  # (N, rows*cols, C): row-major, each valid row whole (padding is right and below)
-    cols = F.pad(cols, (0, 0, 0, raster.shape[1] - cols.shape[1]))  # (N, cols, C) -> (N, rows*cols, C)
-    frames = torch.where(line[:, None, None], cols, raster)  # (N, T, C)
-    lengths = torch.where(line, cols_valid, rows_valid * side)  # (N,)
-    return frames[:, :int(lengths.max())], lengths  # a batch of lines only needs its 32 frames, not 1024
-
-
-def _check_ctc(examples: list[Example], data: Path, stage: str, dynamic_hd: int) -> None:
-    """speech-ctc needs exactly one audio and no image per sample; vision-ctc exactly one image, no audio, that
-    fits one 448-px crop (`vision_frames` says how it is read)."""
-    from .image_processing import load_image, plan_hd
-    for e in examples:
-        if stage == "speech-ctc":
-            n = len(e.record.audios)
-            if n != 1 or e.has_image:
-                raise DataError(f"{data}:{e.record.line}: stage speech-ctc takes samples with exactly one audio and "
-                                f"no image (this one has {n} audio(s)); give it speech recognition data")
-            continue
-        n = len(e.record.images)
-        if n != 1 or e.has_audio:
-            raise DataError(f"{data}:{e.record.line}: stage vision-ctc takes samples with exactly one image and no "
-                            f"audio (this one has {n} image(s)); give it text-reading (OCR) or scene-listing data")
-        w, h = load_image(e.record.images[0]).size
-        plan = plan_hd(w, h, dynamic_hd)
-        if plan.rows * plan.cols != 1:
-            raise DataError(f"{data}:{e.record.line}: stage vision-ctc reads one 448-px crop, but this {w}x{h} image "
-                            f"takes {plan.rows}x{plan.cols} crops; use images up to 448 px on the long side")
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------
@@ -427,8 +284,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
                         "(e.g. speech stages need audio samples, vision stages image samples)")
 
     ctc = stage in CTC_STAGES
-    if ctc:
-        _check_ctc(examples, Path(data), stage, cfg.dynamic_hd)
+    crops = check_ctc(examples, Path(data), stage, cfg.dynamic_hd, model.device, workers or 1) if ctc else None
     per_epoch = len(_epoch_batches([e.length for e in examples], batch_tokens, seed, 0, rank, world))
     total = max_steps or math.ceil(epochs * per_epoch / grad_accum)
     model.net.train()
@@ -438,11 +294,11 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
             units = Tokenizer.from_file(str(units_file))
         else:
             # Speech: character-BPE units; reading: single characters (a word is a few patch columns wide).
-            units = ctc_units([_transcript(model.tokenizer, e) for e in examples],
+            units = ctc_units([transcript(model.tokenizer, e) for e in examples],
                               CTC_UNITS if stage == "speech-ctc" else 1)
             out.mkdir(parents=True, exist_ok=True)
             units.save(str(units_file))
-    loss_mod = CTCLossModule(model, units, stage == "vision-ctc") if ctc else LossModule(model, grad_checkpointing)
+    loss_mod = CTCLossModule(model, units, crops) if ctc else LossModule(model, grad_checkpointing)
     if fsdp:  # before the optimizer: sharding replaces the parameters with their shards
         _shard(loss_mod, model, world)
     # Everything the optimizer steps, by name: the stage's model parameters (+ the CTC head, never exported).
@@ -467,9 +323,10 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
     stream = _micro_batches(examples, batch_tokens, seed, rank, world, epoch, pos)
     windows = [[next(stream) for _ in range(grad_accum)] for _ in range(total - step)]
     # Text-only data has nothing to preprocess: forked workers would only add their start-up (~9 s measured).
-    media = any(e.has_image or e.has_audio for e in examples)
+    # vision-ctc reads its crop cache, so its batches need no media either.
+    media = crops is None and any(e.has_image or e.has_audio for e in examples)
     loader = batch_loader(model, examples, [[idx for _, _, idx in w] for w in windows], cfg.text.pad_token_id,
-                          workers if media else 0)
+                          workers, media)
     tokens_seen, t0, waited = 0, time.perf_counter(), 0.0
     for window in windows:
         t_wait = time.perf_counter()  # time blocked on the data loader: high means the GPU waits on workers
@@ -523,7 +380,8 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
     # A few transcripts as the head hears them (a loss hides a blank plateau); not under FSDP, where the encoder
     # would have to run on every rank.
     if ctc and rank == 0 and windows and not fsdp:
-        b = next(iter(batch_loader(model, examples, [[windows[0][0][2][:4]]], cfg.text.pad_token_id, 0)))[0]
+        b = next(iter(batch_loader(model, examples, [[windows[0][0][2][:4]]], cfg.text.pad_token_id, 0,
+                                   crops is None)))[0]
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
             hyps = loss_mod.greedy(b)
         heard = [{"reference": loss_mod.text(e), "heard": loss_mod.units.decode(h)} for e, h in zip(b.examples, hyps)]
@@ -668,7 +526,10 @@ def _load_state(path: Path, trainables: dict[str, nn.Parameter], opt, sched, sta
                          f"{'with' if written_sharded else 'without'} --fsdp")
     if sharded is not None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_state_dict,
+            set_state_dict,
+        )
         model_sd, optim_sd = get_state_dict(sharded, opt, options=_sharded_options())
         dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / _SHARDED))
         set_state_dict(sharded, opt, model_state_dict=model_sd, optim_state_dict=optim_sd,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .chat import flatten_content, render_prompt
 from .processor import Prepared
@@ -283,6 +284,14 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     return Batch(ids, labels, key_mask, lens, examples)
 
 
+def audio_batch(auds: list, dev: torch.device, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every clip of `auds` (AudioInputs) as one right-padded feature batch on the device, and its lengths."""
+    frames = max(a.features.shape[1] for a in auds)
+    f = torch.cat([F.pad(a.features.to(dev, dt, non_blocking=True), (0, 0, 0, frames - a.features.shape[1]))
+                   for a in auds])  # (N, T, 80)
+    return f, torch.cat([a.frame_lengths for a in auds]).to(dev)  # (N,)
+
+
 def progress_interval() -> float:
     """Seconds between progress-bar updates: live on a terminal, every 15 s into a log file."""
     import sys
@@ -292,15 +301,17 @@ def progress_interval() -> float:
 class BatchSource(torch.utils.data.Dataset):
     """Window k -> its micro-batches, collated, with media rebuilt (a DataLoader runs this in workers)."""
 
-    def __init__(self, model, examples: list[Example], windows: list[list[list[int]]], pad_id: int):
-        self.model, self.examples, self.windows, self.pad_id = model, examples, windows, pad_id
+    def __init__(self, model, examples: list[Example], windows: list[list[list[int]]], pad_id: int,
+                 media: bool = True):
+        self.model, self.examples, self.windows, self.pad_id, self.media = model, examples, windows, pad_id, media
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, k: int) -> list[Batch]:
-        return [collate([_compact(with_media(self.model, self.examples[i]), self.model.dtype) for i in idx],
-                        self.pad_id) for idx in self.windows[k]]
+        get = (lambda i: _compact(with_media(self.model, self.examples[i]), self.model.dtype)) if self.media else \
+            self.examples.__getitem__
+        return [collate([get(i) for i in idx], self.pad_id) for idx in self.windows[k]]
 
 
 def _compact(e: Example, dtype: torch.dtype) -> Example:
@@ -312,10 +323,12 @@ def _compact(e: Example, dtype: torch.dtype) -> Example:
     return replace(e, prep=replace(e.prep, images=replace(im, pixel_values=im.pixel_values.to(dtype))))
 
 
-def batch_loader(model, examples: list[Example], windows: list[list[list[int]]], pad_id: int, workers: int):
-    """Iterate the windows in order; workers > 0 preprocess media ahead of the GPU in forked processes."""
-    src = BatchSource(model, examples, windows, pad_id)
-    if workers <= 0:
+def batch_loader(model, examples: list[Example], windows: list[list[list[int]]], pad_id: int, workers: int,
+                 media: bool = True):
+    """Iterate the windows in order; workers > 0 preprocess media ahead of the GPU in forked processes.
+    media=False: batches carry no tower inputs (a stage that keeps its own, like vision-ctc's crop cache)."""
+    src = BatchSource(model, examples, windows, pad_id, media)
+    if not media or workers <= 0:
         return (src[k] for k in range(len(src)))
     return iter(torch.utils.data.DataLoader(src, batch_size=None, shuffle=False, num_workers=workers,
                                             prefetch_factor=4, multiprocessing_context="fork",

@@ -6,7 +6,7 @@
 The micro model read no word (OCR 0.00) and told circle, square and triangle apart little better than chance
 (shapes 0.61), on its training images too: the LM loss never taught the encoder these. Speech got its
 features from a CTC stage (scripts/micro_ctc_probe.py); this probe tries the same for vision with the very
-frames the trainer's `vision-ctc` stage uses (`phi4mm.train.vision_frames`): a rendered word is read by patch
+frames the trainer's `vision-ctc` stage uses (`phi4mm.train_ctc.vision_frames`): a rendered word is read by patch
 columns, a scene of shapes in raster order against its description ("red circle, blue square", top to bottom).
 Each variant trains SigLIP from the micro init plus a CTC head over characters in its own process, for the
 same wall time, and scores held-out words (unseen font sizes) and scenes (test seed) by greedy exact match.
@@ -67,7 +67,7 @@ def _load(split_dir: Path, task: str) -> tuple[torch.Tensor, list[str]]:
 
 def _variant(name: str, ckpt: str, work: str, device: str, seconds: float, out: str) -> None:
     from phi4mm import api
-    from phi4mm.train import ctc_log_probs, ctc_units, vision_frames
+    from phi4mm.train_ctc import ctc_log_probs, ctc_units, vision_frames
     lr, tasks, bsz, per_frame = VARIANTS[name]
     torch.manual_seed(0)
     data = {(s, t): _load(Path(work) / s, t) for s in ("train", "test") for t in tasks}

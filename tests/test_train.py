@@ -489,7 +489,7 @@ def test_batched_towers_equal_per_sample(base, tmp_path):
 
 
 def test_vision_frames_read_lines_by_columns_and_other_images_in_raster_order():
-    from phi4mm.train import ctc_log_probs, vision_frames
+    from phi4mm.train_ctc import ctc_log_probs, vision_frames
     side, c = 4, 3
     f = torch.arange(2 * side * side * c, dtype=torch.float32).view(2, side * side, c)  # (N, patches, C)
     mask = torch.zeros(2, side, side, dtype=torch.bool)
@@ -505,3 +505,26 @@ def test_vision_frames_read_lines_by_columns_and_other_images_in_raster_order():
     logp, n = ctc_log_probs(logits, lengths, 2)
     assert logp.shape == (2, 24, 5) and n.tolist() == [8, 24]
     assert torch.allclose(logp[0, 1], torch.log_softmax(logits[0, 0, 5:], -1))  # input frame 0's second output
+
+
+def test_vision_ctc_crop_cache_equals_the_processors_crop(base, tmp_path):
+    """vision-ctc decodes each image once into a uint8 cache; the normalised crop it serves is the processor's."""
+    from PIL import Image
+
+    from phi4mm.train_ctc import check_ctc
+    from phi4mm.train_data import encode, read_jsonl
+    from tests.conftest import scene
+    model = phi4mm.load(base)
+    (tmp_path / "media").mkdir()
+    sizes = [(448, 112), (448, 448), (300, 120), (120, 400), (57, 33)]
+    for k, (w, h) in enumerate(sizes):
+        scene(w, h, k).save(tmp_path / "media" / f"{k}.png")
+    data = _write(tmp_path / "d.jsonl", [_chat("Read it.", "word", {"type": "image", "path": f"media/{k}.png"})
+                                         for k in range(len(sizes))])
+    examples = [encode(model, r) for r in read_jsonl(data)[0]]
+    cache = check_ctc(examples, data, "vision-ctc", model.config.dynamic_hd, model.device, workers=2)
+    pv, mask = cache.batch(examples[::-1], torch.float32)  # any order: looked up by data line
+    for i, e in enumerate(examples[::-1]):
+        assert torch.equal(pv[i], e.prep.images.pixel_values[0, 1])
+        assert torch.equal(mask[i], e.prep.images.attention_mask[0, 1].bool())
+    assert Image.open(tmp_path / "media" / "0.png").size == (448, 112)
