@@ -11,8 +11,9 @@ columns, a scene of shapes in raster order against its description ("red circle,
 Each variant trains SigLIP from the micro init plus a CTC head over characters in its own process, for the
 same wall time, and scores held-out words (unseen font sizes) and scenes (test seed) by greedy exact match.
 
-With --trainer-steps N it first times N steps of the real trainer's vision-ctc stage on the same data (the
-recipe's stage made ~2.5 steps/s where this probe's loop makes ~20) and prints a profile of them.
+With --trainer-steps N it first times N steps of the real trainer's vision-ctc stage on the same data and prints
+a profile of them. (Session 9's 60 steps ran at 29 steps/s, but the loader's prefetch covered them: in the
+recipe the stage waited on its workers 90 of 120 s. It now reads a crop cache and has no loader to wait on.)
 """
 from __future__ import annotations
 
@@ -29,27 +30,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from micro_ctc_probe import probe_args, run_variants  # noqa: E402  (scripts/ is not a package)
 
-# name: (lr, tasks, images per batch, head outputs per frame)
-VARIANTS = {"ocr": (1e-3, ("ocr",), 32, 1), "scene": (1e-3, ("scene",), 32, 1), "mix": (1e-3, ("ocr", "scene"), 32, 1),
-            "ocr-r2": (1e-3, ("ocr",), 32, 2), "ocr-r3": (1e-3, ("ocr",), 32, 3), "scene-r2": (1e-3, ("scene",), 32, 2),
-            "mix-r2": (1e-3, ("ocr", "scene"), 32, 2)}
+# name: (lr, tasks, images per batch, head outputs per frame, SigLIP config changes from micro.VISION)
+VARIANTS = {"ocr": (1e-3, ("ocr",), 32, 1, {}), "scene": (1e-3, ("scene",), 32, 1, {}),
+            "mix": (1e-3, ("ocr", "scene"), 32, 1, {}), "ocr-r2": (1e-3, ("ocr",), 32, 2, {}),
+            "ocr-r3": (1e-3, ("ocr",), 32, 3, {}), "scene-r2": (1e-3, ("scene",), 32, 2, {}),
+            "mix-r2": (1e-3, ("ocr", "scene"), 32, 2, {}),
+            # Session 9's next step: a stronger reader within the 30 MB (feature layer -2: 6 stored run 5).
+            "ocr-r2-l6": (1e-3, ("ocr",), 32, 2, {"num_hidden_layers": 6}),
+            "ocr-r2-w256": (1e-3, ("ocr",), 32, 2, {"hidden_size": 256, "intermediate_size": 1024}),
+            "ocr-r2-2e3": (2e-3, ("ocr",), 32, 2, {})}
 TASKS = ("ocr", "scene")
 
 
 def prepare(work: Path, scale: float) -> Path:
-    """The OCR and scene data of both splits (the recipe's seeds) and a micro init checkpoint."""
-    from phi4mm import micro, micro_data
-    from phi4mm.checkpoint import make_checkpoint
-    from phi4mm.tokenizer import Tokenizer
+    """The OCR and scene data of both splits (the recipe's seeds) and the micro init checkpoint."""
+    from phi4mm import micro_data
     for split, seed in (("train", 0), ("test", 1000)):
         if not (work / split / "done").is_file():
             micro_data.generate(work / split, split, seed, scale=scale, progress=False, tasks=TASKS)
             (work / split / "done").write_text("")
-    ckpt = work / "init"
+    return init_checkpoint(work, {})
+
+
+def init_checkpoint(work: Path, vision: dict) -> Path:
+    """The micro init with SigLIP's config changed by `vision` (one folder per change)."""
+    from phi4mm import micro
+    from phi4mm.checkpoint import make_checkpoint
+    from phi4mm.tokenizer import Tokenizer
+    ckpt = work / ("init" + "".join(f"-{k}{v}" for k, v in sorted(vision.items())))
     if not (ckpt / "config.json").is_file():
-        tok = Tokenizer.from_dir(micro.MICRO_DIR)
+        cfg = micro.micro_config(Tokenizer.from_dir(micro.MICRO_DIR))
+        cfg["vision_config"].update(vision)
         # Mel statistics do not matter to the vision tower.
-        make_checkpoint(ckpt, config=micro.micro_config(tok), init=micro._init(torch.zeros(80), torch.ones(80), 0),
+        make_checkpoint(ckpt, config=cfg, init=micro._init(torch.zeros(80), torch.ones(80), 0),
                         tokenizer_dir=micro.MICRO_DIR, dtype=torch.float32)
     return ckpt
 
@@ -68,13 +81,14 @@ def _load(split_dir: Path, task: str) -> tuple[torch.Tensor, list[str]]:
 def _variant(name: str, ckpt: str, work: str, device: str, seconds: float, out: str) -> None:
     from phi4mm import api
     from phi4mm.train_ctc import ctc_log_probs, ctc_units, vision_frames
-    lr, tasks, bsz, per_frame = VARIANTS[name]
+    lr, tasks, bsz, per_frame, _ = VARIANTS[name]
     torch.manual_seed(0)
     data = {(s, t): _load(Path(work) / s, t) for s in ("train", "test") for t in tasks}
     units = ctc_units([w for t in tasks for w in data["train", t][1]], 1)
     blank = units.get_vocab_size()
     m = api.load(ckpt, device, "float32")
     vis = m.net.vision
+    params_m = sum(p.numel() for p in vis.img_processor.parameters()) / 1e6
     vis.train()
     side, crop = vis.patches_per_side, vis.crop_px  # 32 patches of 14 px
     head = torch.nn.Linear(vis.cfg.hidden_size, per_frame * (blank + 1), device=device)
@@ -140,7 +154,7 @@ def _variant(name: str, ckpt: str, work: str, device: str, seconds: float, out: 
             curve.append({"step": step, "s": round(time.time() - t0, 1), "train": round(sum(hist[-500:]) / 500, 3),
                           **evaluate()})
             print(name, curve[-1], flush=True)
-    res = {"variant": name, "steps": step, "final": evaluate(), "curve": curve}
+    res = {"variant": name, "steps": step, "final": evaluate(), "siglip_params_m": round(params_m, 2), "curve": curve}
     Path(out).write_text(json.dumps(res))
 
 
@@ -184,8 +198,10 @@ def main() -> None:
     report = {}
     if a.trainer_steps:
         report["trainer"] = trainer_profile(ckpt, work, a.trainer_steps, a.device)
-    report["variants"] = run_variants(_variant, a.variants.split(","), work / "vision-probe",
-                                      lambda n, out: (n, str(ckpt), str(work), a.device, a.seconds, out))
+    names = a.variants.split(",")
+    inits = {n: init_checkpoint(work, VARIANTS[n][4]) for n in names}  # built here, not by 4 processes at once
+    report["variants"] = run_variants(_variant, names, work / "vision-probe",
+                                      lambda n, out: (n, str(inits[n]), str(work), a.device, a.seconds, out))
     Path(a.out).write_text(json.dumps(report, indent=1))
     for r in report["variants"]:
         print(f"{r['variant']:10} {r['steps']:6d} {r['final']}")
