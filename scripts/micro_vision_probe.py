@@ -107,7 +107,8 @@ def _variant(name: str, ckpt: str, work: str, device: str, seconds: float, out: 
             i += p.shape[0]
         x = (x.float() - 127.5) / 127.5  # (N, 3, 448, 448)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
-            frames, lengths = vision_frames(vis.encode_crops(x, mask), mask)
+            frames, lengths, line = vision_frames(vis.encode_crops(x, mask), mask)
+            # The variant's outputs per frame for every image (scene variants test raster reading with r > 1).
             logp, lengths = ctc_log_probs(head(frames), lengths, per_frame)  # (N, T*r, units + 1)
         tgt = [units.encode(t).ids for t in texts]
         flat = torch.tensor([t for ts in tgt for t in ts], device=device)

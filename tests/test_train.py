@@ -495,8 +495,8 @@ def test_vision_frames_read_lines_by_columns_and_other_images_in_raster_order():
     mask = torch.zeros(2, side, side, dtype=torch.bool)
     mask[0, :2] = True  # a line: 2 valid rows of 4 columns
     mask[1, :3, :3] = True  # a 3x3 picture: read row by row
-    frames, lengths = vision_frames(f, mask)
-    assert lengths.tolist() == [4, 3 * side]  # columns; the valid rows, each whole (padding is right/below)
+    frames, lengths, line = vision_frames(f, mask)
+    assert lengths.tolist() == [4, 3 * side] and line.tolist() == [True, False]  # columns; the valid rows, each whole (padding is right/below)
     grid = f.view(2, side, side, c)
     assert torch.equal(frames[0, :4], grid[0, :2].mean(0))  # each column's mean over its valid rows
     assert torch.equal(frames[1, :12], grid[1, :3].reshape(12, c))  # row-major patches
@@ -505,6 +505,11 @@ def test_vision_frames_read_lines_by_columns_and_other_images_in_raster_order():
     logp, n = ctc_log_probs(logits, lengths, 2)
     assert logp.shape == (2, 24, 5) and n.tolist() == [8, 24]
     assert torch.allclose(logp[0, 1], torch.log_softmax(logits[0, 0, 5:], -1))  # input frame 0's second output
+    # The line takes both outputs of each column; the raster image one per patch.
+    logp, n = ctc_log_probs(logits, lengths, 2, line)
+    assert logp.shape == (2, 24, 5) and n.tolist() == [8, 12]
+    assert torch.allclose(logp[0, 1], torch.log_softmax(logits[0, 0, 5:], -1))
+    assert torch.allclose(logp[1, :12], torch.log_softmax(logits[1, :, :5], -1))
 
 
 def test_vision_ctc_crop_cache_equals_the_processors_crop(base, tmp_path):
