@@ -1,0 +1,82 @@
+"""Can the micro SigLIP tell circle, square and triangle apart when told directly? (a probe; runs on a CPU)
+
+    python scripts/micro_shape_probe.py CHECKPOINT [--lr 1e-3] [--steps 150] [--device cpu] [--frozen]
+
+The micro model answers "what shape is red" at chance (16/50) after the LM-loss vision stages, with or without
+the scene lists (docs/micro-model.md). This probe tells an encoder limit from a training-signal one. SigLIP
+trains from the checkpoint's weights with a linear head on its mean-pooled patches, on one-shape scenes drawn
+by micro_data's own scene code (400 for training, 90 held out), 8 images a step. It prints held-out accuracy
+every 25 steps. CHECKPOINT: a micro init (e.g. the `init` folder scripts/micro_vision_probe.py makes), or a
+trained model with --frozen (only the head trains: do its features already tell the shapes apart?).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from phi4mm import api  # noqa: E402
+from phi4mm import micro_data as md  # noqa: E402
+
+
+def one_shape_scenes(tag: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n scenes of exactly one shape as uint8 (n, 3, 448, 448), and each shape's index in md.SHAPES."""
+    pix, labels, i = [], [], 0
+    while len(pix) < n:
+        img, items, _ = md._scene(random.Random(f"shape-probe-{tag}-{i}"))
+        i += 1
+        if len(items) == 1:
+            pix.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+            labels.append(md.SHAPES.index(items[0][0]))
+    return torch.stack(pix), torch.tensor(labels)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("init")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--frozen", action="store_true", help="train the linear head only")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    xtr, ytr = one_shape_scenes("train", 400)
+    xte, yte = one_shape_scenes("test", 90)
+    vis = api.load(a.init, a.device, "float32").net.vision
+    vis.train()
+    head = torch.nn.Linear(vis.cfg.hidden_size, len(md.SHAPES), device=a.device)
+    params = list(head.parameters()) + ([] if a.frozen else list(vis.img_processor.parameters()))
+    vis.requires_grad_(not a.frozen)
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
+    side = vis.patches_per_side
+    mask = torch.ones(1, side, side, dtype=torch.bool, device=a.device)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        x = (x.to(a.device).float() - 127.5) / 127.5  # (N, 3, 448, 448), as the processor normalises
+        return head(vis.encode_crops(x, mask.expand(len(x), side, side)).mean(1))  # (N, 1024, C) -> (N, 3)
+
+    t0 = time.time()
+    for step in range(1, a.steps + 1):
+        idx = torch.randint(0, len(xtr), (8,))
+        loss = F.cross_entropy(logits(xtr[idx]), ytr[idx].to(a.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0:
+            vis.eval()
+            with torch.no_grad():
+                pred = torch.cat([logits(xte[i:i + 30]).argmax(-1).cpu() for i in range(0, len(xte), 30)])
+            vis.train()
+            print(f"step {step}: train loss {loss.item():.3f}, held-out accuracy {(pred == yte).float().mean():.3f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
