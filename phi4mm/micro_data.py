@@ -3,8 +3,8 @@
     paths = generate("data/micro", "train", seed=0)   # {task: JSONL path}; media under data/micro/media/
 
 Tasks: asr / ast / sqa (synthetic speech, see micro_speech), ocr (rendered words), shapes (counting and
-colour questions on drawn scenes), scene (every shape of a scene named, top to bottom), caption (scikit-image's bundled photos), vsqa (a scene plus a spoken
-question), text (small talk, repetition, translation, facts, arithmetic) and tools (function calling).
+colour questions on drawn scenes), scene (every shape of a scene named, top to bottom), caption (scikit-image's
+bundled photos), vsqa (a scene plus a spoken question), text (small talk, repetition, translation, facts, arithmetic) and tools (function calling).
 Every item is built from its own `random.Random(f"{seed}-{split}-{task}-{i}")`, so the output does not depend
 on the number of workers, and a second run gives byte-identical files. Sentences come from a small grammar
 over VOCAB; a stable hash holds out ~10% of them (`is_heldout`): the train split never uses those, the test
@@ -285,11 +285,14 @@ def _ocr(task: str, i: int) -> dict[str, Any]:
 
 
 def _shapes(task: str, i: int) -> dict[str, Any]:
+    """A drawn scene with a question about it (shapes; vsqa: spoken), or every shape of it named (scene)."""
     rng = _rng(task, i)
-    img, items, _ = _scene(rng)
-    q, a = _scene_question(rng, items)
+    img, items, tops = _scene(rng)
     name = _media_name(task, i, "png")
     img.save(Path(_CTX["out"]) / name)
+    if task == "scene":
+        return _chat([_part("image", name)], PROMPTS["scene"], scene_description(items, tops))
+    q, a = _scene_question(rng, items)
     if task == "shapes":
         return _chat([_part("image", name)], q, a)
     return _chat([_part("image", name), _part("audio", _speak(task, i, q, rng))], None, a)  # vsqa
@@ -305,14 +308,6 @@ def scene_description(items: list[tuple[str, str]], tops: list[tuple[float, floa
         return int(y) // PATCH_PX, int(x) // PATCH_PX, y, x
     order = sorted(range(len(items)), key=key)
     return ", ".join(f"{items[k][1]} {items[k][0]}" for k in order)
-
-
-def _describe(task: str, i: int) -> dict[str, Any]:
-    rng = _rng(task, i)
-    img, items, tops = _scene(rng)
-    name = _media_name(task, i, "png")
-    img.save(Path(_CTX["out"]) / name)
-    return _chat([_part("image", name)], PROMPTS["scene"], scene_description(items, tops))
 
 
 def _caption(task: str, i: int) -> dict[str, Any]:
@@ -384,7 +379,7 @@ def _tools(task: str, i: int) -> dict[str, Any]:
 
 
 MAKERS = {"asr": _asr, "asr_heldout_voice": _asr, "ast": _ast, "sqa": _sqa, "ocr": _ocr, "shapes": _shapes,
-          "scene": _describe, "vsqa": _shapes, "caption": _caption, "text": _text, "tools": _tools}
+          "scene": _shapes, "vsqa": _shapes, "caption": _caption, "text": _text, "tools": _tools}
 
 
 def _run(job: tuple[str, int]) -> str:

@@ -58,8 +58,8 @@ class CTCLossModule(nn.Module):
     def __init__(self, model, units: Tokenizer, crops: CropCache | None = None):
         super().__init__()
         self.net, self.device, self.dtype = model.net, model.device, model.dtype
+        self.tokenizer, self.units, self.crops = model.tokenizer, units, crops  # crops: the vision stage
         vision = crops is not None
-        self.tokenizer, self.units, self.vision, self.crops = model.tokenizer, units, vision, crops
         self.blank = units.get_vocab_size()
         self.per_frame = CTC_FRAMES_PER_VISION_FRAME if vision else 1
         width = (model.config.vision if vision else model.config.audio).hidden_size
@@ -92,7 +92,7 @@ class CTCLossModule(nn.Module):
         return out
 
     def _log_probs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.vision:
+        if self.crops is not None:
             hidden, lengths, line = self._vision_frames(batch)
             return ctc_log_probs(self.head(hidden), lengths, self.per_frame, line)
         f, lens = audio_batch([e.prep.audios for e in batch.examples], self.device, self.dtype)
@@ -157,18 +157,18 @@ class CropCache:
     normalised crop is exactly (canvas - 127.5) / 127.5, the processor's own arithmetic (a test checks).
     """
 
-    def __init__(self, pixels: dict[int, torch.Tensor], masks: dict[int, torch.Tensor], device: torch.device):
-        self.pixels, self.masks, self.device = pixels, masks, device  # by the sample's data line
+    def __init__(self, crops: dict[int, tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+        self.crops, self.device = crops, device  # sample's data line -> (uint8 (3, h, 448), bool mask (32, 32))
 
     def batch(self, examples: list[Example], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The examples' crops, normalised, (N, 3, 448, 448) in `dtype`, and their patch masks (N, 32, 32) bool."""
         from .image_processing import CROP_SIZE, PAD_VALUE, PIXEL_MEAN, PIXEL_STD
         n = len(examples)
         x = torch.full((n, 3, CROP_SIZE, CROP_SIZE), PAD_VALUE, dtype=torch.uint8, device=self.device)
-        for i, e in enumerate(examples):
-            p = self.pixels[e.record.line]  # (3, h, 448): the rows with content
-            x[i, :, :p.shape[1]] = p
-        mask = torch.stack([self.masks[e.record.line] for e in examples])  # (N, 32, 32)
+        crops = [self.crops[e.record.line] for e in examples]
+        for i, (p, _) in enumerate(crops):
+            x[i, :, :p.shape[1]] = p  # (3, h, 448): the rows with content
+        mask = torch.stack([m for _, m in crops])  # (N, 32, 32)
         return x.to(torch.float32).sub_(PIXEL_MEAN).div_(PIXEL_STD).to(dtype), mask
 
 
@@ -203,6 +203,4 @@ def check_ctc(examples: list[Example], data: Path, stage: str, dynamic_hd: int, 
 
     # Threads: decoding and the canvas release the GIL. map keeps the order, so the first bad line is named.
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        done = list(pool.map(crop, examples))
-    return CropCache({e.record.line: p for e, (p, _) in zip(examples, done)},
-                     {e.record.line: m for e, (_, m) in zip(examples, done)}, device)
+        return CropCache(dict(zip((e.record.line for e in examples), pool.map(crop, examples))), device)
