@@ -7,7 +7,9 @@ Full-size random checkpoint (made under --work if missing), bf16. For each case 
     top CUDA kernels and CPU ops of one profiled first-token step;
   - decode b=1 / b=64: wall time per engine step, and the GPU time of replaying the step's CUDA graph alone
     (the difference is host work: scheduling, sampling, streaming text);
-  - the top CUDA kernels of a profiled decode step.
+  - the top CUDA kernels of a profiled decode step;
+  - with --image: an 896x896 image's first token split into its parts (preprocessing, media key, towers,
+    prompt embeddings, the prefill step), then one profiled request (top CUDA kernels and CPU ops, GPU busy time).
 """
 from __future__ import annotations
 
@@ -45,9 +47,8 @@ def asr_profile(m, eng) -> dict:
     import io
     import pstats
 
-    from torch.profiler import ProfilerActivity, profile
-
     import numpy as np
+    from torch.profiler import ProfilerActivity, profile
 
     from phi4mm.sampling import SamplingParams
     wav = (0.1 * np.random.default_rng(0).standard_normal(16000 * 30)).astype(np.float32)
@@ -107,6 +108,64 @@ def asr_profile(m, eng) -> dict:
     return row
 
 
+def image_profile(m, eng) -> dict:
+    """An 896x896 image's time to first token, part by part (median of 5 new images), and one profiled."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from phi4mm.processor import encode_media
+    from phi4mm.sampling import SamplingParams
+    from tests.conftest import scene
+    prompt = "<|user|><|image_1|>Describe.<|end|><|assistant|>"
+    p = SamplingParams(max_tokens=1, ignore_eos=True)
+    for k in range(3):  # graph buckets, kernel variants
+        eng.generate([dict(prompt=m.prepare(prompt, images=[scene(896, 896, 50 + k)]), params=p)])
+    parts: dict[str, list[float]] = {k: [] for k in ("prepare", "media_key", "towers", "embed", "add_request",
+                                                     "first_step", "whole")}
+
+    def lap(t: float) -> float:
+        sync()
+        return time.perf_counter() - t
+
+    for k in range(5):
+        img = scene(896, 896, 60 + k)
+        sync()
+        t0 = time.perf_counter()
+        prep = m.prepare(prompt, images=[img])
+        parts["prepare"].append(lap(t0))
+        t = time.perf_counter()
+        key = eng._media_key(prep)
+        parts["media_key"].append(lap(t))
+        t = time.perf_counter()
+        media = encode_media(eng.net, prep, eng.device, eng.dtype)  # the towers alone (not cached: timing only)
+        parts["towers"].append(lap(t))
+        t = time.perf_counter()
+        eng._prompt_embeds(prep, key + b"x", media)
+        parts["embed"].append(lap(t))
+        t = time.perf_counter()
+        eng.add_request(prep, params=p)  # the real path: key, towers, embeddings
+        parts["add_request"].append(lap(t))
+        t = time.perf_counter()
+        while eng.has_work():
+            eng.step()
+        parts["first_step"].append(lap(t))
+        parts["whole"].append(parts["prepare"][-1] + parts["add_request"][-1] + parts["first_step"][-1])
+    row = {k: round(sorted(v)[2] * 1e3, 2) for k, v in parts.items()}
+    row["media_tokens"] = prep.num_tokens
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    prep = m.prepare(prompt, images=[scene(896, 896, 70)])
+    with profile(activities=acts) as prof:
+        eng.add_request(prep, params=p)
+        while eng.has_work():
+            eng.step()
+        sync()
+    if CUDA:
+        row["gpu_busy_ms"] = round(sum(e.self_device_time_total for e in prof.key_averages()) / 1e3, 2)
+        row["kernels"] = top_kernels(prof, 20)
+    row["cpu_ops"] = top_kernels(prof, 15, "self_cpu_time_total")
+    print(json.dumps(row, indent=1), flush=True)
+    return row
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -114,13 +173,16 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/engine_profile")
     ap.add_argument("--size", default="full", help="tiny: a dry run of this script on CPU")
     ap.add_argument("--asr", action="store_true", help="also profile 64 x 30 s speech recognition (host side)")
+    ap.add_argument("--image", action="store_true", help="also split an 896x896 image's first token into parts")
+    ap.add_argument("--only", action="store_true", help="skip the text and decode cases")
     args = ap.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
     import phi4mm
     from phi4mm.checkpoint import make_checkpoint
     from phi4mm.engine import Engine
     from phi4mm.processor import Prepared
     from phi4mm.sampling import SamplingParams
-    from torch.profiler import ProfilerActivity, profile
     ckpt = Path(args.work) / "official"
     dev = "cuda" if CUDA else "cpu"
     if args.size != "full":
@@ -136,6 +198,13 @@ def main() -> None:
     def prep(n: int, adapter: str | None = None) -> Prepared:
         return Prepared(torch.randint(1000, 190000, (n,), generator=gen).tolist(), None, None, adapter, "speech")
 
+    if args.image:
+        res["image_ttft"] = image_profile(m, eng)
+    if args.asr and args.only:
+        res["asr_b64"] = asr_profile(m, eng)
+    if args.only:
+        _write(args.out, res)
+        return
     # Time to first token.
     p = SamplingParams(max_tokens=1, ignore_eos=True)
     for _ in range(3):
@@ -197,9 +266,12 @@ def main() -> None:
             eng.step()
     if args.asr:
         res["asr_b64"] = asr_profile(m, eng)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine_profile.json").write_text(json.dumps(res, indent=1))
+    _write(args.out, res)
+
+
+def _write(out: str, res: dict) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "engine_profile.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -79,13 +79,14 @@ RECIPE = (
     # Every later stage builds on this decoder, and it is cheap (~45 s on an H200): a budget never cuts it. Cut
     # to 345 of its 720 steps by a 6.8-minute budget, the model scored 0.0 on tool calls (0.99 uncut).
     MicroStage("text", "decoder", ("text", "tools"), 12, 1e-3, 8192, phase=0, keep_plan=True),
-    # SigLIP learns letters first, beside the text stage on the other GPU (they train disjoint tensors): the
-    # OCR answer is one whole-word token, and the LM-loss stages never taught the encoder to read (held-out OCR
-    # 0.00 in sessions 4-6), the failure CTC on character units fixed for speech. On OCR only: mixed with the
-    # scene lists (read in raster order) it learnt no word in 2,800 probe steps, alone it read 30% of held-out
-    # words (scripts/micro_vision_probe.py). Capped at 120 s on a GPU (~3,500 steps at ~29 steps/s).
-    MicroStage("vision-ctc", "vision-ctc", ("ocr",), 30, 1e-3, phase=0, branch="vision", keep_plan=True,
-               warmup=100, max_seconds=120.0),
+    # SigLIP learns letters and shapes first, beside the text stage on the other GPU (they train disjoint
+    # tensors): the LM-loss stages never taught the encoder to read (held-out OCR 0.00 in sessions 4-6) nor to
+    # tell circle, square and triangle apart. Words by CTC on character units (what fixed speech; alone it read
+    # 30% of held-out words in 2,500 probe steps); scenes and photos by their caption labels, words and
+    # colour-shape pairs (train_ctc.LabelHead; probe: held-out scenes' exact label sets 0.76 in 1,650 steps,
+    # where raster-read CTC scene lists reached 0.14 and stopped OCR learning). Capped at 150 s on a GPU.
+    MicroStage("vision-ctc", "vision-ctc", ("ocr", "scene", "caption"), 30, 1e-3, phase=0, branch="vision",
+               keep_plan=True, warmup=100, max_seconds=150.0),
     MicroStage("vision-projector", "vision-projector", IMAGE_TASKS, 1, 1e-3, phase=1, branch="vision"),
     MicroStage("vision-encoder", "vision-encoder", IMAGE_TASKS, 12, 5e-4, phase=1, branch="vision",
                with_lora=True, warmup=100),

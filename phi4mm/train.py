@@ -15,7 +15,7 @@ Each stage trains exactly the parts its recipe stage trains; everything else is 
 | text             | a new decoder LoRA "text"                                | text-only samples -> "text" |
 | decoder          | the decoder's own weights (pre-training; micro model)    | text-only samples, no LoRA  |
 | speech-ctc       | Conformer audio encoder, through a CTC head (micro)      | audio samples, no decoder   |
-| vision-ctc       | SigLIP, through a CTC head over its patches (micro)      | one-crop images, no decoder |
+| vision-ctc       | SigLIP, through CTC and caption-label heads (micro)      | one-crop images, no decoder |
 
 The output directory is a complete checkpoint in the base's layout (config and tokenizer copied, shards with
 the trained tensors rewritten under their stored names, `<adapter>-lora/` PEFT folders), so `phi4mm.load(out)`
@@ -48,7 +48,7 @@ from torch import nn
 from . import fused_train
 from .config import LoraConfig, ModelConfig
 from .lora import AdapterPlan, LoraLinear
-from .train_ctc import CTC_UNITS, CTCLossModule, check_ctc, ctc_units, transcript
+from .train_ctc import CTC_UNITS, CTCLossModule, caption_labels, check_ctc, ctc_units, transcript
 from .train_data import (
     IGNORE,
     Batch,
@@ -288,23 +288,31 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
     per_epoch = len(_epoch_batches([e.length for e in examples], batch_tokens, seed, 0, rank, world))
     total = max_steps or math.ceil(epochs * per_epoch / grad_accum)
     model.net.train()
-    if ctc:  # the units are saved with the run, so a resumed one uses the very same
-        units_file = out / "ctc-units.json"
+    labels = None
+    if ctc:  # the units (and vision's labels) are saved with the run, so a resumed one uses the very same
+        units_file, labels_file = out / "ctc-units.json", out / "vision-labels.json"
         if resume and units_file.is_file():
             units = Tokenizer.from_file(str(units_file))
+            labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
         else:
+            texts = [transcript(model.tokenizer, e) for e in examples]
             # Speech: character-BPE units; reading: single characters (a word is a few patch columns wide).
-            units = ctc_units([transcript(model.tokenizer, e) for e in examples],
-                              CTC_UNITS if stage == "speech-ctc" else 1)
+            units = ctc_units(texts, CTC_UNITS if stage == "speech-ctc" else 1)
             out.mkdir(parents=True, exist_ok=True)
             units.save(str(units_file))
-    loss_mod = CTCLossModule(model, units, crops) if ctc else LossModule(model, grad_checkpointing)
+            if stage == "vision-ctc":  # the label head learns the images that are not lines of text
+                labels = sorted({x for t, e in zip(texts, examples) if not crops.is_line(e)
+                                 for x in caption_labels(t)})
+                labels_file.write_text(json.dumps(labels))
+    loss_mod = CTCLossModule(model, units, crops, labels) if ctc else LossModule(model, grad_checkpointing)
     if fsdp:  # before the optimizer: sharding replaces the parameters with their shards
         _shard(loss_mod, model, world)
     # Everything the optimizer steps, by name: the stage's model parameters (+ the CTC head, never exported).
     trainables = {n: p for n, p in model.net.named_parameters() if n in names}
     if ctc:
         trainables.update(loss_mod.head.named_parameters(prefix="ctc_head"))
+        if loss_mod.label_head is not None:
+            trainables.update(loss_mod.label_head.named_parameters(prefix="label_head"))
     params = list(trainables.values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=model.device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup_steps, total))

@@ -38,8 +38,18 @@ VARIANTS = {"ocr": (1e-3, ("ocr",), 32, 1, {}), "scene": (1e-3, ("scene",), 32, 
             # Session 9's next step: a stronger reader within the 30 MB (feature layer -2: 6 stored run 5).
             "ocr-r2-l6": (1e-3, ("ocr",), 32, 2, {"num_hidden_layers": 6}),
             "ocr-r2-w256": (1e-3, ("ocr",), 32, 2, {"hidden_size": 256, "intermediate_size": 1024}),
-            "ocr-r2-2e3": (2e-3, ("ocr",), 32, 2, {})}
+            "ocr-r2-2e3": (2e-3, ("ocr",), 32, 2, {}),
+            # Session 10: caption labels (train_ctc.LabelHead), with CTC on the lines or alone.
+            "ocr-ctc-lab": (1e-3, ("ocr",), 32, 2, {}), "ocr-lab": (1e-3, ("ocr",), 32, 2, {}),
+            "mix-ctc-lab": (1e-3, ("ocr", "scene"), 32, 2, {}), "mix-lab": (1e-3, ("ocr", "scene"), 32, 2, {}),
+            "mix-ctc-lab-2e3": (2e-3, ("ocr", "scene"), 32, 2, {}),
+            "mix-ctc-lab-l6": (1e-3, ("ocr", "scene"), 32, 2, {"num_hidden_layers": 6})}
 TASKS = ("ocr", "scene")
+
+
+def _losses(name: str) -> tuple[bool, bool]:
+    """(CTC, labels) of a variant: "-lab" adds the label head; "-ctc-lab" keeps CTC for the lines."""
+    return ("-lab" not in name or "-ctc-lab" in name), "-lab" in name
 
 
 def prepare(work: Path, scale: float) -> Path:
@@ -80,8 +90,16 @@ def _load(split_dir: Path, task: str) -> tuple[torch.Tensor, list[str]]:
 
 def _variant(name: str, ckpt: str, work: str, device: str, seconds: float, out: str) -> None:
     from phi4mm import api
-    from phi4mm.train_ctc import ctc_log_probs, ctc_units, vision_frames
+    from phi4mm.train_ctc import (
+        LabelHead,
+        caption_labels,
+        ctc_log_probs,
+        ctc_units,
+        merged_tokens,
+        vision_frames,
+    )
     lr, tasks, bsz, per_frame, _ = VARIANTS[name]
+    use_ctc, use_labels = _losses(name)
     torch.manual_seed(0)
     data = {(s, t): _load(Path(work) / s, t) for s in ("train", "test") for t in tasks}
     units = ctc_units([w for t in tasks for w in data["train", t][1]], 1)
@@ -92,7 +110,9 @@ def _variant(name: str, ckpt: str, work: str, device: str, seconds: float, out: 
     vis.train()
     side, crop = vis.patches_per_side, vis.crop_px  # 32 patches of 14 px
     head = torch.nn.Linear(vis.cfg.hidden_size, per_frame * (blank + 1), device=device)
-    params = list(vis.img_processor.parameters()) + list(head.parameters())
+    lab = LabelHead(vis.cfg.hidden_size, sorted({x for t in tasks for a in data["train", t][1]
+                                                 for x in caption_labels(a)}), device) if use_labels else None
+    params = list(vis.img_processor.parameters()) + list(head.parameters()) + (list(lab.parameters()) if lab else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=device.startswith("cuda"))
     gpu = {k: v[0].to(device) for k, v in data.items()}
 
@@ -107,14 +127,22 @@ def _variant(name: str, ckpt: str, work: str, device: str, seconds: float, out: 
             i += p.shape[0]
         x = (x.float() - 127.5) / 127.5  # (N, 3, 448, 448)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
-            frames, lengths, line = vision_frames(vis.encode_crops(x, mask), mask)
-            # The variant's outputs per frame for every image (scene variants test raster reading with r > 1).
-            logp, lengths = ctc_log_probs(head(frames), lengths, per_frame)  # (N, T*r, units + 1)
+            f = vis.encode_crops(x, mask)
+            frames, lengths, line = vision_frames(f, mask)
+            # The variant's outputs per frame for every image (scene variants test raster reading with r > 1);
+            # with labels, lines only (as the trainer's CTCLossModule).
+            logp, lengths = ctc_log_probs(head(frames), lengths, per_frame, line if lab else None)  # (N, T*r, V+1)
+            scores = lab(*merged_tokens(vis, f, mask)) if lab else None  # (N, labels)
         tgt = [units.encode(t).ids for t in texts]
         flat = torch.tensor([t for ts in tgt for t in ts], device=device)
         tl = torch.tensor([len(ts) for ts in tgt], device=device)
-        loss = F.ctc_loss(logp.transpose(0, 1), flat, lengths, tl, blank=blank, reduction="sum", zero_infinity=True)
-        return loss / tl.sum(), logp, lengths
+        ctc = F.ctc_loss(logp.transpose(0, 1), flat, lengths, tl, blank=blank, reduction="none", zero_infinity=True)
+        loss = (ctc * line).sum() if lab else ctc.sum()
+        if not use_ctc:
+            loss = loss * 0.0
+        if lab:
+            loss = loss + F.binary_cross_entropy_with_logits(scores, lab.targets(texts, device), reduction="sum")
+        return loss / tl.sum(), logp, lengths, scores
 
     def evaluate() -> dict[str, float]:
         vis.eval()
@@ -122,13 +150,21 @@ def _variant(name: str, ckpt: str, work: str, device: str, seconds: float, out: 
         with torch.no_grad():
             for t in tasks:
                 right, texts = 0, data["test", t][1]
+                lab_right = 0
                 for i in range(0, len(texts), 50):
-                    _, logp, lengths = run([gpu["test", t][i:i + 50]], texts[i:i + 50])
+                    _, logp, lengths, scores = run([gpu["test", t][i:i + 50]], texts[i:i + 50])
                     for row, n, ref in zip(logp.argmax(-1).tolist(), lengths.tolist(), texts[i:i + 50]):
                         row = row[:n]
                         hyp = [u for j, u in enumerate(row) if u != blank and (j == 0 or u != row[j - 1])]
                         right += units.decode(hyp).strip() == ref
+                    if scores is not None:  # a word: the top label; a scene: every label over 0.5, exactly
+                        for sc, ref in zip(scores, texts[i:i + 50]):
+                            got = ([lab.labels[int(sc.argmax())]] if t == "ocr"
+                                   else [lab.labels[j] for j in (sc > 0).nonzero().flatten().tolist()])
+                            lab_right += sorted(got) == caption_labels(ref)
                 res[t] = round(right / len(texts), 3)
+                if lab:
+                    res[t + "_labels"] = round(lab_right / len(texts), 3)
         vis.train()
         return res
 
@@ -141,7 +177,7 @@ def _variant(name: str, ckpt: str, work: str, device: str, seconds: float, out: 
             idx = torch.randint(0, gpu["train", t].shape[0], (k,), generator=gen)
             pix.append(gpu["train", t][idx.to(device)])
             texts += [data["train", t][1][i] for i in idx.tolist()]
-        loss, _, _ = run(pix, texts)
+        loss, _, _, _ = run(pix, texts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -533,3 +533,52 @@ def test_vision_ctc_crop_cache_equals_the_processors_crop(base, tmp_path):
         assert torch.equal(pv[i], e.prep.images.pixel_values[0, 1])
         assert torch.equal(mask[i], e.prep.images.attention_mask[0, 1].bool())
     assert Image.open(tmp_path / "media" / "0.png").size == (448, 112)
+
+
+def test_caption_labels_are_words_and_the_pairs_within_each_phrase():
+    from phi4mm.train_ctc import caption_labels
+    assert caption_labels("Green triangle, blue square") == ["blue", "blue square", "green", "green triangle",
+                                                             "square", "triangle"]  # no "triangle blue" across the comma
+    assert caption_labels("cab") == ["cab"]
+
+
+def test_label_head_scores_an_image_by_its_valid_tokens_only():
+    import torch.nn.functional as F
+
+    from phi4mm.train_ctc import LabelHead
+    torch.manual_seed(0)
+    head = LabelHead(3, ["a", "b"], torch.device("cpu"))
+    tokens = torch.randn(2, 5, 3)  # (N, T, C)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = head(tokens, mask)
+    per_token = head.proj(tokens[0, :2])  # (2, L): the first image's valid tokens
+    assert torch.allclose(out[0], per_token.exp().mean(0).log())  # log-mean-exp over them
+    tokens2 = tokens.clone()
+    tokens2[0, 2:] = 1e4  # padding changes nothing
+    assert torch.equal(head(tokens2, mask)[0], out[0])
+    rows = torch.tensor([False, True])
+    y = head.targets(["b", "a b"], torch.device("cpu"))
+    assert y.tolist() == [[0.0, 1.0], [1.0, 1.0]]  # "a b" (a pair) is not a label of this head: ignored
+    assert torch.allclose(head.loss(tokens, mask, ["b", "a b"], rows),
+                          F.binary_cross_entropy_with_logits(out[1], y[1], reduction="sum"))
+
+
+def test_vision_ctc_reads_lines_by_ctc_and_learns_other_images_labels(base, tmp_path):
+    """Lines of text train CTC only; other images (shapes, photos) their caption labels only."""
+    from PIL import Image, ImageDraw
+    data = _ocr_data(tmp_path)
+    scenes = []
+    for k, (colour, shape) in enumerate([("red", "circle"), ("blue", "square")]):
+        img = Image.new("RGB", (448, 448), "white")
+        box = [100 + 40 * k, 120, 300 + 40 * k, 320]
+        getattr(ImageDraw.Draw(img), "ellipse" if shape == "circle" else "rectangle")(box, fill=colour)
+        img.save(tmp_path / "media" / f"s{k}.png")
+        scenes.append(_chat("List the shapes.", f"{colour} {shape}", {"type": "image", "path": f"media/s{k}.png"}))
+    mixed = _write(tmp_path / "mixed.jsonl", data.read_text().splitlines() + scenes)
+    kw = {"max_steps": 60, "lr": 3e-3, "batch_tokens": 64, "progress": False, "warmup_steps": 5}  # one per batch
+    r = train(base, mixed, "vision-ctc", tmp_path / "a", **kw)
+    labels = json.loads((tmp_path / "a" / "vision-labels.json").read_text())
+    assert labels == ["blue", "blue square", "circle", "red", "red circle", "square"]  # not the words "cab", "dig"
+    assert all(n.startswith("vision.img_processor.") for n in r["trainable"])  # the heads are never exported
+    assert sorted(r["losses"][-20:])[10] < 0.5 * sorted(r["losses"][:6])[3], r["losses"]
+    _assert_only_trained_changed(_state(base), _state(tmp_path / "a"), r["trainable"])
