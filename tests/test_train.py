@@ -582,3 +582,4 @@ def test_vision_ctc_reads_lines_by_ctc_and_learns_other_images_labels(base, tmp_
     assert all(n.startswith("vision.img_processor.") for n in r["trainable"])  # the heads are never exported
     assert sorted(r["losses"][-20:])[10] < 0.5 * sorted(r["losses"][:6])[3], r["losses"]
     _assert_only_trained_changed(_state(base), _state(tmp_path / "a"), r["trainable"])
+    assert {h["reference"] for h in r["ctc_heard"]} == {"cab", "dig"}  # the lines CTC reads, not the scenes
