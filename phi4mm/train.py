@@ -391,7 +391,7 @@ def train(model_dir: str | Path, data: str | Path, stage: str, out: str | Path, 
         picks = windows[0][0][2][:4]
         if loss_mod.label_head is not None:  # CTC reads only the lines of text there: show what it reads
             picks = [i for i, e in enumerate(examples) if crops.is_line(e)][:4] or picks
-        b = next(iter(batch_loader(model, examples, [picks], cfg.text.pad_token_id, 0, crops is None)))[0]
+        b = next(iter(batch_loader(model, examples, [[picks]], cfg.text.pad_token_id, 0, crops is None)))[0]
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
             hyps = loss_mod.greedy(b)
         heard = [{"reference": loss_mod.text(e), "heard": loss_mod.units.decode(h)} for e, h in zip(b.examples, hyps)]
