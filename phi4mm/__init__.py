@@ -15,4 +15,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'phi4mm' has no attribute {name!r}")
 
 
-__all__ = ["load", "Model", "__version__"]
+__all__ = ["Model", "__version__", "load"]

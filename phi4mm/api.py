@@ -10,9 +10,10 @@ separate and is proven equal to this loop.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ def _dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-         adapters: bool = True) -> "Model":
+         adapters: bool = True) -> Model:
     """Load a checkpoint directory: the official layout, the transformers-native one, or Phi-4-mini.
 
     adapters=False skips the LoRA adapters (text-only use of a multimodal checkpoint's decoder).

@@ -17,8 +17,9 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from .engine import Engine, StepOutput
 
@@ -48,11 +49,11 @@ class _Call:
 class RequestStream:
     """Async iterator over one request's StepOutputs; ends after the output with `finished=True`."""
 
-    def __init__(self, owner: "AsyncEngine", request_id: str, queue: asyncio.Queue):
+    def __init__(self, owner: AsyncEngine, request_id: str, queue: asyncio.Queue):
         self.owner, self.request_id, self._queue = owner, request_id, queue
         self.finished = False
 
-    def __aiter__(self) -> "RequestStream":
+    def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> StepOutput:

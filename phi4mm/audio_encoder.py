@@ -282,7 +282,7 @@ class ConformerEncoder(nn.Module):
         t_sub, d = x.shape[1:]
 
         # Audio longer than one window is cut into independent windows; the last is zero-padded.
-        win = MAX_WINDOW_FRAMES if t_sub > MAX_WINDOW_FRAMES else t_sub
+        win = min(t_sub, MAX_WINDOW_FRAMES)
         n_win = -(-t_sub // win)
         x = F.pad(x, (0, 0, 0, n_win * win - t_sub))  # (n, W*win, D)
         bias = self.relative_attention_bias_layer(win).to(x.dtype)  # (1, H, win, win)

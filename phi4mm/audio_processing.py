@@ -443,6 +443,8 @@ def preprocess_audios(wavs: list[np.ndarray], filterbank: str = "speechlib") -> 
 
 
 __all__ = [
+    "N_MELS",
+    "SAMPLE_RATE",
     "AudioError",
     "AudioInputs",
     "load_audio",
@@ -451,6 +453,4 @@ __all__ = [
     "num_audio_tokens",
     "num_feature_frames",
     "preprocess_audios",
-    "SAMPLE_RATE",
-    "N_MELS",
 ]

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import Phi4MM
-from .weights import RENAMES, _IMG, _rename
+from .weights import _IMG, RENAMES, _rename
 
 LONG_FACTOR = [1, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817, 2.187582649,
                2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687, 4.279200023, 4.785517845,

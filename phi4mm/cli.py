@@ -551,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "make-checkpoint":
             import torch
+
             from .checkpoint import make_checkpoint
             out = make_checkpoint(args.out, args.size, args.layout, args.seed, getattr(torch, args.dtype),
                                   device=args.device)

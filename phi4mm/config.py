@@ -145,7 +145,7 @@ class AudioConfig:
     downsample_rate: int = 1
 
     @classmethod
-    def from_official(cls, d: dict[str, Any]) -> "AudioConfig":
+    def from_official(cls, d: dict[str, Any]) -> AudioConfig:
         """From config.json `audio_processor.config` of the official directory (original names)."""
         rel = d.get("relative_attention_bias_args") or {}
         return _pick(cls, d,
@@ -181,7 +181,7 @@ class ModelConfig:
     dynamic_hd: int = 36  # max HD crops per image (preprocessor_config.json)
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from a parsed config.json of any supported layout."""
         mt = d.get("model_type")
         if mt == "phi4mm":
@@ -195,7 +195,7 @@ class ModelConfig:
                           "(Phi-4-mini-instruct)")
 
     @classmethod
-    def _from_official(cls, d: dict[str, Any]) -> "ModelConfig":
+    def _from_official(cls, d: dict[str, Any]) -> ModelConfig:
         text = _text_from(d, d.get("rope_scaling"))
         # Our tiny fixtures add `vision_config`; the published file has none and uses the SigLIP defaults.
         vision = _pick(VisionConfig, d.get("vision_config") or {})
@@ -212,14 +212,14 @@ class ModelConfig:
         return cls(text=text, vision=vision, audio=audio, loras=loras, layout="phi4mm")
 
     @classmethod
-    def _from_transformers(cls, d: dict[str, Any]) -> "ModelConfig":
+    def _from_transformers(cls, d: dict[str, Any]) -> ModelConfig:
         text = _text_from(d, d.get("rope_parameters") or d.get("rope_scaling"))
         vision = _pick(VisionConfig, d.get("vision_config") or {})
         audio = _pick(AudioConfig, d.get("audio_config") or {})
         return cls(text=text, vision=vision, audio=audio, layout="phi4_multimodal")
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_dir(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         f = path / "config.json"
         if not f.is_file():

@@ -12,7 +12,6 @@ bucket of tokens (powers of two, then multiples of 256), through the model's own
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -56,14 +55,14 @@ class _Graph:
         self.adapter_ids = t[6]  # (R,)
         self.logits: torch.Tensor | None = None
         self.greedy: torch.Tensor | None = None
-        self.graph: "torch.cuda.CUDAGraph | None" = None
+        self.graph: torch.cuda.CUDAGraph | None = None
 
     def host_view(self, i: int) -> np.ndarray:
         a, b = self.views[i]
         return self.host_np[a:b]
 
 
-def _capture(fn, pool_handle) -> tuple["torch.cuda.CUDAGraph", tuple[torch.Tensor, ...]]:
+def _capture(fn, pool_handle) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
     """Run fn twice on a side stream (kernels chosen and compiled, workspaces allocated, RoPE tables on the
     device), then capture it into a graph sharing `pool_handle`'s memory -> (graph, fn's outputs)."""
     stream = torch.cuda.Stream()
@@ -220,7 +219,7 @@ class _Prefill:
         self.positions = torch.arange(tokens, device=device)[None]  # (1, T)
         self.logits: torch.Tensor | None = None
         self.greedy: torch.Tensor | None = None
-        self.graph: "torch.cuda.CUDAGraph | None" = None
+        self.graph: torch.cuda.CUDAGraph | None = None
 
 
 class PrefillGraphs:

@@ -133,7 +133,7 @@ class Attention(nn.Module):
         self.o_proj = LoraLinear(q_out, cfg.hidden_size, loras)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AdapterPlan,
-                attn: "AttentionBackend", layer: int) -> torch.Tensor:
+                attn: AttentionBackend, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv_proj(x, plan)
         # Training on CUDA: an autograd function with a written-out backward; otherwise views and a forward.
@@ -178,7 +178,7 @@ class AttentionBackend:
 class DenseAttention(AttentionBackend):
     """SDPA over an optional contiguous KVCache, with an additive mask (None: plain causal)."""
 
-    def __init__(self, mask: torch.Tensor | None, cache: "KVCache | None"):
+    def __init__(self, mask: torch.Tensor | None, cache: KVCache | None):
         self.mask, self.cache = mask, cache
 
     def __call__(self, layer, q, k, v):

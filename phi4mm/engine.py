@@ -14,8 +14,10 @@ import hashlib
 import itertools
 import time
 from collections import deque
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence as Seq
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +26,13 @@ from .api import Model
 from .kv_cache import BlockPool, CacheFull, PagedAttention, prefer_flash
 from .lora import AdapterPlan
 from .processor import Prepared, encode_audio_batch, encode_media
-from .sampling import SamplingBatch, SamplingParams, apply_min_tokens, mask_padded_vocab, sample
-
+from .sampling import (
+    SamplingBatch,
+    SamplingParams,
+    apply_min_tokens,
+    mask_padded_vocab,
+    sample,
+)
 
 AUDIO_BATCH_FRAMES = 64 * 3000  # padded feature frames per batched conformer forward: 64 clips of 30 s
 

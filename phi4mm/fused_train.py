@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,9 @@ class _RopeQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int):
-        from .decoder import rotated_heads  # autograd is off in here: the RoPE kernel on CUDA, else apply_rope
+        from .decoder import (
+            rotated_heads,  # autograd is off in here: the RoPE kernel on CUDA, else apply_rope
+        )
         q, k, v = rotated_heads(qkv, cos, sin, n_heads, n_kv)  # (B, H|KV, T, D)
         ctx.save_for_backward(cos, sin)
         ctx.dims = (*qkv.shape[:2], n_heads, n_kv, q.shape[-1])

@@ -32,7 +32,7 @@ class AdapterPlan:
     masked: bool = False
 
     @staticmethod
-    def build(adapters: str | list[str | None] | None, device: torch.device | str = "cpu") -> "AdapterPlan":
+    def build(adapters: str | list[str | None] | None, device: torch.device | str = "cpu") -> AdapterPlan:
         """`adapters`: one name for the whole batch, or one name (or None) per batch row."""
         if adapters is None:
             return AdapterPlan()
@@ -46,12 +46,12 @@ class AdapterPlan:
         return AdapterPlan(groups)
 
     @staticmethod
-    def from_masks(names: list[str], masks: torch.Tensor) -> "AdapterPlan":
+    def from_masks(names: list[str], masks: torch.Tensor) -> AdapterPlan:
         """masks: (len(names), B, T, 1) float, 1 where that adapter applies."""
         return AdapterPlan(tuple((n, masks[i]) for i, n in enumerate(names)), masked=True)
 
     @staticmethod
-    def for_spans(spans: list[tuple[str | None, int]], device: torch.device | str = "cpu") -> "AdapterPlan":
+    def for_spans(spans: list[tuple[str | None, int]], device: torch.device | str = "cpu") -> AdapterPlan:
         """Packed layout: consecutive (adapter, num_tokens) spans of one (1, N) row."""
         names = {a for a, _ in spans}
         if len(names) == 1:

@@ -10,7 +10,15 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import LEGACY_AUDIO_MAX, LEGACY_IMAGE_RANGE, ModelConfig
-from .decoder import AttentionBackend, DecoderLayer, DenseAttention, KVCache, LongRope, RMSNorm, attention_mask
+from .decoder import (
+    AttentionBackend,
+    DecoderLayer,
+    DenseAttention,
+    KVCache,
+    LongRope,
+    RMSNorm,
+    attention_mask,
+)
 from .lora import NO_ADAPTER, AdapterPlan
 
 

@@ -19,13 +19,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import Model
@@ -35,9 +41,23 @@ from .engine import Engine, EngineBusy, StepOutput
 from .processor import Prepared
 from .sampling import SamplingParams
 from .server_metrics import Gate, Metrics
-from .server_schemas import (APIError, ChatRequest, CompletionRequest, MediaPolicy, add_json_hint, chat_logprobs,
-                             completion_logprobs, error_body, json_mode, repair_json, resolve_media,
-                             sampling_params, select_tools, sse, usage)
+from .server_schemas import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    MediaPolicy,
+    add_json_hint,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    json_mode,
+    repair_json,
+    resolve_media,
+    sampling_params,
+    select_tools,
+    sse,
+    usage,
+)
 from .tools import ContentDelta, ToolCallStreamParser, parse_tool_calls
 
 AUDIO_RATE = 16000  # the loaders resample everything to 16 kHz
@@ -251,7 +271,13 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
     async def _audio(task: str, request: Request, file: UploadFile, model: str, response_format: str,
                      language: str | None, prompt: str | None, temperature: float) -> Response:
         from .audio_processing import load_audio
-        from .transcribe import FORMATS, Segment, format_segments, split_audio, transcription_prompt
+        from .transcribe import (
+            FORMATS,
+            Segment,
+            format_segments,
+            split_audio,
+            transcription_prompt,
+        )
         t0 = time.perf_counter()
         srv.check_model(model)
         if response_format not in FORMATS:

@@ -44,8 +44,9 @@ import codecs
 import functools
 import gzip
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
@@ -286,7 +287,7 @@ class Tokenizer:
         self._special_ids: frozenset[int] | None = None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Tokenizer":
+    def from_dir(cls, path: str | Path) -> Tokenizer:
         """Load `tokenizer.json` (+ chat template from `tokenizer_config.json` / `chat_template.jinja`)."""
         path = Path(path)
         tj = path / "tokenizer.json"
@@ -300,7 +301,7 @@ class Tokenizer:
         return cls(backend, _read_chat_template(path))
 
     @classmethod
-    def build(cls) -> "Tokenizer":
+    def build(cls) -> Tokenizer:
         """The Phi-4 tokenizer built from o200k_base ranks, with the official chat template."""
         return cls(build_phi_tokenizer(), CHAT_TEMPLATE)
 
@@ -371,7 +372,7 @@ class Tokenizer:
             self._bytes = table
         return self._bytes
 
-    def stream_decoder(self, skip_special_tokens: bool = False) -> "StreamDecoder":
+    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
 
 

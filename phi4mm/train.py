@@ -48,7 +48,14 @@ from torch import nn
 from . import fused_train
 from .config import LoraConfig, ModelConfig
 from .lora import AdapterPlan, LoraLinear
-from .train_ctc import CTC_UNITS, CTCLossModule, caption_labels, check_ctc, ctc_units, transcript
+from .train_ctc import (
+    CTC_UNITS,
+    CTCLossModule,
+    caption_labels,
+    check_ctc,
+    ctc_units,
+    transcript,
+)
 from .train_data import (
     IGNORE,
     Batch,
