@@ -134,41 +134,55 @@ class CTCLossModule(nn.Module):
         return transcript(self.tokenizer, e)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        logp, token_lengths, line, tokens = self._log_probs(batch)
         texts = [self.text(e) for e in batch.examples]
+        if self.label_head is None:
+            return self._ctc(*self._log_probs(batch), texts)
+        # Lines of text train CTC, the other images their labels: each image's features feed one loss only, so
+        # CTC runs over the lines alone (a scene would add its 1,024 raster frames to every line's padding).
+        pv, mask = self.crops.batch(batch.examples, self.dtype)  # (N, 3, 448, 448), (N, 32, 32)
+        f = self.net.vision.encode_crops(pv, mask)  # (N, 1024, C)
+        lines = [i for i, e in enumerate(batch.examples) if self.crops.is_line(e)]  # known on the host: no sync
+        others = torch.ones(len(texts), dtype=torch.bool, device=self.device)
+        others[lines] = False  # (N,)
+        loss = self.label_head.loss(*merged_tokens(self.net.vision, f, mask), texts, others)
+        if lines:
+            idx = torch.tensor(lines, device=self.device)  # (N_lines,)
+            loss = loss + self._ctc(*self._vision_log_probs(f[idx], mask[idx]), [texts[i] for i in lines])
+        return loss
+
+    def _ctc(self, logp: torch.Tensor, token_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Summed CTC loss of log-probabilities (N, T', V + 1) against the texts in CTC units."""
         tgt = [self.units.encode(t).ids for t in texts]
         dev = self.device
         flat = torch.tensor([t for ts in tgt for t in ts], dtype=torch.long, device=dev)  # (sum L,)
         tlens = torch.tensor([len(ts) for ts in tgt], dtype=torch.long, device=dev)  # (N,)
         # zero_infinity: a sample whose transcript outruns its frames adds nothing rather than inf.
-        ctc = F.ctc_loss(logp.transpose(0, 1), flat, token_lengths, tlens, blank=self.blank,  # (T', N, V + 1)
-                         reduction="none", zero_infinity=True)  # (N,)
-        if self.label_head is None:
-            return ctc.sum()
-        return (ctc * line).sum() + self.label_head.loss(*tokens, texts, ~line)
+        return F.ctc_loss(logp.transpose(0, 1), flat, token_lengths, tlens, blank=self.blank,  # (T', N, V + 1)
+                          reduction="sum", zero_infinity=True)
 
     @torch.no_grad()
     def greedy(self, batch: Batch) -> list[list[int]]:
         """Best-path decoding (argmax per frame, repeats merged, blanks dropped): what the head hears."""
-        logp, token_lengths, _, _ = self._log_probs(batch)
+        logp, token_lengths = self._log_probs(batch)
         out = []
         for row, n in zip(logp.argmax(-1).tolist(), token_lengths.tolist()):
             row = row[:n]
             out.append([t for j, t in enumerate(row) if t != self.blank and (j == 0 or t != row[j - 1])])
         return out
 
-    def _log_probs(self, batch: Batch):
-        """-> CTC log-probabilities (N, T', V + 1), their lengths (N,), which samples are lines of text (N,) bool,
-        and for vision the merged tokens and their mask (`merged_tokens`), else None."""
+    def _log_probs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sample's CTC log-probabilities (N, T', V + 1) and their lengths (N,)."""
         if self.crops is not None:
             pv, mask = self.crops.batch(batch.examples, self.dtype)  # (N, 3, 448, 448), (N, 32, 32)
-            f = self.net.vision.encode_crops(pv, mask)  # (N, 1024, C)
-            hidden, lengths, line = vision_frames(f, mask)
-            tokens = merged_tokens(self.net.vision, f, mask) if self.label_head is not None else None
-            return *ctc_log_probs(self.head(hidden), lengths, self.per_frame, line), line, tokens
+            return self._vision_log_probs(self.net.vision.encode_crops(pv, mask), mask)
         f, lens = audio_batch([e.prep.audios for e in batch.examples], self.device, self.dtype)
         hidden, lengths = self.net.audio.encode(f, lens)  # (N, T', D), (N,)
-        return *ctc_log_probs(self.head(hidden), lengths, self.per_frame), None, None
+        return ctc_log_probs(self.head(hidden), lengths, self.per_frame)
+
+    def _vision_log_probs(self, f: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SigLIP features (N, 1024, C) and patch masks (N, 32, 32) -> CTC log-probabilities and lengths."""
+        hidden, lengths, line = vision_frames(f, mask)
+        return ctc_log_probs(self.head(hidden), lengths, self.per_frame, line)
 
 
 def ctc_log_probs(logits: torch.Tensor, lengths: torch.Tensor, per_frame: int,
@@ -189,13 +203,18 @@ def ctc_log_probs(logits: torch.Tensor, lengths: torch.Tensor, per_frame: int,
     return F.log_softmax(out.float(), dim=-1), torch.where(split, lengths * per_frame, lengths)
 
 
+def is_line(mask: torch.Tensor) -> torch.Tensor:
+    """Patch masks (..., rows, cols) -> whether each image is a line of text (...,) bool: valid rows at most half
+    its valid columns (a 448x112 word has 8 of 32)."""
+    return mask.any(-1).sum(-1) * 2 <= mask.any(-2).sum(-1)
+
+
 def vision_frames(f: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SigLIP patch features (N, side*side, C) of one crop per image and its valid-patch mask (N, side, side) ->
     CTC frames (N, T, C), their lengths (N,), and which images were read as lines (N,) bool.
 
-    A line of text (valid rows at most half its valid columns: a 448x112 word has 8 of 32) is read left to
-    right: each frame is the mean of one patch column over its valid rows (the head reads each as
-    CTC_FRAMES_PER_VISION_FRAME frames: `ctc_log_probs`). Any other image is read in raster order, one frame per
+    A line of text (`is_line`) is read left to right: each frame is the mean of one patch column over its valid
+    rows (the head reads each as CTC_FRAMES_PER_VISION_FRAME frames: `ctc_log_probs`). Any other image is read in raster order, one frame per
     patch of its valid rows, so a transcript that names objects in the order a row-by-row scan meets them (the
     micro scenes: "red circle, blue square") can be emitted where each object first appears.
     """
@@ -203,7 +222,7 @@ def vision_frames(f: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
     f = f.view(n, side, side, -1)  # (N, 1024, C) -> (N, rows, cols, C)
     rows_valid = mask.any(2).sum(1)  # (N,)
     cols_valid = mask.any(1).sum(1)  # (N,)
-    line = rows_valid * 2 <= cols_valid  # (N,)
+    line = is_line(mask)  # (N,)
     rows = mask.sum(1, keepdim=True).clamp(min=1)[..., None]  # (N, 1, cols, 1): valid rows per column
     cols = (f * mask[..., None]).sum(1, keepdim=True).div(rows).squeeze(1)  # (N, cols, C)
     raster = f.flatten(1, 2)  # (N, rows*cols, C): row-major, each valid row whole (padding is right and below)
@@ -223,13 +242,13 @@ class CropCache:
     normalised crop is exactly (canvas - 127.5) / 127.5, the processor's own arithmetic (a test checks).
     """
 
-    def __init__(self, crops: dict[int, tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+    def __init__(self, crops: dict[int, tuple[torch.Tensor, torch.Tensor]], lines: dict[int, bool],
+                 device: torch.device):
         self.crops, self.device = crops, device  # sample's data line -> (uint8 (3, h, 448), bool mask (32, 32))
+        self.lines = lines  # sample's data line -> its image is a line of text (`is_line`, decided on the host)
 
     def is_line(self, e: Example) -> bool:
-        """Whether the example's image is a line of text (`vision_frames`' rule)."""
-        m = self.crops[e.record.line][1]  # (32, 32)
-        return bool(m.any(1).sum() * 2 <= m.any(0).sum())
+        return self.lines[e.record.line]
 
     def batch(self, examples: list[Example], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The examples' crops, normalised, (N, 3, 448, 448) in `dtype`, and their patch masks (N, 32, 32) bool."""
@@ -262,7 +281,7 @@ def check_ctc(examples: list[Example], data: Path, stage: str, dynamic_hd: int, 
             raise DataError(f"{data}:{e.record.line}: stage vision-ctc takes samples with exactly one image and no "
                             f"audio (this one has {n} image(s)); give it text-reading (OCR) or scene-listing data")
 
-    def crop(e: Example) -> tuple[torch.Tensor, torch.Tensor]:
+    def crop(e: Example) -> tuple[torch.Tensor, torch.Tensor, bool]:
         img = load_image(e.record.images[0])
         plan = plan_hd(img.width, img.height, dynamic_hd)
         if plan.rows * plan.cols != 1:
@@ -270,8 +289,11 @@ def check_ctc(examples: list[Example], data: Path, stage: str, dynamic_hd: int, 
                             f"{img.width}x{img.height} image takes {plan.rows}x{plan.cols} crops; use images up to "
                             "448 px on the long side")
         canvas = hd_canvas(img, plan)  # (3, 448, 448) uint8
-        return canvas[:, :plan.new_h].clone().to(device), _patch_mask(plan)[0].bool().to(device)
+        mask = _patch_mask(plan)[0].bool()  # (32, 32)
+        return canvas[:, :plan.new_h].clone().to(device), mask.to(device), bool(is_line(mask))
 
     # Threads: decoding and the canvas release the GIL. map keeps the order, so the first bad line is named.
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return CropCache(dict(zip((e.record.line for e in examples), pool.map(crop, examples))), device)
+        done = dict(zip((e.record.line for e in examples), pool.map(crop, examples)))
+    return CropCache({k: (p, m) for k, (p, m, _) in done.items()}, {k: line for k, (_, _, line) in done.items()},
+                     device)

@@ -563,8 +563,8 @@ def test_label_head_scores_an_image_by_its_valid_tokens_only():
                           F.binary_cross_entropy_with_logits(out[1], y[1], reduction="sum"))
 
 
-def test_vision_ctc_reads_lines_by_ctc_and_learns_other_images_labels(base, tmp_path):
-    """Lines of text train CTC only; other images (shapes, photos) their caption labels only."""
+def _lines_and_scenes(tmp_path: Path) -> Path:
+    """Two rendered words (lines of text) and two one-shape scenes, in one JSONL."""
     from PIL import Image, ImageDraw
     data = _ocr_data(tmp_path)
     scenes = []
@@ -574,7 +574,12 @@ def test_vision_ctc_reads_lines_by_ctc_and_learns_other_images_labels(base, tmp_
         getattr(ImageDraw.Draw(img), "ellipse" if shape == "circle" else "rectangle")(box, fill=colour)
         img.save(tmp_path / "media" / f"s{k}.png")
         scenes.append(_chat("List the shapes.", f"{colour} {shape}", {"type": "image", "path": f"media/s{k}.png"}))
-    mixed = _write(tmp_path / "mixed.jsonl", data.read_text().splitlines() + scenes)
+    return _write(tmp_path / "mixed.jsonl", data.read_text().splitlines() + scenes)
+
+
+def test_vision_ctc_reads_lines_by_ctc_and_learns_other_images_labels(base, tmp_path):
+    """Lines of text train CTC only; other images (shapes, photos) their caption labels only."""
+    mixed = _lines_and_scenes(tmp_path)
     kw = {"max_steps": 60, "lr": 3e-3, "batch_tokens": 64, "progress": False, "warmup_steps": 5}  # one per batch
     r = train(base, mixed, "vision-ctc", tmp_path / "a", **kw)
     labels = json.loads((tmp_path / "a" / "vision-labels.json").read_text())
@@ -583,3 +588,24 @@ def test_vision_ctc_reads_lines_by_ctc_and_learns_other_images_labels(base, tmp_
     assert sorted(r["losses"][-20:])[10] < 0.5 * sorted(r["losses"][:6])[3], r["losses"]
     _assert_only_trained_changed(_state(base), _state(tmp_path / "a"), r["trainable"])
     assert {h["reference"] for h in r["ctc_heard"]} == {"cab", "dig"}  # the lines CTC reads, not the scenes
+
+
+def test_vision_ctc_loss_of_a_mixed_batch_is_the_sum_of_its_samples(base, tmp_path):
+    """CTC runs over a batch's lines only and the label loss over the rest: the same as each sample alone."""
+    from phi4mm.train_ctc import CTCLossModule, caption_labels, check_ctc, ctc_units, transcript
+    from phi4mm.train_data import collate, encode, read_jsonl
+    model = phi4mm.load(base)
+    mixed = _lines_and_scenes(tmp_path)
+    examples = [encode(model, r) for r in read_jsonl(mixed)[0]]
+    crops = check_ctc(examples, mixed, "vision-ctc", model.config.dynamic_hd, model.device, workers=2)
+    assert [crops.is_line(e) for e in examples] == [True, True, False, False]
+    texts = [transcript(model.tokenizer, e) for e in examples]
+    labels = sorted({x for t, e in zip(texts, examples) if not crops.is_line(e) for x in caption_labels(t)})
+    torch.manual_seed(0)
+    loss = CTCLossModule(model, ctc_units(texts, 1), crops, labels)
+    pad = model.config.text.pad_token_id
+    with torch.no_grad():
+        together = float(loss(collate(examples, pad)))
+        alone = [float(loss(collate([e], pad))) for e in examples]
+    assert together == pytest.approx(sum(alone), rel=1e-5)
+    assert all(x > 0 for x in alone)  # each sample adds its own loss (CTC for the words, labels for the scenes)
