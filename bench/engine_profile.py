@@ -9,11 +9,14 @@ Full-size random checkpoint (made under --work if missing), bf16. For each case 
     (the difference is host work: scheduling, sampling, streaming text);
   - the top CUDA kernels of a profiled decode step;
   - with --image: an 896x896 image's first token split into its parts (preprocessing, media key, towers,
-    prompt embeddings, the prefill step), then one profiled request (top CUDA kernels and CPU ops, GPU busy time).
+    prompt embeddings, the prefill step), then one profiled request (top CUDA kernels and CPU ops, GPU busy time);
+  - with --asr --merge-adapter speech: the ASR case (key asr_b64) again on a fresh engine with the speech adapter
+    merged into the weights (key asr_b64_merged_speech, with the bytes the merge added).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -175,7 +178,11 @@ def main() -> None:
     ap.add_argument("--asr", action="store_true", help="also profile 64 x 30 s speech recognition (host side)")
     ap.add_argument("--image", action="store_true", help="also split an 896x896 image's first token into parts")
     ap.add_argument("--only", action="store_true", help="skip the text and decode cases")
+    ap.add_argument("--merge-adapter", choices=["speech", "vision"], default=None,
+                    help="with --asr: time the ASR case again with this adapter merged (Engine(merge_adapter=))")
     args = ap.parse_args()
+    if args.merge_adapter and not args.asr:
+        ap.error("--merge-adapter times the ASR case: add --asr")
     from torch.profiler import ProfilerActivity, profile
 
     import phi4mm
@@ -198,10 +205,27 @@ def main() -> None:
     def prep(n: int, adapter: str | None = None) -> Prepared:
         return Prepared(torch.randint(1000, 190000, (n,), generator=gen).tolist(), None, None, adapter, "speech")
 
+    def asr_cases() -> None:
+        nonlocal eng
+        res["asr_b64"] = asr_profile(m, eng)
+        if args.merge_adapter:
+            # A fresh engine: the first one's KV pool holds most of the GPU and its graphs captured the unmerged
+            # path. Free it before the merged engine sizes its pool from what is left after the merge.
+            eng = None
+            gc.collect()
+            if CUDA:
+                torch.cuda.empty_cache()
+            eng = Engine(m, max_batch=64, max_tokens_per_step=4096, static_decode=True,
+                         merge_adapter=args.merge_adapter)
+            print(f"merged {args.merge_adapter}: +{eng.merged_bytes / 2**20:.1f} MiB", flush=True)
+            row = asr_profile(m, eng)
+            row["merged_bytes"] = eng.merged_bytes
+            res[f"asr_b64_merged_{args.merge_adapter}"] = row
+
     if args.image:
         res["image_ttft"] = image_profile(m, eng)
     if args.asr and args.only:
-        res["asr_b64"] = asr_profile(m, eng)
+        asr_cases()
     if args.only:
         _write(args.out, res)
         return
@@ -265,7 +289,7 @@ def main() -> None:
         while eng.has_work():
             eng.step()
     if args.asr:
-        res["asr_b64"] = asr_profile(m, eng)
+        asr_cases()
     _write(args.out, res)
 
 

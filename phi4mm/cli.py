@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, "
                         "fp32 on CPU)")
 
+    def merge_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--merge-adapter", choices=["vision", "speech"], default=None,
+                        help="merge this LoRA adapter into a copy of the decoder weights: batches that all use it "
+                        "(e.g. transcription: speech) run faster, for ~6.4 GB more GPU memory on the full model")
+
     mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint laid out like the official one",
                         description="Write a random-weight checkpoint (for tests and trying the tools).")
     mk.add_argument("out", type=Path)
@@ -116,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         tr.add_argument("--max-seconds", type=float, default=30.0, help="longest segment (default 30)")
         tr.add_argument("--max-tokens", type=int, default=448, help="per segment (default 448)")
         tr.add_argument("--max-batch", type=int, default=32, help="segments decoded together (default 32)")
+        merge_arg(tr)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server", epilog=SERVE_EXAMPLES, formatter_class=raw,
                         description="Serve the model over an OpenAI-compatible HTTP API.")
@@ -129,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image/audio URLs")
     sv.add_argument("--allow-local-files", action="store_true", help="let requests name file:// paths on this "
                     "machine")
+    merge_arg(sv)
 
     be = sub.add_parser("bench", help="quick offline engine throughput", epilog=BENCH_EXAMPLES,
                         formatter_class=raw, description="Offline throughput of the engine on this model.")
@@ -137,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--prompt-tokens", type=int, default=128, help="per request (default 128)")
     be.add_argument("--new-tokens", type=int, default=64, help="per request (default 64)")
     be.add_argument("--max-batch", type=int, default=64)
+    merge_arg(be)
     tn = sub.add_parser("train", help="fine-tune one stage of the recipe on JSONL chats; writes a loadable checkpoint",
                         description="Fine-tune a stage (adapter / encoder / projector); OUT is a checkpoint "
                         "directory that phi4mm and transformers+peft load.")
@@ -182,10 +190,11 @@ def _load(args):
     return phi4mm.load(args.model, device=args.device, dtype=args.dtype)
 
 
-def _engine(model, max_batch: int = 64, max_waiting: int = 1024):
+def _engine(model, max_batch: int = 64, max_waiting: int = 1024, merge_adapter: str | None = None):
     from .engine import Engine
     blocks = None if model.device.type == "cuda" else CPU_KV_TOKENS // 16
-    return Engine(model, num_blocks=blocks, max_batch=max_batch, max_waiting=max_waiting)
+    return Engine(model, num_blocks=blocks, max_batch=max_batch, max_waiting=max_waiting,
+                  merge_adapter=merge_adapter)
 
 
 def _positive(name: str, value: float) -> None:
@@ -371,7 +380,7 @@ def _transcribe(args) -> int:
     _check_readable([f for f, _ in files])  # before importing torch and loading the model: fail in a blink
     from .transcribe import transcription_prompt
     transcription_prompt(args.cmd, args.language, args.prompt)  # validate language and prompt up front
-    engine = _engine(_load(args), max_batch=args.max_batch)
+    engine = _engine(_load(args), max_batch=args.max_batch, merge_adapter=args.merge_adapter)
     _run_files(engine, args, files, outs)
     return 0
 
@@ -450,7 +459,7 @@ def _serve(args) -> int:
         raise UserError(f"the server is not available in this build ({e})") from e
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype,
           max_batch=args.max_batch, max_waiting=args.max_waiting, allow_remote_media=args.allow_remote_media,
-          allow_local_files=args.allow_local_files)
+          allow_local_files=args.allow_local_files, merge_adapter=args.merge_adapter)
     return 0
 
 
@@ -462,7 +471,7 @@ def _bench(args) -> int:
     for name in ("requests", "prompt_tokens", "new_tokens", "max_batch"):
         _positive(name.replace("_", "-"), getattr(args, name))
     model = _load(args)
-    engine = _engine(model, max_batch=args.max_batch)
+    engine = _engine(model, max_batch=args.max_batch, merge_adapter=args.merge_adapter)
     vocab = model.config.text.vocab_size
     gen = torch.Generator().manual_seed(0)
 

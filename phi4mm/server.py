@@ -163,9 +163,11 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
                num_blocks: int | None = None, max_batch: int = 64, max_waiting: int = 1024,
                allow_remote_media: bool = False, allow_local_files: bool = False, max_body_bytes: int = 64 << 20,
                default_max_tokens: int | None = None, transcription_max_tokens: int = 448,
-               segment_seconds: float = 30.0) -> FastAPI:
-    """The FastAPI app. `engine` defaults to `Engine(model, num_blocks, max_batch=..., max_waiting=...)`."""
-    engine = engine or Engine(model, num_blocks=num_blocks, max_batch=max_batch, max_waiting=max_waiting)
+               segment_seconds: float = 30.0, merge_adapter: str | None = None) -> FastAPI:
+    """The FastAPI app. `engine` defaults to `Engine(model, num_blocks, max_batch=..., max_waiting=...,
+    merge_adapter=...)`."""
+    engine = engine or Engine(model, num_blocks=num_blocks, max_batch=max_batch, max_waiting=max_waiting,
+                              merge_adapter=merge_adapter)
     policy = MediaPolicy(allow_remote_media=allow_remote_media, allow_local_files=allow_local_files,
                          max_bytes=max_body_bytes)
     srv = _Server(model, engine, model_name, list(aliases), policy, default_max_tokens, transcription_max_tokens,
@@ -479,7 +481,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           device: str = "cpu", dtype: str | None = None, max_batch: int = 64, max_waiting: int = 1024,
           allow_remote_media: bool = False, allow_local_files: bool = False, num_blocks: int | None = None,
-          max_body_bytes: int = 64 << 20, model_name: str | None = None) -> None:
+          max_body_bytes: int = 64 << 20, model_name: str | None = None, merge_adapter: str | None = None) -> None:
     """Load the checkpoint and serve it until interrupted."""
     from pathlib import Path
 
@@ -490,10 +492,11 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     engine = None
     if model.device.type == "cuda":
         # Compile the kernels and capture the first graphs now, not on the first user's request.
-        engine = Engine(model, num_blocks=num_blocks, max_batch=max_batch, max_waiting=max_waiting)
+        engine = Engine(model, num_blocks=num_blocks, max_batch=max_batch, max_waiting=max_waiting,
+                        merge_adapter=merge_adapter)
         print(f"engine warm-up: {engine.warmup():.1f} s", flush=True)
     app = create_app(model, engine, model_name=model_name or Path(model_dir).resolve().name, api_key=api_key,
                      num_blocks=num_blocks, max_batch=max_batch, max_waiting=max_waiting,
                      allow_remote_media=allow_remote_media, allow_local_files=allow_local_files,
-                     max_body_bytes=max_body_bytes)
+                     max_body_bytes=max_body_bytes, merge_adapter=merge_adapter)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -187,6 +187,9 @@ def test_translate_one_file_json_to_stdout(tiny_official):
     p = ok(run("translate", FLACS[1], "--model", tiny_official, "--language", "fr", "--format", "json",
                "--max-tokens", "3"))
     assert set(json.loads(p.stdout)) == {"text"} and "wrote" not in p.stderr
+    merged = ok(run("translate", FLACS[1], "--model", tiny_official, "--language", "fr", "--format", "json",
+                    "--max-tokens", "3", "--merge-adapter", "speech"))  # the merged fast path: the same text
+    assert merged.stdout == p.stdout
 
 
 def test_train_command_runs_a_stage_and_refuses_bad_data(tiny_official, tmp_path, capsys):

@@ -3,12 +3,14 @@ token, in every configuration: batched, chunked, preempted, prefix-cached, mixed
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 import torch
 
 import phi4mm
 from phi4mm.engine import Engine, EngineBusy
+from phi4mm.lora import LoraLinear, unmerge_adapters
 from phi4mm.processor import Prepared
 from phi4mm.sampling import SamplingParams
 from tests.conftest import scene, tone
@@ -301,3 +303,66 @@ def test_warmup_leaves_the_engine_clean(model, requests, expected):
     assert not eng.has_work() and not eng.seqs and all(v == 0 for v in eng.stats.values())
     assert eng.pool.num_free == eng.pool.num_blocks - 1  # all but the scratch block
     assert _run(eng, requests) == expected
+
+
+# ------------------------------------------------------------------------------------------------ merged LoRA
+@pytest.fixture
+def unmerged(model):
+    """The module's model, with any merged adapter dropped afterwards (the copies live on its layers)."""
+    yield model
+    unmerge_adapters(model.net)
+
+
+def _merged_uses(monkeypatch, eng: Engine) -> Counter:
+    """Count linear calls on the engine's merged weights, by path: "eager" (the packed forward), "prefill" (the
+    static prefill) and "decode" (the static decode step)."""
+    merged, uses, where = {id(t) for t in eng._merged}, Counter(), ["eager"]
+    real = torch.nn.functional.linear
+
+    def linear(x, w, *a):
+        uses[where[0]] += id(w) in merged
+        return real(x, w, *a)
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    for path, graphs in (("decode", eng.graphs), ("prefill", eng.prefill_graphs)):
+        if graphs is not None:
+            def forward(*a, _real=graphs._forward, _path=path):
+                where[0] = _path
+                try:
+                    return _real(*a)
+                finally:
+                    where[0] = "eager"
+            monkeypatch.setattr(graphs, "_forward", forward)
+    return uses
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("adapter", ["speech", "vision"])
+def test_merged_adapter_equals_reference(unmerged, requests, expected, monkeypatch, adapter, static):
+    """A batch all on the merged adapter takes the merged weights in every path (packed eager forward, static
+    prefill, static decode) and keeps the reference loop's tokens; a mixed batch (text, image, audio) takes
+    base + LoRA and keeps them too."""
+    model = unmerged
+    if adapter == "speech":
+        reqs = [{"prompt": AUDIO_PROMPT, "audios": [tone(d, seed=i)]} for i, d in enumerate((1.1, 2.3, 0.7))]
+    else:
+        reqs = [requests[1], requests[4], dict(requests[1], images=[scene(320, 200, 7)])]
+    want = [model.generate_ids(r["prompt"], r.get("images"), r.get("audios"), max_new_tokens=N_NEW) for r in reqs]
+    eng = Engine(model, num_blocks=512, static_decode=static, prefix_caching=False, merge_adapter=adapter)
+    assert eng.merged_bytes == sum(t.numel() * 4 for t in eng._merged) > 0  # fp32 copies
+    uses = _merged_uses(monkeypatch, eng)
+    assert _run(eng, reqs) == want
+    assert uses["eager"] > 0 and (uses["decode"] > 0) == static  # three prompts packed, then decodes
+    if static:
+        uses.clear()
+        assert [_run(eng, [r])[0] for r in reqs] == want
+        assert uses["prefill"] > 0 and uses["decode"] > 0  # each prompt alone: the static prefill
+    uses.clear()
+    assert _run(eng, requests) == expected
+    # Every answer runs N_NEW tokens, so every step of the mixed batch mixes adapters: no merged weight used.
+    assert all(len(e) == N_NEW for e in expected) and not uses.total()
+
+
+def test_merge_adapter_unknown_name(model):
+    with pytest.raises(ValueError, match=r"'nope'.*loaded: \['speech', 'vision'\]"):
+        Engine(model, num_blocks=64, merge_adapter="nope")
+    assert not any(m.merged for m in model.net.modules() if isinstance(m, LoraLinear))
