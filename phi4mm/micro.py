@@ -104,6 +104,13 @@ RECIPE = (
     # Image tasks stay in the mix so the jointly trained encoder and LoRA_V keep reading (RECIPE.md mixes
     # vision post-training data into this stage too).
     MicroStage("vision-speech", "vision-speech", ("vsqa",) + IMAGE_TASKS, 4, 3e-4, phase=3),
+    # The decoder side reads the shapes last. Session 10's encoder binds each shape to its colour in its merged
+    # tokens (one attention query per colour answers "what shape is red" at 0.97-1.00), yet the model answered
+    # 26/50. A probe (scripts/micro_lm_probe.py, 240 s from the shipped model) took shapes from 0.665 to 0.845
+    # and "what shape is <colour>" to 49/50 with projector + LoRA_V at lr 1e-3 on scenes alone; more of the
+    # recipe's own mix (OCR is half of it and still unread) gave 0.68. The towers stay frozen.
+    MicroStage("vision-focus", "vision-projector", ("shapes", "scene"), 14, 1e-3, phase=4, branch="vision",
+               with_lora=True, warmup=50, max_seconds=400.0),
 )
 # Seconds per sample pass on one H200 of a 2-GPU recipe run (session 6, docs/micro/recipe-session6.json: each
 # stage's seconds over its samples x epochs, rounded per kind), used to plan a --max-minutes budget. The old
@@ -384,6 +391,47 @@ def pack_resume(out: str | Path, dst: str | Path) -> Path:
     return dst
 
 
+def extend_run(model_dir: str | Path, recipe_json: str | Path, out: str | Path) -> Path:
+    """A run folder that continues a finished recipe run with the stages RECIPE has gained since.
+
+    `recipe_json` is the finished run's recipe.json and `model_dir` its model (bf16, as shipped): every stage
+    it names is marked done with its summary, and its last stage's folder holds the model, so `run_recipe(out)`
+    trains only the newer stages (whole phases after the recorded ones) and finalizes. Like `pack_resume`'s,
+    the base's trained tensors restart from their bf16 values.
+    """
+    summary = json.loads(Path(recipe_json).read_text())
+    done = list(summary["stages"])
+    names = [st.name for st in RECIPE]
+    if names[:len(done)] != done or len(done) == len(names):
+        raise ValueError(f"{recipe_json} ran {done}; it must be a first part of the recipe's stages {names}")
+    phases = _phases()
+    last = next(k for k, ph in enumerate(phases) if any(len(done) - 1 in c for c in ph))
+    if any(n >= len(done) for ph in phases[:last + 1] for c in ph for n in c):
+        raise ValueError(f"the recipe added stages to a phase {recipe_json} ran; run the whole recipe again")
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "stages" / "00-init").mkdir(parents=True)
+    (out / "stages" / "00-init" / "done").write_text("")
+    for n, name in enumerate(done):
+        folder = out / "stages" / f"{n + 1:02d}-{name}"
+        if n == len(done) - 1:
+            if len(phases[last]) > 1:
+                raise ValueError("the run's last phase has two branches; extend a run that ends in one")
+            shutil.copytree(model_dir, folder)
+        else:
+            folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps(summary["stages"][name], indent=1))
+        (folder / "done").write_text("")
+    for k, ph in enumerate(phases[:last + 1]):
+        if len(ph) > 1:  # its merge is done too (nothing later reads it: the last phase is one branch)
+            (out / "stages" / f"phase{k}-merged").mkdir()
+            (out / "stages" / f"phase{k}-merged" / "done").write_text("")
+    summary.pop("eval", None)
+    (out / "recipe.json").write_text(json.dumps(summary, indent=1))
+    return out
+
+
 def finalize(src: str | Path, out: str | Path, check_size: bool = True) -> Path:
     """bf16 copy of a trained checkpoint for shipping: shards and adapters re-written, no file over 15 MB
     (check_size: fail when one is; the tokenizer of a full-vocabulary base is bigger)."""
@@ -407,7 +455,7 @@ def finalize(src: str | Path, out: str | Path, check_size: bool = True) -> Path:
         lc = LoraConfig(r=conf["r"], lora_alpha=conf["lora_alpha"], dropout=conf.get("lora_dropout", 0.0))
         _adapter_folder(out, folder.name[: -len("-lora")], lc, tensors, conf["target_modules"])
     for f in src.iterdir():
-        if f.is_file() and f.suffix == ".json" and f.name != "model.safetensors.index.json":
+        if f.is_file() and f.suffix == ".json" and f.name not in ("model.safetensors.index.json", "summary.json"):
             shutil.copy2(f, out / f.name)
     big = [f for f in out.rglob("*") if f.is_file() and f.stat().st_size > MAX_FILE_BYTES]
     if big and check_size:

@@ -119,7 +119,7 @@ def test_recipe_phases_run_vision_and_speech_as_branches():
     phases = micro._phases()
     names = [[[micro.RECIPE[n].name for n in chain] for chain in ph] for ph in phases]
     assert names == [[["text"], ["vision-ctc"]], [["vision-projector", "vision-encoder"], ["speech-ctc", "speech-encoder"]],
-                     [["vision-lora"], ["speech-lora"]], [["vision-speech"]]]
+                     [["vision-lora"], ["speech-lora"]], [["vision-speech"]], [["vision-focus"]]]
     # The order RECIPE.md gives is kept inside each branch, and the stages' folders sort in that order.
     assert [st.phase for st in micro.RECIPE] == sorted(st.phase for st in micro.RECIPE)
 
@@ -135,22 +135,22 @@ def test_branches_take_their_own_gpu_when_there_are_enough(monkeypatch):
 
 def test_a_budget_never_cuts_the_text_stage_and_shares_the_rest_by_plan():
     phases = micro._phases()
-    planned = [40.0, 40.0, 30.0, 300.0, 150.0, 100.0, 120.0, 90.0, 150.0]  # seconds, RECIPE order
+    planned = [40.0, 40.0, 30.0, 300.0, 150.0, 100.0, 120.0, 90.0, 150.0, 100.0]  # seconds, RECIPE order
     assert len(planned) == len(micro.RECIPE)
     # 60 s left for a recipe planned at ~750 s: the decoder's text stage (and the vision CTC beside it, capped
     # by its own max_seconds) still gets its whole plan.
     assert set(micro._phase_budgets(phases, planned, 60.0).values()) == {None}
     assert set(micro._phase_budgets(phases[1:], planned, None).values()) == {None}  # no budget at all
-    # Phase 1 lasts 330 s (its longer branch) of the 330 + 120 + 150 s left planned: 55% of 300 s.
+    # Phase 1 lasts 330 s (its longer branch) of the 330 + 120 + 150 + 100 s left planned: 47% of 300 s.
     b = micro._phase_budgets(phases[1:], planned, 300.0)
     vision, speech = phases[1]
-    assert sum(b[n] for n in vision) == pytest.approx(300.0 * 330 / 600)
+    assert sum(b[n] for n in vision) == pytest.approx(300.0 * 330 / 700)
     assert b[vision[1]] == pytest.approx(10 * b[vision[0]])  # each stage in proportion to its plan
     # The other branch runs at once on its own GPU: it may use the whole share, so its 250 s plan is cut to
-    # 165 s, not by the longer branch's factor (to 125 s).
-    assert sum(b[n] for n in speech) == pytest.approx(300.0 * 330 / 600)
+    # 141 s, not by the longer branch's factor (to 107 s).
+    assert sum(b[n] for n in speech) == pytest.approx(300.0 * 330 / 700)
     assert b[speech[0]] == pytest.approx(1.5 * b[speech[1]])
-    b = micro._phase_budgets(phases[1:], planned, 500.0)  # 275 s for phase 1: the speech branch's whole plan
+    b = micro._phase_budgets(phases[1:], planned, 600.0)  # 283 s for phase 1: the speech branch's whole plan
     assert [b[n] for n in speech] == pytest.approx([150.0, 100.0])
 
 def test_fresh_towers_start_as_identity_blocks_that_pass_the_input_on(micro_tok, tmp_path):
@@ -204,6 +204,38 @@ def test_packed_run_holds_markers_and_a_bf16_base_only(tiny_official, tmp_path):
     for k in a:  # the base comes back at bf16 precision (the normalisation statistics stay fp32)
         want = a[k] if k.endswith(("global_mean", "global_invstd")) else a[k].to(torch.bfloat16).float()
         assert torch.equal(b[k].float(), want.float()), k
+
+
+def test_extend_run_marks_the_recorded_stages_done_and_starts_from_the_model(tiny_official, tmp_path):
+    recorded = [st.name for st in micro.RECIPE if st.phase <= 3]
+    assert len(recorded) < len(micro.RECIPE)  # the recipe has stages a finished run of phases 0-3 lacks
+    summary = {"stages": {n: {"steps": i + 1} for i, n in enumerate(recorded)}, "seed": 0, "eval": {"x": 1}}
+    (tmp_path / "recipe.json").write_text(json.dumps(summary))
+    run = micro.extend_run(tiny_official, tmp_path / "recipe.json", tmp_path / "run")
+    stages = run / "stages"
+    for i, n in enumerate(recorded):
+        folder = stages / f"{i + 1:02d}-{n}"
+        assert (folder / "done").is_file() and json.loads((folder / "summary.json").read_text()) == {"steps": i + 1}
+    last = stages / f"{len(recorded):02d}-{recorded[-1]}"
+    assert (last / "config.json").is_file()  # run_recipe's next phase starts from the model
+    a, b = phi4mm.load(tiny_official).net.state_dict(), phi4mm.load(last).net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all((stages / f"phase{k}-merged" / "done").is_file() for k in range(3))  # the two-branch phases
+    assert not (stages / f"{len(recorded) + 1:02d}-{micro.RECIPE[len(recorded)].name}").exists()
+    assert (stages / "00-init" / "done").is_file()
+    assert "eval" not in json.loads((run / "recipe.json").read_text())  # scores of the old model only
+    # A run of other stages, or the whole recipe already, cannot be extended.
+    (tmp_path / "recipe.json").write_text(json.dumps({"stages": {"text": {}, "vision-lora": {}}}))
+    with pytest.raises(ValueError, match="first part"):
+        micro.extend_run(tiny_official, tmp_path / "recipe.json", tmp_path / "run2")
+    (tmp_path / "recipe.json").write_text(json.dumps({"stages": {st.name: {} for st in micro.RECIPE}}))
+    with pytest.raises(ValueError, match="first part"):
+        micro.extend_run(tiny_official, tmp_path / "recipe.json", tmp_path / "run2")
+    # Stopping inside a phase (vision-lora ran, speech-lora beside it did not) cannot be extended either.
+    part = [st.name for st in micro.RECIPE][:7]
+    (tmp_path / "recipe.json").write_text(json.dumps({"stages": {n: {} for n in part}}))
+    with pytest.raises(ValueError):
+        micro.extend_run(tiny_official, tmp_path / "recipe.json", tmp_path / "run2")
 
 
 def test_encoder_stage_with_lora_also_trains_its_adapter(tiny_official):
