@@ -11,7 +11,10 @@ Full-size random checkpoint (made under --work if missing), bf16. For each case 
   - with --image: an 896x896 image's first token split into its parts (preprocessing, media key, towers,
     prompt embeddings, the prefill step), then one profiled request (top CUDA kernels and CPU ops, GPU busy time);
   - with --asr --merge-adapter speech: the ASR case (key asr_b64) again on a fresh engine with the speech adapter
-    merged into the weights (key asr_b64_merged_speech, with the bytes the merge added).
+    merged into the weights (key asr_b64_merged_speech, with the bytes the merge added), then unmerged once more
+    (asr_b64_again: the spread of the two unmerged runs is the noise);
+  - with --asr --only --peer: transformers on the same ASR case in the same process afterwards (peer_asr_b64),
+    and each of our ASR rows' real-time factor as a ratio to the peer's.
 """
 from __future__ import annotations
 
@@ -169,6 +172,60 @@ def image_profile(m, eng) -> dict:
     return row
 
 
+AUDIO_TOKEN_ID = 200011  # the published checkpoint's <|endoftext11|>, the audio placeholder
+
+
+def peer_asr(tiny: bool = False, batch: int = 64, seconds: int = 30, new: int = 100) -> dict:
+    """The peer on the ASR case: transformers' Phi4MultimodalForCausalLM at the published shape (random bf16
+    weights, SDPA; its base model without LoRA, as ../shared/peer/hf_baseline.py drives it), `batch` distinct
+    clips of `seconds` in one default `generate`, `new` tokens each (min_new_tokens forces the full length).
+    Features are extracted before the timer starts, as our `prepare` is."""
+    import numpy as np
+    import transformers
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalFeatureExtractor, Phi4MultimodalForCausalLM
+    dev, dt = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0] * 48, "long_factor": [1.0] * 48, "original_max_position_embeddings": 4096}
+    kw = {"num_attention_heads": 24, "num_key_value_heads": 8, "hidden_size": 3072, "intermediate_size": 8192,
+          "num_hidden_layers": 2 if tiny else 32, "tie_word_embeddings": True, "rope_parameters": rope}
+    extra = {"vision_config": {"num_hidden_layers": 2}, "audio_config": {"num_blocks": 2}} if tiny else {}
+    cfg = Phi4MultimodalConfig(**kw, **extra)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Phi4MultimodalForCausalLM(cfg).to(dt).eval()
+    wav = (0.1 * np.random.default_rng(0).standard_normal(16000 * seconds)).astype(np.float32)
+    fe = Phi4MultimodalFeatureExtractor()
+
+    def inputs(first: int) -> dict:
+        feats = fe([wav + 1e-4 * (first + i) for i in range(batch)], sampling_rate=16000, return_tensors="pt")
+        n = int(feats["audio_embed_sizes"][0])
+        text = torch.randint(1000, 190000, (batch, 16), device=dev)
+        ids = torch.cat([torch.full((batch, n), AUDIO_TOKEN_ID, device=dev), text], 1)  # (batch, n + 16)
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+               "audio_input_features": feats["audio_input_features"].to(dev, dt),
+               "audio_embed_sizes": feats["audio_embed_sizes"].to(dev)}
+        if "audio_attention_mask" in feats:
+            out["audio_attention_mask"] = feats["audio_attention_mask"].to(dev)
+        return out
+
+    def timed(inp: dict, k: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        model.generate(**inp, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        sync()
+        return time.perf_counter() - t0
+
+    timed(inputs(batch), 2)  # warm-up on other clips
+    total = timed(inputs(0), new)
+    row = {"transformers": transformers.__version__, "batch": batch, "seconds": seconds, "new": new,
+           "total_s": round(total, 3), "rtfx": round(batch * seconds / total, 1)}
+    if CUDA:
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -180,7 +237,11 @@ def main() -> None:
     ap.add_argument("--only", action="store_true", help="skip the text and decode cases")
     ap.add_argument("--merge-adapter", choices=["speech", "vision"], default=None,
                     help="with --asr: time the ASR case again with this adapter merged (Engine(merge_adapter=))")
+    ap.add_argument("--peer", action="store_true",
+                    help="with --asr --only: time transformers on the same ASR case afterwards, in this process")
     args = ap.parse_args()
+    if args.peer and not (args.asr and args.only):
+        ap.error("--peer times the ASR case against transformers: add --asr --only")
     if args.merge_adapter and not args.asr:
         ap.error("--merge-adapter times the ASR case: add --asr")
     from torch.profiler import ProfilerActivity, profile
@@ -188,6 +249,7 @@ def main() -> None:
     import phi4mm
     from phi4mm.checkpoint import make_checkpoint
     from phi4mm.engine import Engine
+    from phi4mm.lora import unmerge_adapters
     from phi4mm.processor import Prepared
     from phi4mm.sampling import SamplingParams
     ckpt = Path(args.work) / "official"
@@ -221,11 +283,30 @@ def main() -> None:
             row = asr_profile(m, eng)
             row["merged_bytes"] = eng.merged_bytes
             res[f"asr_b64_merged_{args.merge_adapter}"] = row
+            # Unmerged once more on a fresh engine: the spread between the two unmerged runs bounds the noise.
+            eng = None
+            gc.collect()
+            unmerge_adapters(m.net)
+            if CUDA:
+                torch.cuda.empty_cache()
+            eng = Engine(m, max_batch=64, max_tokens_per_step=4096, static_decode=True)
+            res["asr_b64_again"] = asr_profile(m, eng)
 
     if args.image:
         res["image_ttft"] = image_profile(m, eng)
     if args.asr and args.only:
         asr_cases()
+    if args.peer:
+        eng = m = None  # free our model and KV pool before the peer loads
+        gc.collect()
+        if CUDA:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        res["peer_asr_b64"] = peer = peer_asr(tiny=args.size != "full")
+        for k in [k for k in res if k.startswith("asr_b64")]:
+            res[k]["rtfx_vs_peer"] = round(res[k]["rtfx_plain"] / peer["rtfx"], 2)
+            print(f"{k}: real-time factor {res[k]['rtfx_plain']} against the peer's {peer['rtfx']}: "
+                  f"{res[k]['rtfx_vs_peer']}x", flush=True)
     if args.only:
         _write(args.out, res)
         return

@@ -204,10 +204,10 @@ def test_static_decode_path_equals_reference(model, requests, expected, block_si
     assert eng.prefill_graphs.steps == len(requests) and eng.prefill_graphs.graphs
 
 
-def test_prefill_buckets_grow_linearly_past_512():
+def test_prefill_buckets_grow_linearly_past_256():
     from phi4mm.cuda_graphs import _prefill_bucket
-    got = [_prefill_bucket(n, 64) for n in (1, 64, 65, 300, 512, 513, 1334, 2048)]
-    assert got == [64, 64, 128, 512, 512, 768, 1536, 2048]  # an image prompt of 1,334 pads to 1,536, not 2,048
+    got = [_prefill_bucket(n, 64) for n in (1, 64, 65, 200, 300, 512, 513, 1334, 2048)]
+    assert got == [64, 64, 128, 256, 384, 512, 640, 1408, 2048]  # an image prompt of 1,334 pads to 1,408
 
 
 def test_static_prefill_of_a_long_prompt_equals_eager(model):
