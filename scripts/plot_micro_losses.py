@@ -13,7 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
 logs = sorted(p for p in (run / "stages").glob("*/log.jsonl") if p.stat().st_size)
-fig, axes = plt.subplots(2, (len(logs) + 1) // 2, figsize=(3.2 * ((len(logs) + 1) // 2), 5.6), squeeze=False)
+rows = 1 if len(logs) <= 2 else 2  # a run extended by a stage or two (micro.extend_run) logs only those
+cols = -(-len(logs) // rows)
+fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, 3.2 * cols), 2.8 * rows + 0.4), squeeze=False)
 for ax, log in zip(axes.flat, logs):
     rows = [json.loads(line) for line in log.open()]
     loss = [r["loss"] for r in rows]
