@@ -2,7 +2,7 @@
 and translates held-out speech, and is what the CLI uses when no --model is given.
 
 Its held-out scores and what it does not do yet are in docs/micro-model.md: it does not read rendered words (no
-test claims OCR). The held-out samples are the first items of the test split (`micro_data.generate(DIR, "test",
+test claims OCR). It answers typed questions about shape scenes (tested on 32 held-out ones). The held-out samples are the first items of the test split (`micro_data.generate(DIR, "test",
 1000)`): their
 sentences are held out from training by hash, and the last four are spoken by an espeak-ng voice never trained on.
 """
@@ -63,6 +63,18 @@ def test_transcribes_held_out_sentences_and_an_unseen_voice(micro):
 def test_translates_held_out_speech_into_the_synthetic_language(micro):
     r = evaluate(default_model_dir(), DATA / "micro_heldout_ast.jsonl", "bleu", max_tokens=32, model=micro)
     assert r["n"] == 4 and r["score"] >= 60, r["predictions"]  # 100 here (4 sentences: noisy); 96.5 on 100
+
+
+def test_answers_held_out_shape_questions(micro):
+    # 8 held-out scenes of each kind (the test split's first): "what shape is <colour>", "what colour is the
+    # <shape>", "how many shapes", "how many <colour> shapes". 29 of 32 here, every miss a count; session 10's
+    # model (before the vision-focus stage) scored 23 and missed 4 of the 16 shape/colour questions.
+    r = evaluate(default_model_dir(), DATA / "micro_heldout_shapes.jsonl", "exact", max_tokens=8, model=micro)
+    assert r["n"] == 32 and r["score"] >= 0.84, r["predictions"]
+    lines = (DATA / "micro_heldout_shapes.jsonl").read_text().splitlines()
+    binding = [p for p in r["predictions"] if "What shape" in lines[p["line"] - 1] or "What color" in lines[p["line"] - 1]]
+    right = [p for p in binding if p["prediction"] == p["references"][0]]
+    assert len(binding) == 16 and len(right) >= 15, binding
 
 
 def test_cli_uses_it_without_model(capsys, tmp_path):
