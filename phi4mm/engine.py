@@ -26,7 +26,7 @@ from .api import Model
 from .kv_cache import BlockPool, CacheFull, PagedAttention, prefer_flash
 from .lora import AdapterPlan, LoraLinear
 from .lora import merge_adapter as merge_lora
-from .processor import Prepared, encode_audio_batch, encode_media
+from .processor import Prepared, encode_audio_batch, encode_image_batch, encode_media
 from .sampling import (
     SamplingBatch,
     SamplingParams,
@@ -36,6 +36,9 @@ from .sampling import (
 )
 
 AUDIO_BATCH_FRAMES = 64 * 3000  # padded feature frames per batched conformer forward: 64 clips of 30 s
+# Crops per batched SigLIP forward (activations grow linearly in crops: ~30 MB a crop at full size, so ~2 GB
+# here); one image of 36 HD crops + its global view always fits.
+IMAGE_BATCH_CROPS = 64
 
 
 class EngineBusy(RuntimeError):
@@ -161,9 +164,9 @@ class Engine:
             raise ValueError(f"prompt + max_tokens needs {need} KV blocks but the cache has {self.pool.num_blocks}; "
                              "lower max_tokens or start the engine with more cache memory")
         key = self._media_key(prep)
-        # Audio-only prompts are encoded at the next step, together with the others then waiting (one conformer
-        # forward for a batch of clips); everything else now.
-        deferred = prep.audios is not None and prep.images is None and key not in self._media_cache
+        # Audio-only and image-only prompts are encoded at the next step, together with the others of their kind
+        # then waiting (one conformer or SigLIP forward for a batch); image + audio prompts and text now.
+        deferred = (prep.audios is None) != (prep.images is None) and key not in self._media_cache
         embeds = None if deferred else self._prompt_embeds(prep, key)
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.seqs:
@@ -230,38 +233,52 @@ class Engine:
             return self.net.embed(ids, img, aud)[0]
 
     def _encode_waiting(self) -> list[StepOutput]:
-        """Encode the audio of waiting audio-only prompts in batches of similar length (one conformer forward
-        each, not one a request). A batch that fails fails its requests only."""
+        """Encode the media of waiting audio-only and image-only prompts in batches (one tower forward each, not
+        one a request): clips of similar length together, images up to IMAGE_BATCH_CROPS crops. A batch that
+        fails fails its requests only."""
         # The next max_batch in arrival order (admission is FIFO: a long clip at the head must not wait behind
-        # shorter ones), then sorted by length so each forward pads little.
-        todo = sorted([s for s in self.waiting if s.prompt_embeds is None][:self.max_batch],
-                      key=lambda s: s.prep.audios.features.shape[1])
-        groups: list[list[Sequence]] = []
-        for s in todo:  # ascending length: the newest member sets the padded length
-            frames = s.prep.audios.features.shape[1]
-            if groups and (len(groups[-1]) + 1) * frames <= AUDIO_BATCH_FRAMES:
-                groups[-1].append(s)
-            else:
-                groups.append([s])
-        return [o for group in groups for o in self._encode_group(group)]
+        # shorter ones). Prompts with the same media as one before them wait for its result (the media cache).
+        todo, keys = [], set()
+        for s in [s for s in self.waiting if s.prompt_embeds is None][:self.max_batch]:
+            if s.media_key in self._media_cache:
+                s.prompt_embeds = self._prompt_embeds(s.prep, s.media_key)
+            elif s.media_key not in keys:
+                keys.add(s.media_key)
+                todo.append(s)
+        outs = []
+        clips = sorted([s for s in todo if s.prep.images is None], key=lambda s: s.prep.audios.features.shape[1])
+        for group in _groups(clips, lambda s: s.prep.audios.features.shape[1], AUDIO_BATCH_FRAMES, padded=True):
+            outs += self._encode_group(group, "audio")  # ascending length: the newest member sets the padding
+        images = [s for s in todo if s.prep.images is not None]
 
-    def _encode_group(self, group: list[Sequence]) -> list[StepOutput]:
-        """One conformer forward for `group`. Out of memory: the two halves separately (the KV pool leaves the
-        encoders what it does not hold, and 64 clips of 30 s need ~16 GB of activations); any other failure, or
-        out of memory for one clip alone, fails the group's requests with the reason."""
+        def crops(s: Sequence) -> int:  # (images, crops per image) of its padded pixel batch
+            return s.prep.images.pixel_values.shape[0] * s.prep.images.pixel_values.shape[1]
+        for group in _groups(images, crops, IMAGE_BATCH_CROPS, padded=False):
+            outs += self._encode_group(group, "image")
+        for s in [s for s in self.waiting if s.prompt_embeds is None and s.media_key in self._media_cache]:
+            s.prompt_embeds = self._prompt_embeds(s.prep, s.media_key)  # the duplicates of those just encoded
+        return outs
+
+    def _encode_group(self, group: list[Sequence], kind: str) -> list[StepOutput]:
+        """One tower forward ("audio": the conformer, "image": SigLIP) for `group`. Out of memory: the two
+        halves separately (the KV pool leaves the encoders what it does not hold, and 64 clips of 30 s need
+        ~16 GB of activations); any other failure, or out of memory for one prompt alone, fails the group's
+        requests with the reason."""
+        encode = encode_audio_batch if kind == "audio" else encode_image_batch
         try:
             with torch.inference_mode():
-                auds = encode_audio_batch(self.net, [s.prep for s in group], self.device, self.dtype)
+                embs = encode(self.net, [s.prep for s in group], self.device, self.dtype)
         except torch.OutOfMemoryError as e:
             if len(group) > 1:
                 half = len(group) // 2
-                return self._encode_group(group[:half]) + self._encode_group(group[half:])
-            return [self._finish(group[0], "error", f"the audio encoder ran out of memory: {e}")]
+                return self._encode_group(group[:half], kind) + self._encode_group(group[half:], kind)
+            return [self._finish(group[0], "error", f"the {kind} encoder ran out of memory: {e}")]
         except (RuntimeError, ValueError) as e:
-            return [self._finish(s, "error", f"the audio encoder failed: {e}") for s in group]
-        for s, aud in zip(group, auds):
-            self._cache_media(s.media_key, (None, aud))
-            s.prompt_embeds = self._prompt_embeds(s.prep, s.media_key, (None, aud))
+            return [self._finish(s, "error", f"the {kind} encoder failed: {e}") for s in group]
+        for s, emb in zip(group, embs):
+            media = (None, emb) if kind == "audio" else (emb, None)
+            self._cache_media(s.media_key, media)
+            s.prompt_embeds = self._prompt_embeds(s.prep, s.media_key, media)
         return []
 
     # ---------------------------------------------------------------- scheduling
@@ -537,6 +554,20 @@ class Engine:
             if out.finished:
                 r["finish_reason"], r["error"] = out.finish_reason, out.error
         return [res[i] for i in ids]
+
+
+def _groups(items: list, size, budget: int, padded: bool) -> list[list]:
+    """Consecutive runs of `items` within `budget`: the sum of `size` (padded=False), or the run's length times
+    its newest item's size (padded=True, items in ascending size: every member is padded to the newest)."""
+    groups: list[list] = []
+    for it in items:
+        g = groups[-1] if groups else None
+        cost = ((len(g) + 1) * size(it) if padded else sum(map(size, g)) + size(it)) if g else None
+        if g and cost <= budget:
+            g.append(it)
+        else:
+            groups.append([it])
+    return groups
 
 
 def _plain_greedy(p: SamplingParams) -> bool:

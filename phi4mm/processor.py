@@ -125,6 +125,28 @@ def encode_media(net, prep: Prepared, device: torch.device | str, dtype: torch.d
     return img, aud
 
 
+def encode_image_batch(net, preps: list[Prepared], device: torch.device | str,
+                       dtype: torch.dtype) -> list[torch.Tensor]:
+    """The images of several image-only prompts through one SigLIP forward -> each prompt's (N_i, hidden)
+    embeddings (its images in prompt order). Crops are encoded independently and batch-padding crops never are
+    (vision_encoder.ImageEmbedding.forward), so this equals encoding each prompt alone up to float rounding."""
+    ims = [p.images for p in preps]
+    most = max(i.pixel_values.shape[1] for i in ims)  # crops per image, the largest of the batch
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:  # pad dim 1 (crops) of (n, crops, ...) to `most`
+        return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, most - t.shape[1]), value=value)
+    pixels = torch.cat([pad(i.pixel_values, 0) for i in ims])  # (sum n_i, most, 3, 448, 448)
+    masks = torch.cat([pad(i.attention_mask, 1) for i in ims])  # (sum n_i, most, 32, 32); padding is all ones
+    sizes = torch.cat([i.image_sizes for i in ims])  # (sum n_i, 2)
+    feats = net.vision(pixels.to(device, dtype), masks.to(device), sizes.to(device))  # one per image
+    res, k = [], 0
+    for i in ims:
+        n = i.pixel_values.shape[0]
+        res.append(torch.cat(feats[k:k + n]))  # this prompt's images, in prompt order
+        k += n
+    return res
+
+
 def encode_audio_batch(net, preps: list[Prepared], device: torch.device | str,
                        dtype: torch.dtype) -> list[torch.Tensor]:
     """The audio of several audio-only prompts (one projector) through one conformer forward -> each prompt's

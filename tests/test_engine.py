@@ -296,6 +296,57 @@ def test_audio_encoder_out_of_memory_splits_the_batch(model, monkeypatch):
     assert sizes == [5, 2, 3, 1, 2]  # 5 fails, then 2 + (3 fails, then 1 + 2)
 
 
+IMAGE_PROMPT = "<|user|><|image_1|>What is this?<|end|><|assistant|>"
+
+
+def test_image_prompts_are_encoded_together(model, monkeypatch):
+    """Waiting image-only prompts share one SigLIP forward (images of different crop counts, padded), a repeated
+    image is encoded once, a crop budget splits the batch, and each request gets the reference loop's tokens."""
+    import phi4mm.engine as engine_mod
+    same = scene(448, 300, 1)
+    reqs = [dict(prompt=IMAGE_PROMPT, images=[im]) for im in (same, scene(900, 600, 2), scene(640, 480, 3), same)]
+    reqs.insert(2, dict(prompt="<|user|>Tell me a story about a fox.<|end|><|assistant|>"))
+    want = [model.generate_ids(r["prompt"], r.get("images"), max_new_tokens=N_NEW) for r in reqs]
+    sizes, real = [], engine_mod.encode_image_batch
+    monkeypatch.setattr(engine_mod, "encode_image_batch", lambda net, preps, *a: sizes.append(len(preps)) or
+                        real(net, preps, *a))
+    assert _run(Engine(model, num_blocks=512), reqs) == want
+    assert sizes == [3]  # three distinct images in one forward; the fourth request reused the first's
+    crops = [model.prepare(IMAGE_PROMPT, images=[r["images"][0]]).images.pixel_values.shape[1] for r in reqs[:2]]
+    sizes.clear()
+    monkeypatch.setattr(engine_mod, "IMAGE_BATCH_CROPS", sum(crops))  # room for the first two images only
+    assert _run(Engine(model, num_blocks=512), reqs) == want
+    assert sizes == [2, 1]
+
+
+def test_image_encoder_failure_and_out_of_memory(model, requests, monkeypatch):
+    """A failing SigLIP batch fails its requests only; out of memory splits the batch in halves."""
+    import phi4mm.engine as engine_mod
+    real = engine_mod.encode_image_batch
+
+    def boom(*a):
+        raise RuntimeError("the tower broke (simulated)")
+    monkeypatch.setattr(engine_mod, "encode_image_batch", boom)
+    eng = Engine(model, num_blocks=512)
+    out = eng.generate([dict(prompt=IMAGE_PROMPT, images=[scene(300, 200, 9)], params=SamplingParams(max_tokens=3)),
+                        dict(requests[0], params=SamplingParams(max_tokens=3))])
+    assert out[0]["finish_reason"] == "error" and "image encoder failed" in out[0]["error"]
+    assert out[1]["finish_reason"] == "length" and len(out[1]["token_ids"]) == 3
+    assert eng.pool.num_free == eng.pool.num_blocks and not eng.has_work()
+    reqs = [dict(prompt=IMAGE_PROMPT, images=[scene(300 + 50 * i, 200, 10 + i)]) for i in range(3)]
+    want = [model.generate_ids(r["prompt"], r["images"], max_new_tokens=N_NEW) for r in reqs]
+    sizes = []
+
+    def small_memory(net, preps, *a):
+        sizes.append(len(preps))
+        if len(preps) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(net, preps, *a)
+    monkeypatch.setattr(engine_mod, "encode_image_batch", small_memory)
+    assert _run(Engine(model, num_blocks=512), reqs) == want
+    assert sizes == [3, 1, 2, 1, 1]
+
+
 def test_warmup_leaves_the_engine_clean(model, requests, expected):
     eng = Engine(model, num_blocks=256, static_decode=True)
     assert eng.warmup() >= 0
