@@ -9,7 +9,9 @@ Full-size random checkpoint (made under --work if missing), bf16. For each case 
     (the difference is host work: scheduling, sampling, streaming text);
   - the top CUDA kernels of a profiled decode step;
   - with --image: an 896x896 image's first token split into its parts (preprocessing, media key, towers,
-    prompt embeddings, the prefill step), then one profiled request (top CUDA kernels and CPU ops, GPU busy time);
+    prompt embeddings, the prefill step), then one profiled request (top CUDA kernels and CPU ops, GPU busy time).
+    Since session 11 the engine encodes images at the next step, so `first_step` holds the towers, the
+    embeddings and the prefill, and `add_request` the checks and the media key;
   - with --asr --merge-adapter speech: the ASR case (key asr_b64) again on a fresh engine with the speech adapter
     merged into the weights (key asr_b64_merged_speech, with the bytes the merge added), then unmerged once more
     (asr_b64_again: the spread of the two unmerged runs is the noise);
@@ -148,11 +150,11 @@ def image_profile(m, eng) -> dict:
         eng._prompt_embeds(prep, key + b"x", media)
         parts["embed"].append(lap(t))
         t = time.perf_counter()
-        eng.add_request(prep, params=p)  # the real path: key, towers, embeddings
+        eng.add_request(prep, params=p)  # the real path: checks and the media key (session 11: towers deferred)
         parts["add_request"].append(lap(t))
         t = time.perf_counter()
         while eng.has_work():
-            eng.step()
+            eng.step()  # towers (batched with other waiting images), embeddings, the prefill
         parts["first_step"].append(lap(t))
         parts["whole"].append(parts["prepare"][-1] + parts["add_request"][-1] + parts["first_step"][-1])
     row = {k: round(sorted(v)[2] * 1e3, 2) for k, v in parts.items()}
