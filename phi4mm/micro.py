@@ -108,7 +108,8 @@ RECIPE = (
     # tokens (one attention query per colour answers "what shape is red" at 0.97-1.00), yet the model answered
     # 26/50. A probe (scripts/micro_lm_probe.py, 240 s from the shipped model) took shapes from 0.665 to 0.845
     # and "what shape is <colour>" to 49/50 with projector + LoRA_V at lr 1e-3 on scenes alone; more of the
-    # recipe's own mix (OCR is half of it and still unread) gave 0.68. The towers stay frozen.
+    # recipe's own mix (OCR is half of it and still unread) gave 0.68. The towers stay frozen. Typed questions
+    # only: spoken questions about scenes (vsqa, same LoRA_V) fell from 0.29 to 0.01 in session 11's run.
     MicroStage("vision-focus", "vision-projector", ("shapes", "scene"), 14, 1e-3, phase=4, branch="vision",
                with_lora=True, warmup=50, max_seconds=400.0),
 )
@@ -408,6 +409,8 @@ def extend_run(model_dir: str | Path, recipe_json: str | Path, out: str | Path) 
     last = next(k for k, ph in enumerate(phases) if any(len(done) - 1 in c for c in ph))
     if any(n >= len(done) for ph in phases[:last + 1] for c in ph for n in c):
         raise ValueError(f"the recipe added stages to a phase {recipe_json} ran; run the whole recipe again")
+    if len(phases[last]) > 1:  # its model is the merge of two branches' folders, which a model dir cannot fill
+        raise ValueError("the run's last phase has two branches; extend a run that ends in one")
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -416,8 +419,6 @@ def extend_run(model_dir: str | Path, recipe_json: str | Path, out: str | Path) 
     for n, name in enumerate(done):
         folder = out / "stages" / f"{n + 1:02d}-{name}"
         if n == len(done) - 1:
-            if len(phases[last]) > 1:
-                raise ValueError("the run's last phase has two branches; extend a run that ends in one")
             shutil.copytree(model_dir, folder)
         else:
             folder.mkdir()
