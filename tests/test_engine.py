@@ -284,16 +284,20 @@ def test_audio_encoder_out_of_memory_splits_the_batch(model, monkeypatch):
     import phi4mm.engine as engine_mod
     reqs = [dict(prompt=AUDIO_PROMPT, audios=[tone(d, seed=i)]) for i, d in enumerate((1.1, 2.3, 0.7, 1.5, 0.9))]
     want = [model.generate_ids(r["prompt"], audios=r["audios"], max_new_tokens=N_NEW) for r in reqs]
-    sizes, real = [], engine_mod.encode_audio_batch
-
-    def small_memory(net, preps, *a):
-        sizes.append(len(preps))
-        if len(preps) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(net, preps, *a)
-    monkeypatch.setattr(engine_mod, "encode_audio_batch", small_memory)
+    sizes = []
+    monkeypatch.setattr(engine_mod, "encode_audio_batch", _oom_above(engine_mod.encode_audio_batch, 2, sizes))
     assert _run(Engine(model, num_blocks=512), reqs) == want
     assert sizes == [5, 2, 3, 1, 2]  # 5 fails, then 2 + (3 fails, then 1 + 2)
+
+
+def _oom_above(real, most: int, sizes: list):
+    """A stand-in for a batched encoder that runs out of memory on more than `most` prompts; records sizes."""
+    def encode(net, preps, *a):
+        sizes.append(len(preps))
+        if len(preps) > most:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(net, preps, *a)
+    return encode
 
 
 IMAGE_PROMPT = "<|user|><|image_1|>What is this?<|end|><|assistant|>"
@@ -336,15 +340,9 @@ def test_image_encoder_failure_and_out_of_memory(model, requests, monkeypatch):
     reqs = [dict(prompt=IMAGE_PROMPT, images=[scene(300 + 50 * i, 200, 10 + i)]) for i in range(3)]
     want = [model.generate_ids(r["prompt"], r["images"], max_new_tokens=N_NEW) for r in reqs]
     sizes = []
-
-    def small_memory(net, preps, *a):
-        sizes.append(len(preps))
-        if len(preps) > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(net, preps, *a)
-    monkeypatch.setattr(engine_mod, "encode_image_batch", small_memory)
+    monkeypatch.setattr(engine_mod, "encode_image_batch", _oom_above(real, 1, sizes))
     assert _run(Engine(model, num_blocks=512), reqs) == want
-    assert sizes == [3, 1, 2, 1, 1]
+    assert sizes == [3, 1, 2, 1, 1]  # 3 fails, then 1 + (2 fails, then 1 + 1)
 
 
 def test_warmup_leaves_the_engine_clean(model, requests, expected):
