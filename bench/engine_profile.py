@@ -15,6 +15,8 @@ Full-size random checkpoint (made under --work if missing), bf16. For each case 
   - with --asr --merge-adapter speech: the ASR case (key asr_b64) again on a fresh engine with the speech adapter
     merged into the weights (key asr_b64_merged_speech, with the bytes the merge added), then unmerged once more
     (asr_b64_again: the spread of the two unmerged runs is the noise);
+  - with --image-batch: 16 new 896x896 image requests at once (one token each) with their SigLIP forwards
+    batched across requests and one image per forward (image_batch);
   - with --asr --only --peer: transformers on the same ASR case in the same process afterwards (peer_asr_b64),
     and each of our ASR rows' real-time factor as a ratio to the peer's.
 """
@@ -174,6 +176,37 @@ def image_profile(m, eng) -> dict:
     return row
 
 
+def image_batch_profile(m, eng, n: int = 16) -> dict:
+    """`n` distinct 896x896 image requests at once, one token each: wall time with their towers batched across
+    requests (engine.IMAGE_BATCH_CROPS) and with one image per SigLIP forward (the per-request encoding the
+    engine had before session 11), alternating, median of 3 each."""
+    import phi4mm.engine as engine_mod
+    from phi4mm.sampling import SamplingParams
+    from tests.conftest import scene
+    prompt = "<|user|><|image_1|>Describe.<|end|><|assistant|>"
+    p = SamplingParams(max_tokens=1, ignore_eos=True)
+    batched = engine_mod.IMAGE_BATCH_CROPS
+    seed = iter(range(1000, 100000))
+    walls: dict[str, list[float]] = {"batched": [], "one_per_forward": []}
+    for rep in range(4):  # the first round warms up both settings (graph buckets, kernels)
+        for name, crops in (("batched", batched), ("one_per_forward", 1)):
+            preps = [m.prepare(prompt, images=[scene(896, 896, next(seed))]) for _ in range(n)]  # no cache hit
+            engine_mod.IMAGE_BATCH_CROPS = crops
+            sync()
+            t0 = time.perf_counter()
+            outs = eng.generate([{"prompt": x, "params": p} for x in preps])
+            sync()
+            if rep:
+                walls[name].append(time.perf_counter() - t0)
+            assert all(o["finish_reason"] == "length" for o in outs), outs[0]
+    engine_mod.IMAGE_BATCH_CROPS = batched
+    row = {k: round(sorted(v)[1] * 1e3, 1) for k, v in walls.items()}
+    row["requests"] = n
+    row["speedup"] = round(row["one_per_forward"] / row["batched"], 2)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 AUDIO_TOKEN_ID = 200011  # the published checkpoint's <|endoftext11|>, the audio placeholder
 
 
@@ -237,6 +270,8 @@ def main() -> None:
     ap.add_argument("--asr", action="store_true", help="also profile 64 x 30 s speech recognition (host side)")
     ap.add_argument("--image", action="store_true", help="also split an 896x896 image's first token into parts")
     ap.add_argument("--only", action="store_true", help="skip the text and decode cases")
+    ap.add_argument("--image-batch", action="store_true",
+                    help="also time 16 image requests with towers batched across requests and one per forward")
     ap.add_argument("--merge-adapter", choices=["speech", "vision"], default=None,
                     help="with --asr: time the ASR case again with this adapter merged (Engine(merge_adapter=))")
     ap.add_argument("--peer", action="store_true",
@@ -296,6 +331,8 @@ def main() -> None:
 
     if args.image:
         res["image_ttft"] = image_profile(m, eng)
+    if args.image_batch:
+        res["image_batch"] = image_batch_profile(m, eng)
     if args.asr and args.only:
         asr_cases()
     if args.peer:
