@@ -43,6 +43,12 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def _release_gpu() -> None:
+    """Hand freed GPU memory back to the driver (after dropping an engine or a model)."""
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
 def top_kernels(prof, n: int = 15, key: str = "self_device_time_total" if CUDA else "self_cpu_time_total"
                 ) -> list[dict]:
     rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:n]
@@ -304,29 +310,27 @@ def main() -> None:
     def prep(n: int, adapter: str | None = None) -> Prepared:
         return Prepared(torch.randint(1000, 190000, (n,), generator=gen).tolist(), None, None, adapter, "speech")
 
+    def fresh_engine(merge: str | None = None) -> Engine:
+        """Drop the engine (its KV pool holds most of the GPU, its graphs captured one path) and any merged
+        copy, then build a new one, merging `merge` before it sizes its pool from what is left."""
+        nonlocal eng
+        eng = None
+        gc.collect()
+        unmerge_adapters(m.net)
+        _release_gpu()
+        return Engine(m, max_batch=64, max_tokens_per_step=4096, static_decode=True, merge_adapter=merge)
+
     def asr_cases() -> None:
         nonlocal eng
         res["asr_b64"] = asr_profile(m, eng)
         if args.merge_adapter:
-            # A fresh engine: the first one's KV pool holds most of the GPU and its graphs captured the unmerged
-            # path. Free it before the merged engine sizes its pool from what is left after the merge.
-            eng = None
-            gc.collect()
-            if CUDA:
-                torch.cuda.empty_cache()
-            eng = Engine(m, max_batch=64, max_tokens_per_step=4096, static_decode=True,
-                         merge_adapter=args.merge_adapter)
+            eng = fresh_engine(args.merge_adapter)
             print(f"merged {args.merge_adapter}: +{eng.merged_bytes / 2**20:.1f} MiB", flush=True)
             row = asr_profile(m, eng)
             row["merged_bytes"] = eng.merged_bytes
             res[f"asr_b64_merged_{args.merge_adapter}"] = row
             # Unmerged once more on a fresh engine: the spread between the two unmerged runs bounds the noise.
-            eng = None
-            gc.collect()
-            unmerge_adapters(m.net)
-            if CUDA:
-                torch.cuda.empty_cache()
-            eng = Engine(m, max_batch=64, max_tokens_per_step=4096, static_decode=True)
+            eng = fresh_engine()
             res["asr_b64_again"] = asr_profile(m, eng)
 
     if args.image:
@@ -338,8 +342,8 @@ def main() -> None:
     if args.peer:
         eng = m = None  # free our model and KV pool before the peer loads
         gc.collect()
+        _release_gpu()
         if CUDA:
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         res["peer_asr_b64"] = peer = peer_asr(tiny=args.size != "full")
         for k in [k for k in res if k.startswith("asr_b64")]:

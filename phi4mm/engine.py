@@ -116,7 +116,7 @@ class Engine:
         self.block_size, self.max_batch = block_size, max_batch
         self.max_tokens_per_step, self.max_waiting = max_tokens_per_step, max_waiting
         self.prefix_caching = prefix_caching
-        self.merged_adapter, self.merged_bytes, self._merged = merge_adapter, 0, []
+        self.merged_bytes, self._merged = 0, []
         if merge_adapter is not None:
             # Before the KV pool is sized from free memory (the copy must not be squeezed out by it) and before
             # any graph is captured (a uniform graph of this adapter records the merged path). The engine holds
@@ -561,8 +561,8 @@ def _groups(items: list, size, budget: int, padded: bool) -> list[list]:
     its newest item's size (padded=True, items in ascending size: every member is padded to the newest)."""
     groups: list[list] = []
     for it in items:
-        g = groups[-1] if groups else None
-        cost = ((len(g) + 1) * size(it) if padded else sum(map(size, g)) + size(it)) if g else None
+        g = groups[-1] if groups else []
+        cost = (len(g) + 1) * size(it) if padded else sum(map(size, g)) + size(it)
         if g and cost <= budget:
             g.append(it)
         else:
