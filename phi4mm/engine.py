@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -540,20 +541,50 @@ class Engine:
         while self.has_work():
             yield from self.step()
 
-    def generate(self, requests: Seq[dict], progress: bool = False) -> list[dict]:
-        """Offline: each request is a dict of add_request's arguments; returns text, tokens, finish reason."""
-        ids = [self.add_request(**r) for r in requests]
-        res = {i: {"text": "", "token_ids": [], "finish_reason": None} for i in ids}
-        for out in self.stream():
-            r = res.get(out.request_id)
-            if r is None:
-                continue
-            r["text"] += out.text
-            if out.token_id is not None:
-                r["token_ids"].append(out.token_id)
-            if out.finished:
-                r["finish_reason"], r["error"] = out.finish_reason, out.error
-        return [res[i] for i in ids]
+    def generate(self, requests: Seq[dict], progress: bool = False, desc: str = "generate",
+                 errors: str = "raise") -> list[dict]:
+        """Offline: each request is a dict of add_request's arguments; returns text, tokens, finish reason.
+
+        Requests are queued as the waiting queue has room (any number of them, never EngineBusy), so a long
+        list streams through the engine. progress: a tqdm bar on stderr counting finished requests.
+        errors: "raise" stops at a request add_request refuses (ValueError); "return" gives that request
+        finish_reason "error" and its message, and goes on with the others (batch jobs).
+        """
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return'; got {errors!r}")
+        from tqdm import tqdm
+        todo = iter(enumerate(requests))
+        res: list[dict] = [{"text": "", "token_ids": [], "finish_reason": None} for _ in requests]
+        owner: dict[str, int] = {}  # request id -> index in requests
+        bar = tqdm(total=len(requests), desc=desc, unit="req", file=sys.stderr, disable=not progress or None,
+                   dynamic_ncols=True)
+        pending = True
+        while pending or self.has_work():
+            while pending and len(self.waiting) < self.max_waiting:
+                nxt = next(todo, None)
+                if nxt is None:
+                    pending = False
+                    break
+                try:
+                    owner[self.add_request(**nxt[1])] = nxt[0]
+                except ValueError as e:
+                    if errors == "raise":
+                        raise
+                    res[nxt[0]].update(finish_reason="error", error=" ".join(str(e).split()))
+                    bar.update(1)
+            for out in self.step():
+                i = owner.get(out.request_id)
+                if i is None:
+                    continue
+                r = res[i]
+                r["text"] += out.text
+                if out.token_id is not None:
+                    r["token_ids"].append(out.token_id)
+                if out.finished:
+                    r["finish_reason"], r["error"] = out.finish_reason, out.error
+                    bar.update(1)
+        bar.close()
+        return res
 
 
 def _groups(items: list, size, budget: int, padded: bool) -> list[list]:

@@ -1,4 +1,4 @@
-"""`phi4mm evaluate`: generate over a JSONL set through the engine and score the replies.
+"""`phi4mm eval`: generate over a JSONL set through the engine and score the replies.
 
 Each line is a training-style conversation; its last assistant message is the reference and everything before
 it is the prompt. An optional `"answers": [...]` field lists several references (VQA: ten annotators).
@@ -97,11 +97,11 @@ def score(metric: str, answers: list[list[str]], hyps: list[str]) -> float:
 
 def evaluate(model_dir: str | Path, data: str | Path, metric: str = "wer", *, max_tokens: int = 256,
              device: str = "cpu", dtype: str | None = None, text_adapter: str | None = None,
-             limit: int | None = None, model: Any = None) -> dict:
+             limit: int | None = None, model: Any = None, progress: bool = False) -> dict:
     """Greedy replies for every conversation of `data`, scored against its last assistant message.
 
     text_adapter: route text-only prompts through this adapter (loaded from `model_dir/<name>-lora/`).
-    model: an already loaded `phi4mm.Model` to use instead of loading model_dir.
+    model: an already loaded `phi4mm.Model` to use instead of loading model_dir. progress: a bar on stderr.
     Returns {"metric", "score", "n", "predictions": [{"line", "prediction", "references"}]}.
     """
     from . import api
@@ -128,7 +128,7 @@ def evaluate(model_dir: str | Path, data: str | Path, metric: str = "wer", *, ma
         requests.append({"prompt": prep, "params": SamplingParams(max_tokens=max_tokens)})
         answers.append(list(rec.answers or []) or [last["content"] or ""])
     with torch.inference_mode():
-        results = Engine(model).generate(requests)
+        results = Engine(model).generate(requests, progress=progress, desc=Path(data).name)
     hyps = [r["text"].strip() for r in results]
     preds = [{"line": rec.line, "prediction": h, "references": a} for rec, h, a in zip(records, hyps, answers)]
     return {"metric": metric, "score": score(metric, answers, hyps), "n": len(hyps), "predictions": preds}

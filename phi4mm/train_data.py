@@ -44,6 +44,7 @@ class Record:
     audios: list[Any]
     tools: list[dict] | None = None
     answers: list[str] | None = None  # optional extra references (evaluation: several VQA answers)
+    id: Any = None  # the line's optional "id", echoed by batch jobs
 
 
 @dataclass
@@ -66,8 +67,11 @@ class Example:
         return sum(t != IGNORE for t in self.labels)
 
 
-def read_jsonl(path: str | Path, skip_bad: bool = False) -> tuple[list[Record], list[str]]:
+def read_jsonl(path: str | Path, skip_bad: bool = False, need_answer: bool = True) -> tuple[list[Record], list[str]]:
     """Parse and check every line. Returns (records, messages about skipped lines).
+
+    need_answer: every conversation must hold an assistant message (training, evaluation); batch prompts
+    (`phi4mm batch`) need not.
 
     Raises DataError naming `path:line` for the first bad line (unless skip_bad), or when nothing is left.
     """
@@ -80,26 +84,30 @@ def read_jsonl(path: str | Path, skip_bad: bool = False) -> tuple[list[Record], 
             if not line.strip():
                 continue
             try:
-                records.append(_record(json.loads(line), n, path.parent))
+                records.append(_record(json.loads(line), n, path.parent, need_answer))
             except (json.JSONDecodeError, ValueError) as e:
                 msg = f"{path}:{n}: {e}"
                 if not skip_bad:
                     raise DataError(f"{msg}; fix the line, or pass skip_bad=True to skip bad lines") from None
                 bad.append(msg)
     if not records:
+        need = ', {"role": "assistant", "content": ...}' if need_answer else ""
         raise DataError(f"{path} holds no usable conversations ({len(bad)} bad lines skipped); each line needs "
-                        "{\"messages\": [..., {\"role\": \"assistant\", \"content\": ...}]}")
+                        f'{{"messages": [...{need}]}}')
     return records, bad
 
 
-def _record(d: Any, line: int, base: Path) -> Record:
+def _record(d: Any, line: int, base: Path, need_answer: bool = True) -> Record:
     if not isinstance(d, dict) or not isinstance(d.get("messages"), list):
         raise DataError("a line must be a JSON object with a 'messages' list")
     flat, images, audios = flatten_content(d["messages"])
-    if not any(m["role"] == "assistant" for m in flat):
-        raise DataError("the conversation has no assistant message: nothing to learn from")
+    if need_answer and not any(m["role"] == "assistant" for m in flat):
+        raise DataError("the conversation has no assistant message: training needs the reply to learn from, "
+                        "evaluation the reference answer")
+    if not flat:
+        raise DataError("the conversation has no messages")
     return Record(line, flat, [_resolve(x, base, "image") for x in images],
-                  [_resolve(x, base, "audio") for x in audios], d.get("tools"), d.get("answers"))
+                  [_resolve(x, base, "audio") for x in audios], d.get("tools"), d.get("answers"), d.get("id"))
 
 
 def _resolve(payload: Any, base: Path, kind: str) -> Any:

@@ -58,8 +58,8 @@ def srt_cues(text: str) -> list[tuple]:
 
 
 # ------------------------------------------------------------------------------------------------ help
-@pytest.mark.parametrize("cmd", [[], ["chat"], ["transcribe"], ["translate"], ["serve"], ["bench"],
-                                 ["make-checkpoint"]])
+@pytest.mark.parametrize("cmd", [[], ["chat"], ["transcribe"], ["translate"], ["serve"], ["bench"], ["eval"],
+                                 ["batch"], ["make-checkpoint"]])
 def test_help(cmd):
     p = ok(run(*cmd, "--help"))
     assert p.stdout.startswith("usage: phi4mm")
@@ -76,6 +76,13 @@ def test_train_offers_every_stage_the_trainer_has():
     train = next(a for a in cli._parser()._subparsers._group_actions[0].choices["train"]._actions
                  if a.dest == "stage")
     assert sorted(train.choices) == sorted(STAGES)
+
+
+def test_eval_offers_every_metric():
+    from phi4mm.evaluate import METRICS
+    ev = next(a for a in cli._parser()._subparsers._group_actions[0].choices["eval"]._actions
+              if a.dest == "metric")
+    assert sorted(ev.choices) == sorted(METRICS)
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -95,6 +102,16 @@ def test_errors_before_loading_are_one_sentence(capsys, tiny_official, tmp_path)
     one_line_error(in_process(capsys, "serve", "--port", "70000", *m), "--port")
     one_line_error(in_process(capsys, "bench", "--model", tmp_path / "nowhere"), "not a directory")
     one_line_error(in_process(capsys, "chat", "hi", "--model", tmp_path / "nowhere"), "not a directory")
+    one_line_error(in_process(capsys, "eval", tmp_path / "none.jsonl", "--metric", "wer", *m), "none.jsonl",
+                   "not a file")
+    one_line_error(in_process(capsys, "eval", FLACS[0], "--metric", "wer", "--limit", "0", *m), "--limit")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": oops}\n')
+    one_line_error(in_process(capsys, "eval", bad, "--metric", "exact", *m), "bad.jsonl", "2")
+    last_user = tmp_path / "last_user.jsonl"
+    last_user.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    one_line_error(in_process(capsys, "eval", last_user, "--metric", "exact", *m), "reference")
     # two inputs that would write the same file
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -220,3 +237,27 @@ def test_one_stage_on_a_gpu_prepares_media_in_workers_shared_by_the_host(monkeyp
     assert _stage_workers(None, "cuda:3") == 4
     assert _stage_workers(None, "cpu") == 0  # inline: workers would take the training's cores
     assert _stage_workers(3, "cuda") == 3 and _stage_workers(0, "cuda") == 0  # what the user asked for
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def test_eval_scores_the_embedded_model_and_writes_its_predictions(tmp_path):
+    """The default model on the 32 held-out shape questions: the printed score is the share of written
+    predictions that match their reference, and the shipped model reads most of them (29/32 when shipped)."""
+    preds = tmp_path / "preds.jsonl"
+    p = ok(run("eval", DATA / "micro_heldout_shapes.jsonl", DATA / "micro_heldout_tools.jsonl", "--metric", "exact",
+               "--max-tokens", "8", "--json", "--predictions", tmp_path / "preds"))
+    res = json.loads(p.stdout)
+    shapes = res[str(DATA / "micro_heldout_shapes.jsonl")]
+    assert shapes["metric"] == "exact" and shapes["n"] == 32
+    rows = [json.loads(x) for x in (tmp_path / "preds" / "micro_heldout_shapes.predictions.jsonl").read_text()
+            .splitlines()]
+    assert [r["line"] for r in rows] == list(range(1, 33))
+    hits = sum(r["prediction"].strip().lower() == r["references"][0].lower() for r in rows)
+    assert shapes["score"] == pytest.approx(hits / 32) and hits >= 27
+    assert (tmp_path / "preds" / "micro_heldout_tools.predictions.jsonl").is_file()
+    # one file, --limit, a file path for --predictions and the plain table
+    p = ok(run("eval", DATA / "micro_heldout_shapes.jsonl", "--metric", "exact", "--max-tokens", "8",
+               "--limit", "4", "--predictions", preds))
+    name, metric, score, n = p.stdout.strip().split("\t")
+    assert (metric, n) == ("exact", "n=4") and 0 <= float(score) <= 1
+    assert len(preds.read_text().splitlines()) == 4

@@ -1,0 +1,223 @@
+"""The `phi4mm` command line's arguments: every subcommand, its flags, help and examples (handlers: cli.py).
+
+Nothing here imports torch or the model, so `phi4mm --help` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = """examples:
+  phi4mm make-checkpoint ./tiny --size tiny --layout official
+  phi4mm chat --model ./tiny "Describe the image." --image cat.jpg
+  phi4mm chat --model ./tiny                       # interactive (on a terminal)
+  phi4mm transcribe --model ./tiny talk.flac --format srt
+  phi4mm translate --model ./tiny interviews/ --language French --output-dir out/
+  phi4mm serve --model ./Phi-4-multimodal-instruct --device cuda --port 8000
+  phi4mm eval --model ./tiny asr_test.jsonl --metric wer
+  phi4mm batch --model ./tiny prompts.jsonl replies.jsonl
+  phi4mm bench --model ./tiny --requests 8
+"""
+EVAL_EXAMPLES = """examples:
+  phi4mm eval --model DIR asr_test.jsonl --metric wer
+  phi4mm eval --model DIR vqa_a.jsonl vqa_b.jsonl --metric vqa --predictions preds/
+Each line is a conversation whose last assistant message is the reference (or an "answers" list for VQA);
+media paths are relative to the JSONL file. Replies are greedy, batched on the engine. Metrics: wer (lower
+is better), bleu (sacrebleu), exact (normalised exact match), vqa, tool (valid tool-call JSON, right names).
+"""
+CHAT_EXAMPLES = """examples:
+  phi4mm chat --model DIR "What is the capital of France?"
+  phi4mm chat --model DIR "Describe the image." --image cat.jpg
+  phi4mm chat --model DIR "<|audio_1|>Transcribe the audio clip into text." --audio speech.wav
+  phi4mm chat --model DIR --interactive < questions.txt
+
+interactive commands: /image PATH and /audio PATH attach media to your next message, /reset starts over,
+/exit (or end of input) quits, /help lists them.
+"""
+TRANSCRIBE_EXAMPLES = """examples:
+  phi4mm {cmd} --model DIR talk.flac                      # text to stdout
+  phi4mm {cmd} --model DIR talk.flac --format srt > talk.srt
+  phi4mm {cmd} --model DIR recordings/ "more/*.wav" --format vtt --output-dir subs/
+inputs: files, folders (searched recursively for {exts}) and glob patterns. One input file with no
+--output-dir prints to stdout; otherwise each file's result is written as <name>.<ext> next to it (or into
+--output-dir). Audio longer than --max-seconds is cut at pauses into timed segments.
+"""
+SERVE_EXAMPLES = """examples:
+  phi4mm serve --model DIR --device cuda
+  phi4mm serve --model DIR --host 0.0.0.0 --port 8080 --api-key secret --allow-remote-media
+  phi4mm serve --model DIR --replicas 8 --gpus-per-replica 1 --host 0.0.0.0   # Ray Serve, one port
+"""
+BATCH_EXAMPLES = """examples:
+  phi4mm batch --model DIR prompts.jsonl replies.jsonl --max-tokens 512
+  phi4mm batch --model DIR prompts.jsonl replies.jsonl --replicas 8 --gpus-per-replica 1   # Ray Data
+Each line: {"messages": [...], "tools": [...], "id": ..., "sampling": {"temperature": 0.7, ...}} (all but
+"messages" optional; media paths relative to the file). Each output line, in input order: {"line", "id", "text",
+"tool_calls", "finish_reason", "usage", "error", "reference"}. On Ray, every node must see the model and the
+media at the same paths; `--ray-address` names a cluster started with `ray start`.
+"""
+BENCH_EXAMPLES = """examples:
+  phi4mm bench --model DIR --device cuda --requests 64 --prompt-tokens 512 --new-tokens 128
+Random prompt tokens, ignore_eos: every request generates exactly --new-tokens tokens. Reports wall time,
+generated tokens/s (all requests together) and prompt tokens/s; one warm-up request runs first.
+"""
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf")
+TRANSCRIBE_FORMATS = ("txt", "text", "srt", "vtt", "json", "verbose_json")
+
+
+def parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="phi4mm", description="Run Phi-4-multimodal-instruct: text, image and "
+                                "audio in, text out.", epilog=EXAMPLES, formatter_class=raw)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def model_args(sp: argparse.ArgumentParser, device: str = "cpu") -> None:
+        sp.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded micro model, "
+                        "a ~12M-parameter Phi-4-multimodal that phi4mm trained itself)")
+        sp.add_argument("--device", default=device, help=f"cpu, cuda, cuda:1, ... (default {device})")
+        sp.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, "
+                        "fp32 on CPU)")
+
+    def ray_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--replicas", type=int, default=None, help="run N model replicas on Ray (pip install "
+                        "'phi4mm[ray]'); default: one engine in this process")
+        sp.add_argument("--gpus-per-replica", type=float, default=0.0, help="--replicas: GPUs each (default 0)")
+        sp.add_argument("--ray-address", default=None, help="--replicas: the Ray cluster (default: the one "
+                        "`ray start` made here, else a new local one)")
+
+    def merge_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--merge-adapter", choices=["vision", "speech"], default=None,
+                        help="merge this LoRA adapter into a copy of the decoder weights: batches that all use it "
+                        "(e.g. transcription: speech) run faster, for ~6.4 GB more GPU memory on the full model")
+
+    mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint laid out like the official one",
+                        description="Write a random-weight checkpoint (for tests and trying the tools).")
+    mk.add_argument("out", type=Path)
+    mk.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    mk.add_argument("--layout", choices=["official", "hf"], default="official")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    mk.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda: seconds at full size)")
+
+    ch = sub.add_parser("chat", help="chat: one-shot with a prompt, interactive without one",
+                        description="Chat with the model. With a prompt: answer it and exit. Without one on a "
+                        "terminal, or with --interactive: a conversation read line by line from stdin.",
+                        epilog=CHAT_EXAMPLES, formatter_class=raw)
+    ch.add_argument("prompt", nargs="?", help="the user message; refer to media as <|image_1|>, <|audio_1|> "
+                    "(added at the start when absent)")
+    model_args(ch)
+    ch.add_argument("--image", action="append", default=[], help="image file for the first message (repeatable)")
+    ch.add_argument("--audio", action="append", default=[], help="audio file for the first message (repeatable)")
+    ch.add_argument("--system", default=None, help="a system message")
+    ch.add_argument("--tools", type=Path, default=None, help="a JSON file with the functions the model may call "
+                    "(OpenAI format, a list); its calls are printed as one JSON line after the reply")
+    ch.add_argument("--interactive", "-i", action="store_true", help="converse on stdin even when it is not a "
+                    "terminal (the prompt, if given, is the first message)")
+    ch.add_argument("--max-tokens", type=int, default=256, help="per reply (default 256)")
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ch.add_argument("--seed", type=int, default=None)
+
+    for cmd, what in (("transcribe", "speech to text in the spoken language"),
+                      ("translate", "speech to text in another language (English by default)")):
+        tr = sub.add_parser(cmd, help=what, description=f"{cmd.capitalize()} audio: {what}.",
+                            epilog=TRANSCRIBE_EXAMPLES.format(cmd=cmd, exts=" ".join(AUDIO_EXTENSIONS)),
+                            formatter_class=raw)
+        tr.add_argument("inputs", nargs="+", help="audio files, folders or glob patterns")
+        model_args(tr)
+        tr.add_argument("--format", "-f", default="txt", help=f"one of {', '.join(TRANSCRIBE_FORMATS)} "
+                        "(default txt); several comma-separated (e.g. srt,vtt) write one file each")
+        tr.add_argument("--language", default=None, help="spoken language hint (transcribe) or target language "
+                        "(translate): a name or ISO code, e.g. French or fr")
+        tr.add_argument("--prompt", default=None, help="context for names and spelling, added to the instruction")
+        tr.add_argument("--output-dir", "-o", type=Path, default=None, help="write <name>.<ext> files here")
+        tr.add_argument("--max-seconds", type=float, default=30.0, help="longest segment (default 30)")
+        tr.add_argument("--max-tokens", type=int, default=448, help="per segment (default 448)")
+        tr.add_argument("--max-batch", type=int, default=32, help="segments decoded together (default 32)")
+        merge_arg(tr)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server", epilog=SERVE_EXAMPLES, formatter_class=raw,
+                        description="Serve the model over an OpenAI-compatible HTTP API.")
+    model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: no auth)")
+    sv.add_argument("--max-batch", type=int, default=64, help="requests decoded together (default 64)")
+    sv.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503 "
+                    "(default 256)")
+    ray_args(sv)
+    sv.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image/audio URLs")
+    sv.add_argument("--allow-local-files", action="store_true", help="let requests name file:// paths on this "
+                    "machine")
+    merge_arg(sv)
+
+    ba = sub.add_parser("batch", help="replies to every conversation of a JSONL file, here or on Ray replicas",
+                        epilog=BATCH_EXAMPLES, formatter_class=raw, description="Offline generation over a JSONL "
+                        "file of conversations; one result line per input line.")
+    model_args(ba)
+    ba.add_argument("data", type=Path, help="JSONL prompts")
+    ba.add_argument("out", type=Path, help="JSONL results (written in input order)")
+    ba.add_argument("--max-tokens", type=int, default=256, help="per reply (default 256)")
+    ba.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
+    ba.add_argument("--top-p", type=float, default=1.0)
+    ba.add_argument("--seed", type=int, default=None, help="sampling seed of every line that names none")
+    ba.add_argument("--max-batch", type=int, default=64, help="requests decoded together per engine (default 64)")
+    merge_arg(ba)
+    ray_args(ba)
+    ba.add_argument("--batch-size", type=int, default=64, help="--replicas: lines sent to a replica at a time")
+    ev = sub.add_parser("eval", help="score the model on JSONL test sets: WER, BLEU, exact match, VQA, tool calls",
+                        epilog=EVAL_EXAMPLES, formatter_class=raw, description="Greedy replies to each "
+                        "conversation, scored against its reference answer; one line of results per file.")
+    model_args(ev)
+    ev.add_argument("data", type=Path, nargs="+", help="JSONL test sets")
+    # evaluate.METRICS, written out so `--help` needs no torch import (a test keeps the two equal).
+    ev.add_argument("--metric", required=True, choices=["wer", "bleu", "exact", "vqa", "tool"])
+    ev.add_argument("--max-tokens", type=int, default=256, help="per reply (default 256)")
+    ev.add_argument("--limit", type=int, default=None, help="score only the first N lines of each file")
+    ev.add_argument("--text-adapter", default=None, help="route text-only prompts through this LoRA "
+                    "(DIR/<name>-lora/, e.g. one `phi4mm train --stage text` wrote)")
+    ev.add_argument("--predictions", type=Path, default=None, help="write each line's reply and references as "
+                    "JSONL: this file for one data set, or <name>.predictions.jsonl files in this folder")
+    ev.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    be = sub.add_parser("bench", help="quick offline engine throughput", epilog=BENCH_EXAMPLES,
+                        formatter_class=raw, description="Offline throughput of the engine on this model.")
+    model_args(be)
+    be.add_argument("--requests", type=int, default=8, help="number of requests (default 8)")
+    be.add_argument("--prompt-tokens", type=int, default=128, help="per request (default 128)")
+    be.add_argument("--new-tokens", type=int, default=64, help="per request (default 64)")
+    be.add_argument("--max-batch", type=int, default=64)
+    merge_arg(be)
+    tn = sub.add_parser("train", help="fine-tune one stage of the recipe on JSONL chats; writes a loadable checkpoint",
+                        description="Fine-tune a stage (adapter / encoder / projector); OUT is a checkpoint "
+                        "directory that phi4mm and transformers+peft load.")
+    tn.add_argument("data", type=Path, nargs="?",
+                    help='JSONL, one {"messages": [...]} per line; media paths relative to it')
+    tn.add_argument("out", type=Path, nargs="?", help="output checkpoint directory (with --recipe: the run folder)")
+    tn.add_argument("--model", type=Path, help="base checkpoint directory")
+    # train.STAGES' names, written out so `--help` needs no torch import (a test keeps the two equal).
+    tn.add_argument("--stage", choices=["vision-projector", "vision-encoder", "vision-lora", "speech-encoder",
+                                        "speech-lora", "vision-speech", "text", "decoder", "speech-ctc",
+                                        "vision-ctc"])
+    tn.add_argument("--recipe", choices=["micro"], help="run a whole recipe instead of one stage: 'micro' "
+                    "generates data and trains the embedded micro model from scratch (phi4mm train --recipe "
+                    "micro RUN_DIR --device cuda)")
+    tn.add_argument("--scale", type=float, default=1.0, help="--recipe: data set size factor (default 1)")
+    tn.add_argument("--epochs-scale", type=float, default=1.0, help="--recipe: epochs factor (default 1)")
+    tn.add_argument("--workers", type=int, default=None, help="processes preparing media (default: all cores "
+                    "for --recipe; for one stage on a GPU, this host's cores shared by its torchrun processes, up to "
+                    "8 each; 0 on a CPU: inline)")
+    tn.add_argument("--max-minutes", type=float, default=None, help="--recipe: wall-clock budget for data + "
+                    "training, shared between the stages by planned work (each ends early when its share is spent)")
+    tn.add_argument("--stop-after", default=None, help="--recipe: stop after this stage; run again to continue")
+    for flag, kind, default in (("--epochs", int, 1), ("--max-steps", int, None), ("--lr", float, 1e-4),
+                                ("--batch-tokens", int, 16384), ("--grad-accum", int, 1), ("--lora-rank", int, None),
+                                ("--seed", int, 0), ("--warmup-steps", int, 0), ("--save-every", int, 500)):
+        tn.add_argument(flag, type=kind, default=default)
+    tn.add_argument("--device", default="cpu")
+    tn.add_argument("--dtype", default="float32", help="frozen weights' dtype (trained parameters stay fp32)")
+    tn.add_argument("--amp", action="store_true", help="bf16 autocast")
+    tn.add_argument("--grad-checkpointing", action="store_true")
+    tn.add_argument("--resume", action="store_true", help="continue from the latest OUT/checkpoint-*")
+    tn.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed lines instead of stopping")
+    tn.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
+                    "state over the processes (FSDP2) instead of copying them to each (DDP), for stages that train "
+                    "large parts; its checkpoints are sharded (each rank writes its part)")
+    return p
