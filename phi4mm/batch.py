@@ -36,20 +36,14 @@ def read_prompts(path: str | Path, defaults: SamplingParams) -> list[dict]:
     """Parse and check the whole file; one row per line: the prompt's parts and its sampling, as JSON-safe
     values (Ray Data ships rows as Arrow tables: nested message lists travel as one JSON string)."""
     records, _ = read_jsonl(path, need_answer=False)
-    raw = _raw_lines(Path(path))
-    return [_row(rec, raw[rec.line], defaults, path) for rec in records]
+    return [_row(rec, defaults, path) for rec in records]
 
 
-def _raw_lines(path: Path) -> dict[int, dict]:
-    with path.open(encoding="utf-8") as f:
-        return {n: json.loads(line) for n, line in enumerate(f, 1) if line.strip()}
-
-
-def _row(rec: Record, raw: dict, defaults: SamplingParams, path: str | Path) -> dict:
+def _row(rec: Record, defaults: SamplingParams, path: str | Path) -> dict:
     messages, reference = rec.messages, None
     if len(messages) > 1 and messages[-1]["role"] == "assistant":
         messages, reference = messages[:-1], messages[-1]["content"]
-    over = raw.get("sampling") or {}
+    over = rec.sampling or {}
     if not isinstance(over, dict) or set(over) - SAMPLING_FIELDS:
         unknown = sorted(set(over) - SAMPLING_FIELDS) if isinstance(over, dict) else over
         raise DataError(f"{path}:{rec.line}: 'sampling' must be an object of SamplingParams fields; "
@@ -107,10 +101,10 @@ class BatchReplica:
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str | None = None, max_batch: int = 64,
                  merge_adapter: str | None = None):
         import phi4mm
-        from .engine import Engine
+        from .engine import Engine, cpu_kv_blocks
         self.model = phi4mm.load(model_dir, device=device, dtype=dtype)
-        blocks = None if self.model.device.type == "cuda" else 1024  # CPU: a 16k-token KV pool
-        self.engine = Engine(self.model, num_blocks=blocks, max_batch=max_batch, merge_adapter=merge_adapter)
+        self.engine = Engine(self.model, num_blocks=cpu_kv_blocks(self.model.device), max_batch=max_batch,
+                             merge_adapter=merge_adapter)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         """Ray Data's column batch in, the result columns out (nested values as JSON strings)."""
@@ -155,17 +149,10 @@ def run_batch(model_dir: str | Path, data: str | Path, out: str | Path, *, defau
 
 def _on_ray(model_dir: str, rows: list[dict], replicas: int, gpus: float, cpus: float, batch_size: int, device: str,
             dtype: str | None, max_batch: int, merge_adapter: str | None, address: str | None) -> list[dict]:
-    try:
-        import ray
-    except ImportError as e:
-        raise ValueError("replicas need Ray: pip install 'phi4mm[ray]' (or run without --replicas)") from e
+    from .replicas import connect
     if replicas < 1 or batch_size < 1:
         raise ValueError(f"replicas and batch_size must be >= 1; got {replicas} and {batch_size}")
-    if gpus > 0 and device == "cpu":
-        device = "cuda"  # Ray sets each actor's CUDA_VISIBLE_DEVICES to its own GPUs
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    ray, started, device = connect(address, "a batch on replicas", device, gpus)
     try:
         ds = ray.data.from_items(rows).map_batches(
             BatchReplica, fn_constructor_kwargs=dict(model_dir=model_dir, device=device, dtype=dtype,

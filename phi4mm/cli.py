@@ -19,7 +19,6 @@ from pathlib import Path
 from .cli_args import AUDIO_EXTENSIONS, TRANSCRIBE_FORMATS
 from .cli_args import parser as _parser
 
-CPU_KV_TOKENS = 16384  # CPU KV pool: 16k tokens (4 GiB fp32 at full size); on GPU the engine sizes it itself
 NO_MODEL = "train needs --model DIR, the checkpoint to fine-tune (or --recipe micro to train the micro model)"
 
 
@@ -35,9 +34,8 @@ def _load(args):
 
 
 def _engine(model, max_batch: int = 64, max_waiting: int = 1024, merge_adapter: str | None = None):
-    from .engine import Engine
-    blocks = None if model.device.type == "cuda" else CPU_KV_TOKENS // 16
-    return Engine(model, num_blocks=blocks, max_batch=max_batch, max_waiting=max_waiting,
+    from .engine import Engine, cpu_kv_blocks
+    return Engine(model, num_blocks=cpu_kv_blocks(model.device), max_batch=max_batch, max_waiting=max_waiting,
                   merge_adapter=merge_adapter)
 
 
@@ -319,8 +317,6 @@ def _serve(args) -> int:
 def _batch(args) -> int:
     for name in ("max_tokens", "max_batch", "batch_size") + (("replicas",) if args.replicas is not None else ()):
         _positive(name.replace("_", "-"), getattr(args, name))
-    if not args.data.is_file():
-        raise UserError(f"{args.data} is not a file; pass a JSONL file of conversations")
     from .batch import run_batch
     from .sampling import SamplingParams
     defaults = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -340,11 +336,8 @@ def _eval(args) -> int:
     for d in args.data:
         if not d.is_file():
             raise UserError(f"{d} is not a file; pass JSONL test sets")
-    from .evaluate import evaluate
-    model = _load(args)
-    if args.text_adapter is not None and args.text_adapter not in model.config.loras:
-        from .train import load_adapter
-        load_adapter(model, Path(args.model) / f"{args.text_adapter}-lora", args.text_adapter)
+    from .evaluate import evaluate, load_model
+    model = load_model(args.model, args.device, args.dtype, args.text_adapter)
     results = {}
     for d in args.data:
         r = evaluate(args.model, d, args.metric, max_tokens=args.max_tokens, text_adapter=args.text_adapter,

@@ -36,6 +36,15 @@ from .sampling import (
     sample,
 )
 
+# The KV pool the command line, batch jobs and server replicas give an engine on a CPU: 16k tokens (4 GiB fp32
+# at full size). On a GPU the engine sizes its pool from free memory.
+CPU_KV_TOKENS = 16384
+
+
+def cpu_kv_blocks(device: torch.device | str, block_size: int = 16) -> int | None:
+    """`num_blocks` for an Engine of those front ends: CPU_KV_TOKENS' worth on a CPU, None (sized from free
+    memory) on a GPU."""
+    return None if torch.device(device).type == "cuda" else CPU_KV_TOKENS // block_size
 AUDIO_BATCH_FRAMES = 64 * 3000  # padded feature frames per batched conformer forward: 64 clips of 30 s
 # Crops per batched SigLIP forward (activations grow linearly in crops: ~30 MB a crop at full size, so ~2 GB
 # here); one image of 36 HD crops + its global view always fits.

@@ -95,6 +95,18 @@ def score(metric: str, answers: list[list[str]], hyps: list[str]) -> float:
     raise ValueError(f"metric {metric!r} is not known; use one of {', '.join(METRICS)}")
 
 
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: str | None = None,
+               text_adapter: str | None = None) -> Any:
+    """The model to evaluate, with `text_adapter` loaded from `model_dir/<name>-lora/` when it did not load
+    by itself (a `text-lora/` folder does)."""
+    from . import api
+    from .train import load_adapter
+    model = api.load(model_dir, device, dtype)
+    if text_adapter is not None and text_adapter not in model.config.loras:
+        load_adapter(model, Path(model_dir) / f"{text_adapter}-lora", text_adapter)
+    return model
+
+
 def evaluate(model_dir: str | Path, data: str | Path, metric: str = "wer", *, max_tokens: int = 256,
              device: str = "cpu", dtype: str | None = None, text_adapter: str | None = None,
              limit: int | None = None, model: Any = None, progress: bool = False) -> dict:
@@ -104,9 +116,7 @@ def evaluate(model_dir: str | Path, data: str | Path, metric: str = "wer", *, ma
     model: an already loaded `phi4mm.Model` to use instead of loading model_dir. progress: a bar on stderr.
     Returns {"metric", "score", "n", "predictions": [{"line", "prediction", "references"}]}.
     """
-    from . import api
     from .engine import Engine
-    from .train import load_adapter
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r} is not known; use one of {', '.join(METRICS)}")
     if metric == "bleu":
@@ -114,9 +124,7 @@ def evaluate(model_dir: str | Path, data: str | Path, metric: str = "wer", *, ma
     records, _ = read_jsonl(data)
     records = records[:limit] if limit else records
     if model is None:
-        model = api.load(model_dir, device, dtype)
-        if text_adapter is not None and text_adapter not in model.config.loras:  # text-lora/ loads by itself
-            load_adapter(model, Path(model_dir) / f"{text_adapter}-lora", text_adapter)
+        model = load_model(model_dir, device, dtype, text_adapter)
     requests, answers = [], []
     for rec in records:
         last = rec.messages[-1]

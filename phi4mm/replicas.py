@@ -35,6 +35,20 @@ class Replica:
         return create_app(model, engine, **kw)
 
 
+def connect(address: str | None, what: str, device: str, gpus: float) -> tuple[Any, bool, str]:
+    """Ray, joined to the cluster at `address` (default: the one `ray start` made here, else a new local one)
+    unless this process already is. Returns (the ray module, whether this call started it, the replicas'
+    device: "cuda" when they get GPUs, since Ray sets each one's CUDA_VISIBLE_DEVICES to its own)."""
+    try:
+        import ray
+    except ImportError as e:
+        raise ValueError(f"{what} needs Ray: pip install 'phi4mm[ray]' (or run without --replicas)") from e
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    return ray, started, "cuda" if gpus > 0 and device == "cpu" else device
+
+
 def start(model_dir: str | Path, replicas: int = 2, *, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0,
           host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", dtype: str | None = None,
           api_key: str | None = None, max_batch: int = 64, max_waiting: int = 1024, num_blocks: int | None = None,
@@ -42,21 +56,15 @@ def start(model_dir: str | Path, replicas: int = 2, *, gpus_per_replica: float =
           model_name: str | None = None, ray_address: str | None = None, app_name: str = "phi4mm") -> str:
     """Deploy `replicas` servers of `model_dir` on Ray Serve at http://host:port and return that URL once every
     replica has loaded. `serve.shutdown()` (or `stop()`) takes them down."""
-    try:
-        import ray
-        from ray import serve
-    except ImportError as e:
-        raise ValueError("--replicas needs Ray: pip install 'phi4mm[ray]' (or serve without --replicas)") from e
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1; got {replicas}")
-    if gpus_per_replica > 0 and device == "cpu":
-        device = "cuda"  # Ray sets each replica's CUDA_VISIBLE_DEVICES to its own GPUs
+    _, _, device = connect(ray_address, "serving replicas", device, gpus_per_replica)
+    from ray import serve
     model_dir = str(Path(model_dir).resolve())
-    if not ray.is_initialized():
-        ray.init(address=ray_address, log_to_driver=False, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
-    if device == "cpu" and num_blocks is None:
-        num_blocks = 1024  # a 16k-token KV pool, as the single-process CLI server on a CPU
+    if num_blocks is None:
+        from .engine import cpu_kv_blocks
+        num_blocks = cpu_kv_blocks(device)
     app_kwargs = dict(model_name=model_name or Path(model_dir).name, api_key=api_key, num_blocks=num_blocks,
                       max_batch=max_batch, max_waiting=max_waiting, allow_remote_media=allow_remote_media,
                       allow_local_files=allow_local_files, merge_adapter=merge_adapter)

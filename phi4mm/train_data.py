@@ -45,6 +45,7 @@ class Record:
     tools: list[dict] | None = None
     answers: list[str] | None = None  # optional extra references (evaluation: several VQA answers)
     id: Any = None  # the line's optional "id", echoed by batch jobs
+    sampling: Any = None  # the line's optional "sampling" (SamplingParams fields), for batch jobs
 
 
 @dataclass
@@ -107,7 +108,8 @@ def _record(d: Any, line: int, base: Path, need_answer: bool = True) -> Record:
     if not flat:
         raise DataError("the conversation has no messages")
     return Record(line, flat, [_resolve(x, base, "image") for x in images],
-                  [_resolve(x, base, "audio") for x in audios], d.get("tools"), d.get("answers"), d.get("id"))
+                  [_resolve(x, base, "audio") for x in audios], d.get("tools"), d.get("answers"), d.get("id"),
+                  d.get("sampling"))
 
 
 def _resolve(payload: Any, base: Path, kind: str) -> Any:
