@@ -100,6 +100,10 @@ def test_errors_before_loading_are_one_sentence(capsys, tiny_official, tmp_path)
     one_line_error(in_process(capsys, "chat", "hi", "--image", "missing.jpg", *m), "missing.jpg")
     one_line_error(in_process(capsys, "chat", "hi", "--max-tokens", "0", *m), "max_tokens")
     one_line_error(in_process(capsys, "serve", "--port", "70000", *m), "--port")
+    one_line_error(in_process(capsys, "serve", "--replicas", "0", *m), "--replicas")
+    one_line_error(in_process(capsys, "batch", FLACS[0], tmp_path / "o.jsonl", "--max-tokens", "0", *m),
+                   "--max-tokens")
+    one_line_error(in_process(capsys, "batch", FLACS[0], tmp_path / "o.jsonl", "--replicas", "0", *m), "--replicas")
     one_line_error(in_process(capsys, "bench", "--model", tmp_path / "nowhere"), "not a directory")
     one_line_error(in_process(capsys, "chat", "hi", "--model", tmp_path / "nowhere"), "not a directory")
     one_line_error(in_process(capsys, "eval", tmp_path / "none.jsonl", "--metric", "wer", *m), "none.jsonl",
