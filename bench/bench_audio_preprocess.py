@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from phi4mm.audio_processing import SAMPLE_RATE, load_audio, log_mel, preprocess_audios  # noqa: E402
+from phi4mm.inputs.audio import SAMPLE_RATE, load_audio, log_mel, preprocess_audios  # noqa: E402
 
 CLIP_SECONDS = 30.0  # one Whisper-style window; 375 audio tokens
 HIGH_RATE = 44100  # the CD rate the original processor mis-resampled

@@ -45,10 +45,10 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/phi4mm_bench_ddp")
     ap.add_argument("--out", default=str(ROOT / "bench/results/ddp.json"))
     a = ap.parse_args()
+    import bench_train
     import torch
 
-    import bench_train
-    from phi4mm.checkpoint import make_checkpoint
+    from phi4mm.tasks.make_checkpoint import make_checkpoint
     work, n = Path(a.work), a.gpus
     ckpt = work / f"ckpt-{a.size}"
     if not (ckpt / "config.json").is_file():
@@ -59,7 +59,7 @@ def main() -> None:
     per_batch = len(rows)
     data = work / f"data-{a.stage}" / "ddp.jsonl"
     data.write_text("".join(r + "\n" for r in rows * (n * (a.steps + 1))))
-    cli = ["-m", "phi4mm.cli", "train", "--model", str(ckpt), "--stage", a.stage,
+    cli = ["-m", "phi4mm.cli.main", "train", "--model", str(ckpt), "--stage", a.stage,
            "--max-steps", str(a.steps), "--lr", "1e-4", "--seed", "0", "--save-every", "0"]
     if a.size == "full":
         cli += ["--device", "cuda", "--dtype", "bfloat16"]
@@ -102,11 +102,11 @@ def main() -> None:
 
 def _longest(ckpt: Path, data: Path) -> int:
     """Longest conversation of `data` in tokens, through the processor alone (no weights loaded)."""
-    from phi4mm.chat import render_prompt
     from phi4mm.config import ModelConfig
-    from phi4mm.processor import prepare
-    from phi4mm.tokenizer import Tokenizer
-    from phi4mm.train_data import read_jsonl
+    from phi4mm.inputs.chat import render_prompt
+    from phi4mm.inputs.prepare import prepare
+    from phi4mm.inputs.records import read_jsonl
+    from phi4mm.inputs.tokenizer import Tokenizer
     cfg, tok = ModelConfig.from_dir(ckpt), Tokenizer.from_dir(ckpt)
     cfg.image_token_id, cfg.audio_token_id = tok.image_token_id, tok.audio_token_id
     return max(len(prepare(render_prompt(r.messages, r.tools, add_generation_prompt=False), tok, cfg, r.images,

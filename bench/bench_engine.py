@@ -55,10 +55,10 @@ def decode_bound(m) -> dict:
 
 def ours(ckpt: str, cases: list[str]) -> list[dict]:
     import phi4mm
-    from phi4mm.engine import Engine
-    from phi4mm.processor import Prepared
+    from phi4mm.engine.engine import Engine
+    from phi4mm.inputs.prepare import Prepared
     from phi4mm.sampling import SamplingParams
-    from tests.conftest import scene, tone
+    from tests.conftest import scene
     m = phi4mm.load(ckpt, device="cuda", dtype=torch.bfloat16)
     rows = [decode_bound(m)]
     print(json.dumps(rows[-1]), flush=True)
@@ -185,7 +185,7 @@ def main() -> None:
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--cases", default="graphs vs eager,text b=1,text b=64,image ttft,asr")
     args = ap.parse_args()
-    from phi4mm.checkpoint import make_checkpoint
+    from phi4mm.tasks.make_checkpoint import make_checkpoint
     work = Path(args.work)
     for layout in ("official", "hf"):
         if not (work / layout / "config.json").exists():

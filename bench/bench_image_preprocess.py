@@ -26,7 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from phi4mm.image_processing import preprocess_images  # noqa: E402
+from phi4mm.inputs.image import preprocess_images  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "image_preprocess.json"
 

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +147,7 @@ def main() -> None:
         ckpt = work / ("official" if args.side == "ours" else "hf")
         print("RESULT " + json.dumps(fn(str(ckpt), str(work))), flush=True)
         return
-    from phi4mm.checkpoint import make_checkpoint
+    from phi4mm.tasks.make_checkpoint import make_checkpoint
     work.mkdir(parents=True, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size}

@@ -117,7 +117,7 @@ def run_server(args, model_dir: str) -> dict:
 
 def run_offline(args, model_dir: str) -> dict:
     import phi4mm
-    from phi4mm.engine import Engine
+    from phi4mm.engine.engine import Engine
     from phi4mm.sampling import SamplingParams
     model = phi4mm.load(model_dir, device=args.device)
     eng = Engine(model, max_batch=args.max_batch)
@@ -157,7 +157,7 @@ def main() -> None:
     args = ap.parse_args()
     model_dir = args.model
     if model_dir is None:
-        from phi4mm.checkpoint import make_checkpoint
+        from phi4mm.tasks.make_checkpoint import make_checkpoint
         model_dir = str(make_checkpoint(tempfile.mkdtemp(prefix="phi4mm-bench-"), "tiny", "official", seed=0))
     server = run_server(args, model_dir)
     offline = run_offline(args, model_dir)

@@ -43,8 +43,8 @@ def _kind(stage: str) -> str:
 
 def make_data(work: Path, stage: str, size: str) -> Path:
     """The stage's batch as a JSONL of conversations with media files (the trainer's own input format)."""
-    from PIL import Image
     import soundfile as sf
+    from PIL import Image
     n, px, secs, words = SHAPES[size][_kind(stage)]
     rng = np.random.default_rng(0)
     d = work / f"data-{stage}"
@@ -69,8 +69,9 @@ def make_data(work: Path, stage: str, size: str) -> Path:
 
 
 def batch_for(model, data: Path, stage: str):
-    from phi4mm.train import TEXT_ADAPTER
-    from phi4mm.train_data import collate, encode, read_jsonl
+    from phi4mm.inputs.records import read_jsonl
+    from phi4mm.train.data import collate, encode
+    from phi4mm.train.trainer import TEXT_ADAPTER
     recs = read_jsonl(data)[0]
     ex = [encode(model, r, TEXT_ADAPTER if stage == "text" else None) for r in recs]
     return collate(ex, model.config.text.pad_token_id)
@@ -123,7 +124,7 @@ def _frozen(params: list[torch.nn.Parameter], dt: torch.dtype) -> None:
 
 def side_ours(ckpt: str, work: str, stages: list[str], steps: int, size: str) -> dict:
     import phi4mm
-    from phi4mm.train import LossModule, setup_stage
+    from phi4mm.train.trainer import LossModule, setup_stage
     dev, dt = ("cuda", torch.bfloat16) if size == "full" else ("cpu", torch.float32)
     model = phi4mm.load(ckpt, dev, dt)
     out = {}
@@ -153,8 +154,8 @@ def side_ours(ckpt: str, work: str, stages: list[str], steps: int, size: str) ->
 def _hf_names(m, stage: str) -> tuple[list[str], str | None]:
     """transformers' parameter names for what phi4mm's stage trains (base weights by the name table); m is a
     phi4mm model of the same checkpoint."""
-    from phi4mm.train import STAGES, TEXT_ADAPTER, trainable_names
-    from phi4mm.weights import name_table
+    from phi4mm.model.weights import name_table
+    from phi4mm.train.trainer import STAGES, TEXT_ADAPTER, trainable_names
     table = name_table(m.net, m.config.layout)
     ours = trainable_names(m.net, stage)
     base = [table[n][1] for n in ours if ".lora_" not in n]
@@ -256,7 +257,7 @@ def main() -> None:
         res = fn(a.ckpt, a.work, stages, a.steps, a.size)
         Path(a.work, f"{a.side}.json").write_text(json.dumps(res))
         return
-    from phi4mm.checkpoint import make_checkpoint
+    from phi4mm.tasks.make_checkpoint import make_checkpoint
     work = Path(a.work)
     ckpt = work / f"ckpt-{a.size}"
     if not (ckpt / "config.json").is_file():

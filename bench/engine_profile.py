@@ -128,7 +128,7 @@ def image_profile(m, eng) -> dict:
     """An 896x896 image's time to first token, part by part (median of 5 new images), and one profiled."""
     from torch.profiler import ProfilerActivity, profile
 
-    from phi4mm.processor import encode_media
+    from phi4mm.model.encode import encode_media
     from phi4mm.sampling import SamplingParams
     from tests.conftest import scene
     prompt = "<|user|><|image_1|>Describe.<|end|><|assistant|>"
@@ -186,7 +186,7 @@ def image_batch_profile(m, eng, n: int = 16) -> dict:
     """`n` distinct 896x896 image requests at once, one token each: wall time with their towers batched across
     requests (engine.IMAGE_BATCH_CROPS) and with one image per SigLIP forward (the per-request encoding the
     engine had before session 11), alternating, median of 3 each."""
-    import phi4mm.engine as engine_mod
+    import phi4mm.engine.engine as engine_mod
     from phi4mm.sampling import SamplingParams
     from tests.conftest import scene
     prompt = "<|user|><|image_1|>Describe.<|end|><|assistant|>"
@@ -223,7 +223,11 @@ def peer_asr(tiny: bool = False, batch: int = 64, seconds: int = 30, new: int = 
     Features are extracted before the timer starts, as our `prepare` is."""
     import numpy as np
     import transformers
-    from transformers import Phi4MultimodalConfig, Phi4MultimodalFeatureExtractor, Phi4MultimodalForCausalLM
+    from transformers import (
+        Phi4MultimodalConfig,
+        Phi4MultimodalFeatureExtractor,
+        Phi4MultimodalForCausalLM,
+    )
     dev, dt = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
             "short_factor": [1.0] * 48, "long_factor": [1.0] * 48, "original_max_position_embeddings": 4096}
@@ -290,11 +294,11 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import phi4mm
-    from phi4mm.checkpoint import make_checkpoint
-    from phi4mm.engine import Engine
-    from phi4mm.lora import unmerge_adapters
-    from phi4mm.processor import Prepared
+    from phi4mm.engine.engine import Engine
+    from phi4mm.inputs.prepare import Prepared
+    from phi4mm.model.lora import unmerge_adapters
     from phi4mm.sampling import SamplingParams
+    from phi4mm.tasks.make_checkpoint import make_checkpoint
     ckpt = Path(args.work) / "official"
     dev = "cuda" if CUDA else "cpu"
     if args.size != "full":

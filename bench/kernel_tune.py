@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main() -> None:
     import triton.testing
-    from phi4mm import kernels
+
+    from phi4mm.model import kernels
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/kernel_tune.json")
     args = ap.parse_args()

@@ -8,7 +8,7 @@ For each stage it prints and writes (out/profile.json):
   - loader: windows/s and samples/s of the DataLoader alone (media preprocessed in workers, no GPU);
   - gpu: seconds per optimizer step on batches already in memory (forward, backward, AdamW), and the top
     CUDA kernels of three profiled steps;
-  - train: `phi4mm.train` for --steps steps with the workers, steps/s and the time it waited on the loader.
+  - train: `phi4mm.train.trainer` for --steps steps with the workers, steps/s and the time it waited on the loader.
 The step is data-bound when `train` is near `loader`, compute-bound when it is near `gpu`.
 """
 from __future__ import annotations
@@ -33,8 +33,9 @@ def _sync() -> None:
 def profile_stage(model_dir: Path, data: Path, stage: str, out: Path, device: str, workers: int, steps: int,
                   batch_tokens: int) -> dict:
     from phi4mm import api
-    from phi4mm.train import LossModule, _epoch_batches, setup_stage, train
-    from phi4mm.train_data import batch_loader, encode_all, read_jsonl
+    from phi4mm.inputs.records import read_jsonl
+    from phi4mm.train.data import batch_loader, encode_all
+    from phi4mm.train.trainer import LossModule, epoch_batches, setup_stage, train
     res: dict = {"stage": stage}
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model = api.load(model_dir, device, dtype)
@@ -44,7 +45,7 @@ def profile_stage(model_dir: Path, data: Path, stage: str, out: Path, device: st
     examples = [e for e in encode_all(model, records, None, workers) if not isinstance(e, Exception)]
     dt = time.perf_counter() - t
     res["count"] = {"samples": len(examples), "seconds": round(dt, 2), "samples_per_s": round(len(examples) / dt, 1)}
-    batches = _epoch_batches([e.length for e in examples], batch_tokens, 0, 0, 0, 1)
+    batches = epoch_batches([e.length for e in examples], batch_tokens, 0, 0, 0, 1)
     windows = [[b] for b in batches][: max(steps, 8)]
     per_window = sum(len(w[0]) for w in windows) / len(windows)
 
@@ -126,7 +127,8 @@ def main() -> None:
         model_dir, data_for = Path(a.model), (lambda st: Path(a.data))
         tokens_for = lambda st: a.batch_tokens or 16384
     else:
-        from phi4mm import micro, micro_data
+        from phi4mm.micro import data as micro_data
+        from phi4mm.micro import recipe as micro
         d = out / "data"
         if not (d / "done").is_file():
             t = time.perf_counter()

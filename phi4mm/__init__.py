@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy: `import phi4mm` stays cheap (the CLI's --help, the tokenizer alone) until the model is used.
     if name in ("load", "Model"):
-        from . import api
+        from phi4mm import api
         return getattr(api, name)
     raise AttributeError(f"module 'phi4mm' has no attribute {name!r}")
 

@@ -17,14 +17,19 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, ModelConfig
-from .decoder import KVCache
-from .lora import AdapterPlan
-from .model import Phi4MM
-from .processor import TEXT_ADAPTER, Prepared, encode_media, prepare
-from .sampling import SamplingBatch, SamplingParams, mask_padded_vocab, sample
-from .tokenizer import Tokenizer
-from .weights import CheckpointError, load_weights, lora_configs_from_folders
+from phi4mm.config import ConfigError, ModelConfig
+from phi4mm.inputs.prepare import TEXT_ADAPTER, Prepared, prepare
+from phi4mm.inputs.tokenizer import Tokenizer
+from phi4mm.model.decoder import KVCache
+from phi4mm.model.encode import encode_media
+from phi4mm.model.lora import AdapterPlan
+from phi4mm.model.network import Phi4MM
+from phi4mm.model.weights import (
+    CheckpointError,
+    load_weights,
+    lora_configs_from_folders,
+)
+from phi4mm.sampling import SamplingBatch, SamplingParams, mask_padded_vocab, sample
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -76,7 +81,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if adapters and (path / f"{TEXT_ADAPTER}-lora" / "adapter_config.json").is_file():
         # A text fine-tune saved beside the checkpoint (`phi4mm train --stage text` writes text-lora/): loaded
         # strictly, and text-only prompts then run through it (processor.prepare).
-        from .train_export import load_adapter
+        from phi4mm.model.adapters import load_adapter
         load_adapter(model, path / f"{TEXT_ADAPTER}-lora", TEXT_ADAPTER)
     model.load_seconds = time.perf_counter() - t0
     return model

@@ -44,7 +44,7 @@ def _feats(data: Path) -> tuple[list[torch.Tensor], list[str]]:
 
 
 def _mel(path: str):
-    from phi4mm.audio_processing import load_audio, log_mel
+    from phi4mm.inputs.audio import load_audio, log_mel
     return log_mel(load_audio(path))
 
 
@@ -146,7 +146,8 @@ def _variant(name: str, ckpt: str, feats_file: str, device: str, seconds: float,
 
 def prepare_work(work: Path, scale: float = 1.0) -> Path:
     """The recipe's micro data (train seed 0, test seed 1000) and init checkpoint in `work` (reused when there)."""
-    from phi4mm import micro, micro_data
+    from phi4mm.micro import data as micro_data
+    from phi4mm.micro import recipe as micro
     for split, seed in (("train", 0), ("test", 1000)):
         if not (work / split / "done").is_file():
             micro_data.generate(work / split, split, seed, scale=scale, progress=False)

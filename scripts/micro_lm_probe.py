@@ -56,7 +56,7 @@ def _kind(question: str) -> str:
 def score(model_dir: Path, test: Path, device: str) -> dict:
     """Held-out shapes (all 200, by kind) and scene lists (first 100), greedy."""
     from phi4mm import api
-    from phi4mm.evaluate import evaluate
+    from phi4mm.tasks.evaluate import evaluate
     m = api.load(model_dir, device, "bfloat16" if device.startswith("cuda") else "float32")
     out = {}
     r = evaluate(model_dir, test / "shapes.jsonl", "exact", max_tokens=16, model=m)
@@ -83,7 +83,7 @@ def _variant(name: str, base: str, data_dir: str, test: str, device: str, second
              out_dir: str) -> None:
     import torch
 
-    from phi4mm.train import train
+    from phi4mm.train.trainer import train
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     stage, with_lora, tasks, lr = VARIANTS[name]
@@ -151,7 +151,8 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="do not score the base model")
     ap.add_argument("--base", default=None, help="checkpoint to continue (default: the shipped micro model)")
     a = ap.parse_args()
-    from phi4mm import micro, micro_data
+    from phi4mm.micro import data as micro_data
+    from phi4mm.micro import recipe as micro
     work, out = Path(a.work), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(a.base) if a.base else micro.MICRO_DIR

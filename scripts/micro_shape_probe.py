@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from phi4mm import api  # noqa: E402
-from phi4mm import micro_data as md  # noqa: E402
+from phi4mm.micro import data as md  # noqa: E402
 
 
 def one_shape_scenes(tag: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@
 The micro model read no word (OCR 0.00) and told circle, square and triangle apart little better than chance
 (shapes 0.61), on its training images too: the LM loss never taught the encoder these. Speech got its
 features from a CTC stage (scripts/micro_ctc_probe.py); this probe tries the same for vision with the very
-frames the trainer's `vision-ctc` stage uses (`phi4mm.train_ctc.vision_frames`): a rendered word is read by patch
+frames the trainer's `vision-ctc` stage uses (`phi4mm.train.ctc.vision_frames`): a rendered word is read by patch
 columns, a scene of shapes in raster order against its description ("red circle, blue square", top to bottom).
 Each variant trains SigLIP from the micro init plus a CTC head over characters in its own process, for the
 same wall time, and scores held-out words (unseen font sizes) and scenes (test seed) by greedy exact match.
@@ -54,7 +54,7 @@ def _losses(name: str) -> tuple[bool, bool]:
 
 def prepare(work: Path, scale: float) -> Path:
     """The OCR and scene data of both splits (the recipe's seeds) and the micro init checkpoint."""
-    from phi4mm import micro_data
+    from phi4mm.micro import data as micro_data
     for split, seed in (("train", 0), ("test", 1000)):
         if not (work / split / "done").is_file():
             micro_data.generate(work / split, split, seed, scale=scale, progress=False, tasks=TASKS)
@@ -64,9 +64,9 @@ def prepare(work: Path, scale: float) -> Path:
 
 def init_checkpoint(work: Path, vision: dict) -> Path:
     """The micro init with SigLIP's config changed by `vision` (one folder per change)."""
-    from phi4mm import micro
-    from phi4mm.checkpoint import make_checkpoint
-    from phi4mm.tokenizer import Tokenizer
+    from phi4mm.inputs.tokenizer import Tokenizer
+    from phi4mm.micro import recipe as micro
+    from phi4mm.tasks.make_checkpoint import make_checkpoint
     ckpt = work / ("init" + "".join(f"-{k}{v}" for k, v in sorted(vision.items())))
     if not (ckpt / "config.json").is_file():
         cfg = micro.micro_config(Tokenizer.from_dir(micro.MICRO_DIR))
@@ -90,7 +90,7 @@ def _load(split_dir: Path, task: str) -> tuple[torch.Tensor, list[str]]:
 
 def _variant(name: str, ckpt: str, work: str, device: str, seconds: float, out: str) -> None:
     from phi4mm import api
-    from phi4mm.train_ctc import (
+    from phi4mm.train.ctc import (
         LabelHead,
         caption_labels,
         ctc_log_probs,
@@ -199,7 +199,7 @@ def trainer_profile(ckpt: Path, work: Path, steps: int, device: str) -> dict:
     """`steps` steps of the trainer's vision-ctc stage on OCR + scene data: their rate, and a profile."""
     from torch.profiler import ProfilerActivity, profile
 
-    from phi4mm.train import train
+    from phi4mm.train.trainer import train
     lines = [line for t in TASKS for line in open(work / "train" / f"{t}.jsonl")][::7]  # ~2,400 samples
     data = work / "train" / "stage-probe.jsonl"
     data.write_text("".join(lines))

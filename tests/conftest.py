@@ -8,13 +8,13 @@ from PIL import Image, ImageDraw
 
 @pytest.fixture(scope="session")
 def tiny_official(tmp_path_factory):
-    from phi4mm.checkpoint import make_checkpoint
+    from phi4mm.tasks.make_checkpoint import make_checkpoint
     return make_checkpoint(tmp_path_factory.mktemp("tiny_official"), "tiny", "official", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
-    from phi4mm.checkpoint import make_checkpoint
+    from phi4mm.tasks.make_checkpoint import make_checkpoint
     return make_checkpoint(tmp_path_factory.mktemp("tiny_hf"), "tiny", "hf", seed=0)
 
 

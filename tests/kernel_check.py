@@ -1,7 +1,7 @@
-"""Checks every Triton kernel of phi4mm.kernels against its torch version; run by tests/test_kernels.py.
+"""Checks every Triton kernel of phi4mm.model.kernels against its torch version; run by tests/test_kernels.py.
 
 Runs on CUDA when present, else on CPU under Triton's interpreter (TRITON_INTERPRET=1 must be set before
-phi4mm.kernels is imported, hence a separate process). Prints one line per check and exits non-zero on a miss.
+phi4mm.model.kernels is imported, hence a separate process). Prints one line per check and exits non-zero on a miss.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from phi4mm import kernels
+from phi4mm.model import kernels
 
 
 def check(name: str, ok: bool, detail: str = "") -> bool:
@@ -78,8 +78,8 @@ def main(device: str) -> int:
 
         # Training (fused_train): RoPE and the SiLU gate as autograd functions (the kernels forward, the
         # backward written out) against autograd through the eager ops, values and input gradients.
-        from phi4mm import fused_train
-        from phi4mm.decoder import apply_rope
+        from phi4mm.model import fused as fused_train
+        from phi4mm.model.reference import apply_rope
         B, T = 2, 5
         x = rnd(B, T, (H + 2 * KV) * D)
         cs = torch.rand(1, 1, T, RD // 2, generator=g) * 6
@@ -112,7 +112,7 @@ def engine_check(device: str, ckpt: str, new: int = 5) -> int:
     text (no adapter), a speech and a vision request in one batch, two block sizes, and prompts that span
     several blocks so the split attention has more than one partition."""
     import phi4mm
-    from phi4mm.engine import Engine
+    from phi4mm.engine.engine import Engine
     from phi4mm.sampling import SamplingParams
     from tests.conftest import scene, tone
     m = phi4mm.load(ckpt, device=device, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Parity of phi4mm.audio_encoder against transformers' Phi4Multimodal audio tower (tiny random config, fp32,
+"""Parity of phi4mm.model.audio against transformers' Phi4Multimodal audio tower (tiny random config, fp32,
 CPU). HF masks padded batches wrongly (+1 on valid keys instead of -inf on padded ones, SPEC §8.2), so batch
 items are compared with HF called on each item alone."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM  # noqa: E402
 
-from phi4mm.audio_encoder import MAX_WINDOW_FRAMES, AudioEmbedding, num_audio_tokens  # noqa: E402
 from phi4mm.config import AudioConfig  # noqa: E402
+from phi4mm.model.audio import MAX_WINDOW_FRAMES, AudioEmbedding, num_audio_tokens  # noqa: E402
 
 HF_PREFIX = "model.embed_tokens_extend.audio_embed."
 N_MELS = 80
@@ -214,7 +214,7 @@ def test_equal_length_batch_without_lengths(models) -> None:
 
 def test_conv_subsampling_in_slices_equals_one_pass(models, monkeypatch) -> None:
     """Big batches run the conv front end a few clips at a time (memory); the output is the same."""
-    import phi4mm.audio_encoder as audio_mod
+    import phi4mm.model.audio as audio_mod
     _, ours = models
     lengths = [SHORT_FRAMES, 1601, 417]
     batch, lens = _padded_batch(lengths, seeds=lengths), torch.tensor(lengths)

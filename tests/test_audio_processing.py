@@ -19,7 +19,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from phi4mm.audio_processing import (
+from phi4mm.inputs.audio import (
     AudioError,
     load_audio,
     log_mel,

@@ -18,10 +18,10 @@ import torch
 from conftest import scene, tone
 
 import phi4mm
-from phi4mm.batch import read_prompts, run_batch
-from phi4mm.engine import Engine
+from phi4mm.engine.engine import Engine
+from phi4mm.inputs.records import DataError
 from phi4mm.sampling import SamplingParams
-from phi4mm.train_data import DataError
+from phi4mm.tasks.batch import read_prompts, run_batch
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.",
                                            "parameters": {"type": "object",
@@ -122,7 +122,7 @@ def test_bad_batch_files_stop_before_any_work(tiny_official, tmp_path):
         run_batch(tiny_official, f, f)
     assert not (tmp_path / "o.jsonl").exists()
     # the CLI says it in one sentence, exit code 2
-    p = subprocess.run([sys.executable, "-m", "phi4mm.cli", "batch", "--model", str(tiny_official),
+    p = subprocess.run([sys.executable, "-m", "phi4mm.cli.main", "batch", "--model", str(tiny_official),
                         str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl")], capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "missing.jsonl" in p.stderr
@@ -161,7 +161,7 @@ def test_server_replicas_on_ray_serve(ray_cluster, tiny_official):
     from openai import OpenAI
     from ray import serve
 
-    from phi4mm import replicas
+    from phi4mm.serve import replicas
     url = replicas.start(tiny_official, 2, port=_port(), api_key="k", max_batch=4, max_waiting=8, num_blocks=128)
     st = serve.status().applications["phi4mm"].deployments["phi4mm"]
     assert st.replica_states.get("RUNNING") == 2

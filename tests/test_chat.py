@@ -5,8 +5,13 @@ import json
 
 import pytest
 
-from phi4mm.chat import ChatError, flatten_content, prepare_messages, render_prompt
-from phi4mm.tokenizer import CHAT_TEMPLATE
+from phi4mm.inputs.chat import (
+    ChatError,
+    flatten_content,
+    prepare_messages,
+    render_prompt,
+)
+from phi4mm.inputs.tokenizer import CHAT_TEMPLATE
 
 TOOLS = [{"name": "get_weather", "description": "Weather for a city, ünïcode ok",
           "parameters": {"city": {"type": "str", "description": "City", "default": "London"}}}]

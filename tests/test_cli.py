@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from phi4mm import cli
+from phi4mm.cli import main as cli
 
 DATA = Path(__file__).parent / "data"
 FLACS = sorted(DATA.glob("*.flac"))
 SCRIPT = Path(sys.executable).parent / "phi4mm"
-ENTRY = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "phi4mm.cli"]
+ENTRY = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "phi4mm.cli.main"]
 SRT_CUE = re.compile(r"(\d+)\n(\d\d:\d\d:\d\d,\d{3}) --> (\d\d:\d\d:\d\d,\d{3})\n(.+?)\n(?:\n|$)", re.DOTALL)
 VTT_CUE = re.compile(r"(\d\d:\d\d:\d\d\.\d{3}) --> (\d\d:\d\d:\d\d\.\d{3})\n(.+?)\n(?:\n|$)", re.DOTALL)
 
@@ -72,14 +72,14 @@ def test_help(cmd):
 
 
 def test_train_offers_every_stage_the_trainer_has():
-    from phi4mm.train import STAGES
+    from phi4mm.train.trainer import STAGES
     train = next(a for a in cli._parser()._subparsers._group_actions[0].choices["train"]._actions
                  if a.dest == "stage")
     assert sorted(train.choices) == sorted(STAGES)
 
 
 def test_eval_offers_every_metric():
-    from phi4mm.evaluate import METRICS
+    from phi4mm.tasks.evaluate import METRICS
     ev = next(a for a in cli._parser()._subparsers._group_actions[0].choices["eval"]._actions
               if a.dest == "metric")
     assert sorted(ev.choices) == sorted(METRICS)
@@ -126,7 +126,7 @@ def test_errors_before_loading_are_one_sentence(capsys, tiny_official, tmp_path)
 
 
 def test_missing_embedded_model_is_one_sentence(capsys, tmp_path, monkeypatch):
-    from phi4mm import micro
+    from phi4mm.micro import recipe as micro
     monkeypatch.setattr(micro, "MICRO_DIR", tmp_path / "micro_model")  # an install without the package data
     one_line_error(in_process(capsys, "transcribe", FLACS[0]), "--model", "missing from this install")
     one_line_error(in_process(capsys, "chat", "hi"), "--model", "missing from this install")
@@ -187,7 +187,8 @@ def test_transcribe_glob_vtt_next_to_inputs(tiny_official, tmp_path):
 def test_transcribe_json_several_files_and_long_audio(tiny_official, tmp_path):
     import numpy as np
     import soundfile as sf
-    from phi4mm.audio_processing import load_audio
+
+    from phi4mm.inputs.audio import load_audio
     long = np.concatenate([load_audio(f) for f in FLACS] * 3)  # ~35 s: two timed segments
     sf.write(tmp_path / "long.wav", long, 16000)
     out = tmp_path / "out"
@@ -216,7 +217,7 @@ def test_translate_one_file_json_to_stdout(tiny_official):
 def test_train_command_runs_a_stage_and_refuses_bad_data(tiny_official, tmp_path, capsys):
     import json as _json
 
-    from phi4mm import cli
+    from phi4mm.cli import main as cli
     data = tmp_path / "chats.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
             for w in ("red", "blue")]
@@ -233,14 +234,14 @@ def test_train_command_runs_a_stage_and_refuses_bad_data(tiny_official, tmp_path
 
 
 def test_one_stage_on_a_gpu_prepares_media_in_workers_shared_by_the_host(monkeypatch):
-    from phi4mm.cli import _stage_workers
+    from phi4mm.cli.main import stage_workers
     monkeypatch.setattr("os.cpu_count", lambda: 32)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert _stage_workers(None, "cuda") == 8  # up to 8 per process
+    assert stage_workers(None, "cuda") == 8  # up to 8 per process
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 processes on this host share its cores
-    assert _stage_workers(None, "cuda:3") == 4
-    assert _stage_workers(None, "cpu") == 0  # inline: workers would take the training's cores
-    assert _stage_workers(3, "cuda") == 3 and _stage_workers(0, "cuda") == 0  # what the user asked for
+    assert stage_workers(None, "cuda:3") == 4
+    assert stage_workers(None, "cpu") == 0  # inline: workers would take the training's cores
+    assert stage_workers(3, "cuda") == 3 and stage_workers(0, "cuda") == 0  # what the user asked for
 
 
 # ------------------------------------------------------------------------------------------------ eval

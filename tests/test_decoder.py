@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import phi4mm
-from phi4mm.checkpoint import official_config
 from phi4mm.config import ModelConfig
-from phi4mm.decoder import KVCache, LongRope, RMSNorm
-from phi4mm.lora import AdapterPlan
+from phi4mm.model.checkpoint import official_config
+from phi4mm.model.decoder import KVCache, LongRope, RMSNorm
+from phi4mm.model.lora import AdapterPlan
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_generation_is_deterministic_and_stops(model):
     assert s1 == model.generate_ids(p, max_new_tokens=8, temperature=1.0, seed=3)
     with pytest.raises(ValueError, match="context holds"):
         model.generate_ids("x" * 10, max_new_tokens=1) if False else model.generate_ids(
-            __import__("phi4mm.processor", fromlist=["Prepared"]).Prepared([1] * 131072, None, None, None, "speech"))
+            __import__("phi4mm.inputs.prepare", fromlist=["Prepared"]).Prepared([1] * 131072, None, None, None, "speech"))
 
 
 def test_packed_spans_with_mixed_adapters_equal_each_alone(model):

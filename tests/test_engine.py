@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import phi4mm
-from phi4mm.engine import Engine, EngineBusy
-from phi4mm.lora import LoraLinear, unmerge_adapters
-from phi4mm.processor import Prepared
+from phi4mm.engine.engine import Engine, EngineBusy
+from phi4mm.inputs.prepare import Prepared
+from phi4mm.model.lora import LoraLinear, unmerge_adapters
 from phi4mm.sampling import SamplingParams
 from tests.conftest import scene, tone
 
@@ -205,8 +205,8 @@ def test_static_decode_path_equals_reference(model, requests, expected, block_si
 
 
 def test_prefill_buckets_grow_linearly_past_256():
-    from phi4mm.cuda_graphs import _prefill_bucket
-    got = [_prefill_bucket(n, 64) for n in (1, 64, 65, 200, 300, 512, 513, 1334, 2048)]
+    from phi4mm.engine.graphs import prefill_bucket
+    got = [prefill_bucket(n, 64) for n in (1, 64, 65, 200, 300, 512, 513, 1334, 2048)]
     assert got == [64, 64, 128, 256, 384, 512, 640, 1408, 2048]  # an image prompt of 1,334 pads to 1,408
 
 
@@ -255,7 +255,7 @@ AUDIO_PROMPT = "<|user|><|audio_1|>Transcribe the audio to text.<|end|><|assista
 def test_audio_prompts_are_encoded_together(model, monkeypatch):
     """Waiting audio-only prompts share one conformer forward (clips of different lengths, padded and masked),
     and each still gets the reference loop's tokens."""
-    import phi4mm.engine as engine_mod
+    import phi4mm.engine.engine as engine_mod
     reqs = [dict(prompt=AUDIO_PROMPT, audios=[tone(d, seed=i)]) for i, d in enumerate((1.1, 2.3, 0.7))]
     want = [model.generate_ids(r["prompt"], audios=r["audios"], max_new_tokens=N_NEW) for r in reqs]
     sizes, real = [], engine_mod.encode_audio_batch
@@ -266,7 +266,7 @@ def test_audio_prompts_are_encoded_together(model, monkeypatch):
 
 
 def test_audio_encoder_failure_fails_only_its_requests(model, requests, monkeypatch):
-    import phi4mm.engine as engine_mod
+    import phi4mm.engine.engine as engine_mod
 
     def boom(*a):
         raise RuntimeError("CUDA out of memory (simulated)")
@@ -281,7 +281,7 @@ def test_audio_encoder_failure_fails_only_its_requests(model, requests, monkeypa
 
 def test_audio_encoder_out_of_memory_splits_the_batch(model, monkeypatch):
     """A batch of clips too big for the encoder's memory is encoded in halves; every request is answered."""
-    import phi4mm.engine as engine_mod
+    import phi4mm.engine.engine as engine_mod
     reqs = [dict(prompt=AUDIO_PROMPT, audios=[tone(d, seed=i)]) for i, d in enumerate((1.1, 2.3, 0.7, 1.5, 0.9))]
     want = [model.generate_ids(r["prompt"], audios=r["audios"], max_new_tokens=N_NEW) for r in reqs]
     sizes = []
@@ -306,7 +306,7 @@ IMAGE_PROMPT = "<|user|><|image_1|>What is this?<|end|><|assistant|>"
 def test_image_prompts_are_encoded_together(model, monkeypatch):
     """Waiting image-only prompts share one SigLIP forward (images of different crop counts, padded), a repeated
     image is encoded once, a crop budget splits the batch, and each request gets the reference loop's tokens."""
-    import phi4mm.engine as engine_mod
+    import phi4mm.engine.engine as engine_mod
     same = scene(448, 300, 1)
     reqs = [dict(prompt=IMAGE_PROMPT, images=[im]) for im in (same, scene(900, 600, 2), scene(640, 480, 3), same)]
     reqs.insert(2, dict(prompt="<|user|>Tell me a story about a fox.<|end|><|assistant|>"))
@@ -325,7 +325,7 @@ def test_image_prompts_are_encoded_together(model, monkeypatch):
 
 def test_image_encoder_failure_and_out_of_memory(model, requests, monkeypatch):
     """A failing SigLIP batch fails its requests only; out of memory splits the batch in halves."""
-    import phi4mm.engine as engine_mod
+    import phi4mm.engine.engine as engine_mod
     real = engine_mod.encode_image_batch
 
     def boom(*a):

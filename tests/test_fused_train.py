@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import phi4mm
-from phi4mm import fused_train
-from phi4mm.train import TEXT_ADAPTER, LossModule, setup_stage
-from phi4mm.train_data import Record, collate, encode
+from phi4mm.inputs.records import Record
+from phi4mm.model import fused as fused_train
+from phi4mm.train.data import collate, encode
+from phi4mm.train.trainer import TEXT_ADAPTER, LossModule, setup_stage
 
 CHATS = [("Say hi.", "Hi there, how are you today?"), ("Name three colours, please.", "Blue, red and green.")]
 
@@ -49,7 +50,7 @@ def test_compiled_training_ops_equal_eager(tiny_official, monkeypatch):
 
 def test_hand_written_gradients_of_rope_and_the_silu_gate():
     """Numerical gradients (float64) of the two autograd functions whose backward is written out."""
-    from phi4mm.decoder import apply_rope
+    from phi4mm.model.reference import apply_rope
     g = torch.Generator().manual_seed(0)
     B, T, H, KV, D, rd = 2, 5, 4, 2, 8, 6  # partial rotary: 6 of 8 dims rotate
     qkv = torch.randn(B, T, (H + 2 * KV) * D, dtype=torch.float64, generator=g, requires_grad=True)

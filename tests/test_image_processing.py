@@ -1,4 +1,4 @@
-"""phi4mm.image_processing against transformers 5.17 `Phi4MultimodalImageProcessor` (the oracle), plus every
+"""phi4mm.inputs.image against transformers 5.17 `Phi4MultimodalImageProcessor` (the oracle), plus every
 load_image input path and its bad-input errors. Real media: two small photos in tests/data and PIL-rendered text.
 """
 
@@ -16,8 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tests.conftest import scene
-from phi4mm.image_processing import (
+from phi4mm.inputs.image import (
     CROP_SIZE,
     MASK_SIZE,
     ImageError,
@@ -28,6 +27,7 @@ from phi4mm.image_processing import (
     num_image_tokens,
     preprocess_images,
 )
+from tests.conftest import scene
 
 DATA = Path(__file__).parent / "data"
 
@@ -94,16 +94,16 @@ def test_batch_matches_oracle(oracle):
 @pytest.mark.parametrize("rows,cols", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 2), (2, 4), (4, 4), (1, 6), (6, 3)])
 def test_global_view_equals_bicubic_of_the_whole_canvas(rows, cols):
     """The gathered uint8 taps + the two integer passes give torch's bicubic of the whole normalised canvas."""
-    from phi4mm.image_processing import _global_taps, _global_view
+    from phi4mm.inputs.image import global_taps, global_view
     canvas = torch.randint(0, 256, (3, rows * CROP_SIZE, cols * CROP_SIZE), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(rows))
     ref = torch.nn.functional.interpolate((canvas.float()[None] - 127.5) / 127.5, size=(CROP_SIZE, CROP_SIZE),
                                           mode="bicubic", align_corners=False)[0]
-    r, c = _global_taps(rows), _global_taps(cols)
+    r, c = global_taps(rows), global_taps(cols)
     small = canvas if r is None else canvas.index_select(1, r)
     small = (small if c is None else small.index_select(2, c)).contiguous()
     out = torch.empty(3, CROP_SIZE, CROP_SIZE)
-    _global_view(small, out)
+    global_view(small, out)
     assert (out - ref).abs().max().item() <= PIXEL_ATOL
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import phi4mm
-from phi4mm.kv_cache import BlockPool, CacheFull, PagedAttention
-from phi4mm.lora import NO_ADAPTER, AdapterPlan
+from phi4mm.engine.kv_cache import BlockPool, CacheFull, PagedAttention
+from phi4mm.model.lora import NO_ADAPTER, AdapterPlan
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 VOCAB_HI = 199000  # plain text ids (below the special and placeholder tokens)
@@ -31,8 +31,8 @@ def cpu_model(tiny_official):
 
 
 def tiny_cfg():
-    from phi4mm.checkpoint import official_config
     from phi4mm.config import ModelConfig
+    from phi4mm.model.checkpoint import official_config
     return ModelConfig.from_hf(official_config("tiny")).text
 
 

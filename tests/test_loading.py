@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import phi4mm
 from phi4mm.config import ConfigError, ModelConfig
-from phi4mm.weights import CheckpointError
+from phi4mm.model.weights import CheckpointError
 
 
 def _copy(src, tmp_path, name="ck"):
@@ -51,7 +51,7 @@ def test_transformers_reads_our_hf_layout_without_complaint(tiny_hf):
 
 
 def test_same_seed_same_weights_both_layouts_and_other_seed_differs(tiny_official, tiny_hf, tmp_path):
-    from phi4mm.checkpoint import make_checkpoint
+    from phi4mm.tasks.make_checkpoint import make_checkpoint
     a = phi4mm.load(tiny_official, dtype=torch.float32).net.state_dict()
     b = phi4mm.load(tiny_hf, dtype=torch.float32).net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -177,7 +177,7 @@ def test_missing_adapter_folder_hf_layout(tiny_hf, tmp_path):
 
 
 def test_cli_bad_checkpoint_exits_2_with_one_sentence(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "phi4mm.cli", "chat", "--model", str(tmp_path), "hi"],
+    r = subprocess.run([sys.executable, "-m", "phi4mm.cli.main", "chat", "--model", str(tmp_path), "hi"],
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "no config.json" in r.stderr
@@ -186,7 +186,7 @@ def test_cli_bad_checkpoint_exits_2_with_one_sentence(tmp_path):
 
 def test_config_from_hf_ignores_wrong_transformers_defaults():
     """Official config.json: 24 heads, tied, bias distance 500 (HF defaults would say 32, untied, 1000)."""
-    from phi4mm.checkpoint import official_config
+    from phi4mm.model.checkpoint import official_config
     cfg = ModelConfig.from_hf(official_config("full"))
     assert cfg.text.num_attention_heads == 24 and cfg.text.tie_word_embeddings
     assert cfg.audio.bias_max_distance == 500 and cfg.audio.hidden_size == 1024

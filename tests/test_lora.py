@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from phi4mm.config import LoraConfig
-from phi4mm.lora import AdapterPlan, LoraLinear, merge_adapter, unmerge_adapters
+from phi4mm.model.lora import AdapterPlan, LoraLinear, merge_adapter, unmerge_adapters
 
 IN, OUT = 24, 40
 

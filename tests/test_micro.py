@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import phi4mm
-from phi4mm import micro
 from phi4mm.config import ModelConfig
-from phi4mm.tokenizer import ADDED_TOKENS
+from phi4mm.inputs.tokenizer import ADDED_TOKENS
+from phi4mm.micro import recipe as micro
 
 CORPUS = ["<|user|>Transcribe the audio clip into text.<|end|><|assistant|>the red dog runs<|end|><|endoftext|>",
           "<|system|>You are helpful.<|tool|>[]<|/tool|><|end|><|user|>hello<|end|><|assistant|>hi there<|end|>"] * 50
@@ -47,7 +47,7 @@ def test_micro_config_reads_as_the_official_layout(micro_tok):
 @pytest.fixture(scope="module")
 def fresh(micro_tok, tmp_path_factory):
     """A from-scratch micro checkpoint with a 400-token BPE (its embedding table padded to 448 rows)."""
-    from phi4mm.checkpoint import make_checkpoint
+    from phi4mm.tasks.make_checkpoint import make_checkpoint
     tmp = tmp_path_factory.mktemp("fresh")
     micro.train_tokenizer(CORPUS, tmp / "tok", vocab_size=400)
     init = micro._init(torch.zeros(80), torch.ones(80), seed=0)
@@ -76,7 +76,7 @@ def test_padded_embedding_rows_are_never_sampled(fresh):
     """Make a padding row of the table (past the tokenizer's last id) the best-scoring token of a greedy step:
     the reference loop and the engine still answer with ids that decode (a recipe smoke run's undertrained
     model once sampled such a row, and the stream decoder raised)."""
-    from phi4mm.engine import Engine
+    from phi4mm.engine.engine import Engine
     from phi4mm.sampling import SamplingParams
     m = phi4mm.load(fresh)
     table = m.net.embed_tokens.weight  # tied: the same rows score the output
@@ -100,7 +100,7 @@ def test_padded_embedding_rows_are_never_sampled(fresh):
     (["train", "--recipe", "micro", "run", "--stop-after", "nope"], ["not a micro stage"]),
 ])
 def test_recipe_cli_mistakes_exit_2_with_one_sentence(argv, words, capsys, tmp_path, monkeypatch):
-    from phi4mm.cli import main
+    from phi4mm.cli.main import main
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -108,7 +108,7 @@ def test_recipe_cli_mistakes_exit_2_with_one_sentence(argv, words, capsys, tmp_p
 
 
 def test_recipe_without_a_synthesiser_is_one_sentence(capsys, tmp_path, monkeypatch):
-    from phi4mm.cli import main
+    from phi4mm.cli.main import main
     monkeypatch.setenv("PHI4MM_FLITE", str(tmp_path / "no-flite"))
     assert main(["train", "--recipe", "micro", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
@@ -156,8 +156,8 @@ def test_a_budget_never_cuts_the_text_stage_and_shares_the_rest_by_plan():
 def test_fresh_towers_start_as_identity_blocks_that_pass_the_input_on(micro_tok, tmp_path):
     from pathlib import Path
 
-    from phi4mm.audio_processing import load_audio, log_mel
-    from phi4mm.checkpoint import make_checkpoint
+    from phi4mm.inputs.audio import load_audio, log_mel
+    from phi4mm.tasks.make_checkpoint import make_checkpoint
     speech = torch.from_numpy(log_mel(load_audio(Path(__file__).parent / "data" / "flite_quick_brown_fox.flac")))
     tok_dir = tmp_path / "tok"
     micro.train_tokenizer(CORPUS, tok_dir, vocab_size=400)
@@ -239,7 +239,7 @@ def test_extend_run_marks_the_recorded_stages_done_and_starts_from_the_model(tin
 
 
 def test_encoder_stage_with_lora_also_trains_its_adapter(tiny_official):
-    from phi4mm.train import setup_stage, stage_spec
+    from phi4mm.train.trainer import setup_stage, stage_spec
     m = phi4mm.load(tiny_official)
     plain = set(setup_stage(m, "vision-encoder", None))
     joint = set(setup_stage(phi4mm.load(tiny_official), "vision-encoder", None, with_lora=True))

@@ -10,11 +10,11 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from phi4mm import micro_data as md
-from phi4mm.chat import render_prompt
-from phi4mm.micro_speech import MissingTool, check_binaries
-from phi4mm.tools import parse_tool_calls
-from phi4mm.train_data import read_jsonl
+from phi4mm.inputs.chat import render_prompt
+from phi4mm.inputs.records import read_jsonl
+from phi4mm.inputs.tools import parse_tool_calls
+from phi4mm.micro import data as md
+from phi4mm.micro.speech import MissingTool, check_binaries
 
 SCALE = 0.003  # 2-18 items per task
 

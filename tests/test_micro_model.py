@@ -1,4 +1,4 @@
-"""The shipped micro model (phi4mm/micro_model/): the official layout within the size limits, loads, transcribes
+"""The shipped micro model (phi4mm/micro/model/): the official layout within the size limits, loads, transcribes
 and translates held-out speech, and is what the CLI uses when no --model is given.
 
 Its held-out scores and what it does not do yet are in docs/micro-model.md: it does not read rendered words (no
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import phi4mm
-from phi4mm.cli import main
-from phi4mm.evaluate import evaluate
-from phi4mm.micro import MAX_FILE_BYTES, default_model_dir
+from phi4mm.cli.main import main
+from phi4mm.micro.recipe import MAX_FILE_BYTES, default_model_dir
+from phi4mm.tasks.evaluate import evaluate
 
 DATA = Path(__file__).parent / "data"
 

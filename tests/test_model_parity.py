@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import phi4mm
-from phi4mm.lora import AdapterPlan
-from phi4mm.processor import Prepared
+from phi4mm.inputs.prepare import Prepared
+from phi4mm.model.lora import AdapterPlan
 from tests.conftest import scene, tone
 
 transformers = pytest.importorskip("transformers")

@@ -10,8 +10,8 @@ import soundfile as sf
 import torch
 
 import phi4mm
-from phi4mm.image_processing import num_image_tokens
-from phi4mm.processor import InputError
+from phi4mm.inputs.image import num_image_tokens
+from phi4mm.inputs.prepare import InputError
 from tests.conftest import scene, tone
 
 
@@ -109,8 +109,8 @@ def test_media_both_ways(model):
 
 
 def test_bad_media_errors_name_the_problem(model):
-    from phi4mm.audio_processing import AudioError
-    from phi4mm.image_processing import ImageError
+    from phi4mm.inputs.audio import AudioError
+    from phi4mm.inputs.image import ImageError
     with pytest.raises(ImageError):
         model.prepare("<|user|><|image_1|><|end|><|assistant|>", images=[b"not an image"])
     with pytest.raises(AudioError, match="NaN|nan"):

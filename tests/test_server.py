@@ -26,10 +26,10 @@ import uvicorn
 from openai import OpenAI
 
 import phi4mm
-from phi4mm.audio_processing import load_audio
-from phi4mm.engine import EngineBusy, StepOutput
-from phi4mm.processor import Prepared
-from phi4mm.server import create_app
+from phi4mm.engine.engine import EngineBusy, StepOutput
+from phi4mm.inputs.audio import load_audio
+from phi4mm.inputs.prepare import Prepared
+from phi4mm.serve.app import create_app
 
 DATA = Path(__file__).parent / "data"
 KEY = "test-key"

@@ -5,8 +5,13 @@ import json
 
 import pytest
 
-from phi4mm import tokenizer as T
-from phi4mm.tokenizer import CHAT_TEMPLATE, StreamDecoder, Tokenizer, TokenizerError
+from phi4mm.inputs import tokenizer as T
+from phi4mm.inputs.tokenizer import (
+    CHAT_TEMPLATE,
+    StreamDecoder,
+    Tokenizer,
+    TokenizerError,
+)
 
 CORPUS = {
     "english": "Hello world! It's 12345 o'clock; we'll see what THEY'RE doing. DON'T panic, 3.14159.",

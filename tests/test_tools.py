@@ -6,8 +6,14 @@ import random
 
 import pytest
 
-from phi4mm.tools import (ContentDelta, ToolCall, ToolCallDelta, ToolCallStreamParser, collect,
-                          parse_tool_calls)
+from phi4mm.inputs.tools import (
+    ContentDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallStreamParser,
+    collect,
+    parse_tool_calls,
+)
 
 NESTED = {"query": {"filters": [{"field": "tag", "in": ["a", "b"]}, {"range": [1, 2.5, None]}], "deep": {"x": {}}},
           "text": "brackets } ] { [ and \"quotes\" and <|tool_call|> inside a string", "emoji": "😀"}
@@ -106,7 +112,7 @@ def test_stream_random_chunks(name):
 
 @pytest.fixture(scope="module")
 def tok():
-    from phi4mm.tokenizer import Tokenizer
+    from phi4mm.inputs.tokenizer import Tokenizer
     return Tokenizer.build()
 
 

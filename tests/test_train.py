@@ -18,10 +18,11 @@ from safetensors.torch import load_file, save_file
 
 import phi4mm
 from phi4mm.config import ModelConfig
-from phi4mm.model import Phi4MM
-from phi4mm.train import STAGES, load_adapter, setup_stage, train, trainable_names
-from phi4mm.train_data import IGNORE, assistant_labels, make_batches
-from phi4mm.weights import load_weights, lora_configs_from_folders
+from phi4mm.model.adapters import load_adapter
+from phi4mm.model.network import Phi4MM
+from phi4mm.model.weights import load_weights, lora_configs_from_folders
+from phi4mm.train.data import IGNORE, assistant_labels, make_batches
+from phi4mm.train.trainer import STAGES, setup_stage, train, trainable_names
 
 DATA = Path(__file__).parent / "data"
 EMBED = "model.embed_tokens.weight"
@@ -159,7 +160,7 @@ def test_text_stage_overfits_and_reloads(base, tmp_path):
     prep = again.prepare([{"role": "user", "content": TEXT[0][0]}])
     assert prep.adapter == "text" and again.generate(prep, max_new_tokens=8) == TEXT[0][1]
 
-    from phi4mm.evaluate import evaluate
+    from phi4mm.tasks.evaluate import evaluate
     r = evaluate(out, data, "exact", text_adapter="text", max_tokens=8)
     assert r["n"] == 4 and r["score"] == 1.0, r["predictions"]
 
@@ -441,7 +442,7 @@ def test_bad_input_fails_before_training(base, tmp_path):
 
 
 def test_metrics():
-    from phi4mm.evaluate import normalize, score, wer
+    from phi4mm.tasks.evaluate import normalize, score, wer
     assert normalize("Hello, World!  It's 3 o'clock.") == "hello world its 3 oclock"
     assert wer(["the cat sat"], ["The cat, sat!"]) == 0
     assert wer(["a b c d"], ["a x c"]) == 0.5
@@ -457,8 +458,9 @@ def test_metrics():
 def test_batched_towers_equal_per_sample(base, tmp_path):
     """One tower call per batch (images padded to the longest crop count, audio to the longest clip, each
     audio projector its own call) gives the loss of running every sample alone."""
-    from phi4mm.train import LossModule
-    from phi4mm.train_data import collate, encode, read_jsonl, with_media
+    from phi4mm.inputs.records import read_jsonl
+    from phi4mm.train.data import collate, encode, with_media
+    from phi4mm.train.trainer import LossModule
     model = phi4mm.load(base)
     model.net.requires_grad_(False)
     from tests.conftest import scene
@@ -489,7 +491,7 @@ def test_batched_towers_equal_per_sample(base, tmp_path):
 
 
 def test_vision_frames_read_lines_by_columns_and_other_images_in_raster_order():
-    from phi4mm.train_ctc import ctc_log_probs, vision_frames
+    from phi4mm.train.ctc import ctc_log_probs, vision_frames
     side, c = 4, 3
     f = torch.arange(2 * side * side * c, dtype=torch.float32).view(2, side * side, c)  # (N, patches, C)
     mask = torch.zeros(2, side, side, dtype=torch.bool)
@@ -516,8 +518,9 @@ def test_vision_ctc_crop_cache_equals_the_processors_crop(base, tmp_path):
     """vision-ctc decodes each image once into a uint8 cache; the normalised crop it serves is the processor's."""
     from PIL import Image
 
-    from phi4mm.train_ctc import check_ctc
-    from phi4mm.train_data import encode, read_jsonl
+    from phi4mm.inputs.records import read_jsonl
+    from phi4mm.train.ctc import check_ctc
+    from phi4mm.train.data import encode
     from tests.conftest import scene
     model = phi4mm.load(base)
     (tmp_path / "media").mkdir()
@@ -536,7 +539,7 @@ def test_vision_ctc_crop_cache_equals_the_processors_crop(base, tmp_path):
 
 
 def test_caption_labels_are_words_and_the_pairs_within_each_phrase():
-    from phi4mm.train_ctc import caption_labels
+    from phi4mm.train.ctc import caption_labels
     assert caption_labels("Green triangle, blue square") == ["blue", "blue square", "green", "green triangle",
                                                              "square", "triangle"]  # no "triangle blue" across the comma
     assert caption_labels("cab") == ["cab"]
@@ -545,7 +548,7 @@ def test_caption_labels_are_words_and_the_pairs_within_each_phrase():
 def test_label_head_scores_an_image_by_its_valid_tokens_only():
     import torch.nn.functional as F
 
-    from phi4mm.train_ctc import LabelHead
+    from phi4mm.train.ctc import LabelHead
     torch.manual_seed(0)
     head = LabelHead(3, ["a", "b"], torch.device("cpu"))
     tokens = torch.randn(2, 5, 3)  # (N, T, C)
@@ -592,8 +595,15 @@ def test_vision_ctc_reads_lines_by_ctc_and_learns_other_images_labels(base, tmp_
 
 def test_vision_ctc_loss_of_a_mixed_batch_is_the_sum_of_its_samples(base, tmp_path):
     """CTC runs over a batch's lines only and the label loss over the rest: the same as each sample alone."""
-    from phi4mm.train_ctc import CTCLossModule, caption_labels, check_ctc, ctc_units, transcript
-    from phi4mm.train_data import collate, encode, read_jsonl
+    from phi4mm.inputs.records import read_jsonl
+    from phi4mm.train.ctc import (
+        CTCLossModule,
+        caption_labels,
+        check_ctc,
+        ctc_units,
+        transcript,
+    )
+    from phi4mm.train.data import collate, encode
     model = phi4mm.load(base)
     mixed = _lines_and_scenes(tmp_path)
     examples = [encode(model, r) for r in read_jsonl(mixed)[0]]

@@ -7,9 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phi4mm.audio_processing import SAMPLE_RATE, load_audio
-from phi4mm.transcribe import (Segment, format_segments, render, split_audio, transcribe, transcription_prompt,
-                               transcription_requests)
+from phi4mm.inputs.audio import SAMPLE_RATE, load_audio
+from phi4mm.tasks.transcribe import (
+    Segment,
+    format_segments,
+    render,
+    split_audio,
+    transcribe,
+    transcription_prompt,
+    transcription_requests,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -168,7 +175,7 @@ def test_bad_format_names_the_allowed_ones():
 @pytest.fixture(scope="module")
 def engine(tiny_official):
     import phi4mm
-    from phi4mm.engine import Engine
+    from phi4mm.engine.engine import Engine
     return Engine(phi4mm.load(tiny_official), num_blocks=512)
 
 

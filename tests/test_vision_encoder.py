@@ -17,11 +17,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchvision")  # the HF image processor needs it
 from PIL import Image, ImageDraw  # noqa: E402
-from transformers import (Phi4MultimodalConfig, Phi4MultimodalForCausalLM,  # noqa: E402
-                          Phi4MultimodalImageProcessor)
+from transformers import (  # noqa: E402
+    Phi4MultimodalConfig,
+    Phi4MultimodalForCausalLM,
+    Phi4MultimodalImageProcessor,
+)
 
 from phi4mm.config import IMAGE_TOKEN_ID, ModelConfig, VisionConfig  # noqa: E402
-from phi4mm.vision_encoder import ImageEmbedding  # noqa: E402
+from phi4mm.model.vision import ImageEmbedding  # noqa: E402
 
 PREFIX = "model.embed_tokens_extend.image_embed."
 TEXT_HIDDEN = 64

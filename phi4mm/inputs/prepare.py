@@ -1,0 +1,112 @@
+"""Prompt + media -> token ids with exactly expanded placeholders, tower inputs, and the adapter to use.
+
+`<|image_N|>` / `<|audio_N|>` name the N-th image / audio passed with the request. The original processor
+ignores N and matches placeholders in order of appearance; for prompts written in order (every example in
+the model card) both agree. phi4mm honours N, and refuses a reference to a missing item or an item nobody
+references, instead of silently guessing.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from phi4mm.config import ModelConfig
+from phi4mm.inputs.audio import AudioInputs, load_audio, preprocess_audios
+from phi4mm.inputs.chat import prepare_messages
+from phi4mm.inputs.image import ImageInputs, load_image, preprocess_images
+from phi4mm.inputs.tokenizer import Tokenizer
+
+PLACEHOLDER = re.compile(r"<\|(image|audio)_(\d+)\|>")
+
+
+class InputError(ValueError):
+    """A request whose text and media do not fit together; the message says what to fix."""
+
+
+@dataclass
+class Prepared:
+    input_ids: list[int]
+    images: ImageInputs | None
+    audios: AudioInputs | None
+    adapter: str | None  # "vision" | "speech" | "text" | None: the mixture-of-LoRAs choice for this request
+    audio_projector: str  # "speech", or "vision" when the prompt also has images
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+TEXT_ADAPTER = "text"  # a text fine-tune's adapter (`phi4mm train --stage text`, shipped as text-lora/)
+
+
+def choose_adapter(has_images: bool, has_audio: bool) -> tuple[str | None, str]:
+    """SPEC §2: text -> no adapter; audio -> speech; image (with or without audio) -> vision."""
+    if has_images:
+        return "vision", "vision"
+    if has_audio:
+        return "speech", "speech"
+    return None, "speech"
+
+
+def prepare(prompt: str | Sequence[dict[str, Any]], tokenizer: Tokenizer, cfg: ModelConfig,
+            images: Sequence[Any] | None = None, audios: Sequence[Any] | None = None,
+            tools: list[dict] | None = None, max_audio_seconds: float = 1800.0) -> Prepared:
+    """Turn a prompt string in the model-card format, or a list of chat messages, into model inputs.
+
+    Chat messages may carry OpenAI-style content parts (text, image_url, input_audio, ...) instead of
+    `images`/`audios` arguments.
+    Images: anything `load_image` takes; audios: `(array, sample_rate)` pairs, paths or bytes.
+    """
+    images, audios = list(images or []), list(audios or [])
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        text, part_images, part_audios = prepare_messages(list(prompt), tools=tools, add_generation_prompt=True)
+        if (part_images and images) or (part_audios and audios):
+            raise InputError("media were given both as message content parts and as arguments; pass each "
+                             "image/audio one way (content parts are numbered from 1 in order)")
+        images, audios = images or part_images, audios or part_audios
+    if images and cfg.vision is None or audios and cfg.audio is None:
+        raise InputError("this checkpoint is text-only (no vision/audio tower); send text only")
+    # Read the placeholder order first: tower inputs are built once, already in that order.
+    given = {"image": images, "audio": audios}
+    refs = list(PLACEHOLDER.finditer(text))
+    order: dict[str, list[int]] = {"image": [], "audio": []}
+    for m in refs:
+        kind, n = m.group(1), int(m.group(2))
+        if not 1 <= n <= len(given[kind]):
+            raise InputError(f"the prompt names <|{kind}_{n}|> but {len(given[kind])} {kind}(s) were given; "
+                             f"number {kind}s from 1 in the order you pass them")
+        order[kind].append(n - 1)
+    for kind in ("image", "audio"):
+        missing = sorted(set(range(len(given[kind]))) - set(order[kind]))
+        if missing:
+            raise InputError(f"{kind} {missing[0] + 1} was given but the prompt has no <|{kind}_{missing[0] + 1}|> "
+                             f"placeholder; put it where the {kind} belongs in the text")
+        if len(order[kind]) != len(set(order[kind])):
+            raise InputError(f"a <|{kind}_N|> placeholder appears twice; reference each {kind} once "
+                             f"(pass the same {kind} twice if it is needed twice)")
+    pil = [load_image(images[i]) for i in order["image"]]
+    wavs = [load_audio(audios[i], max_seconds=max_audio_seconds) for i in order["audio"]]
+    img_in = preprocess_images(pil, dynamic_hd=cfg.dynamic_hd) if pil else None
+    aud_in = preprocess_audios(wavs) if wavs else None
+
+    counts = {"image": iter(img_in.num_tokens if img_in else []), "audio": iter(aud_in.num_tokens if aud_in else [])}
+    media_ids = {"image": cfg.image_token_id, "audio": cfg.audio_token_id}
+    ids: list[int] = []
+    pos = 0
+    for m in refs:
+        kind = m.group(1)
+        ids += tokenizer.encode(text[pos:m.start()]) + [media_ids[kind]] * next(counts[kind])
+        pos = m.end()
+    ids += tokenizer.encode(text[pos:])
+    adapter, projector = choose_adapter(img_in is not None, aud_in is not None)
+    if adapter is not None and adapter not in cfg.loras:
+        adapter = None  # e.g. a transformers-native directory loaded without its adapter folders
+    if adapter is None and img_in is None and aud_in is None and TEXT_ADAPTER in cfg.loras:
+        adapter = TEXT_ADAPTER  # a checkpoint with a text fine-tune uses it for text-only prompts
+    return Prepared(ids, img_in, aud_in, adapter, projector)
+
+
