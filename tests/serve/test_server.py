@@ -31,7 +31,7 @@ from phi4mm.inputs.audio import load_audio
 from phi4mm.inputs.prepare import Prepared
 from phi4mm.serve.app import create_app
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 KEY = "test-key"
 NUM_BLOCKS = 512
 TIMEOUT = 60.0  # per HTTP call: bounds every test even if the server hangs

@@ -15,7 +15,7 @@ import pytest
 
 from phi4mm.cli import main as cli
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 FLACS = sorted(DATA.glob("*.flac"))
 SCRIPT = Path(sys.executable).parent / "phi4mm"
 ENTRY = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "phi4mm.cli.main"]

@@ -158,7 +158,7 @@ def test_fresh_towers_start_as_identity_blocks_that_pass_the_input_on(micro_tok,
 
     from phi4mm.inputs.audio import load_audio, log_mel
     from phi4mm.tasks.make_checkpoint import make_checkpoint
-    speech = torch.from_numpy(log_mel(load_audio(Path(__file__).parent / "data" / "flite_quick_brown_fox.flac")))
+    speech = torch.from_numpy(log_mel(load_audio(Path(__file__).parents[1] / "data" / "flite_quick_brown_fox.flac")))
     tok_dir = tmp_path / "tok"
     micro.train_tokenizer(CORPUS, tok_dir, vocab_size=400)
     init = micro._init(speech.mean(0), 1 / speech.std(0), seed=0)  # the clip's own input normalisation

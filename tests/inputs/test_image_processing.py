@@ -29,7 +29,7 @@ from phi4mm.inputs.image import (
 )
 from tests.conftest import scene
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 # The crops match the oracle bit for bit: the HD resize runs the same torch uint8 kernel torchvision v2 calls,
 # and normalisation uses the same float32 arithmetic. The bicubic global view applies the same weights

@@ -29,7 +29,7 @@ from phi4mm.inputs.audio import (
     preprocess_audios,
 )
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 CLIPS = ["librivox_ill_disposed.flac", "flite_quick_brown_fox.flac", "espeak_weather.flac"]
 SR = 16000
 PARITY_ATOL = 1e-3  # log-mel units; measured ~1e-4 (float32 power/mel rounding vs HF's)

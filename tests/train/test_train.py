@@ -24,7 +24,7 @@ from phi4mm.model.weights import load_weights, lora_configs_from_folders
 from phi4mm.train.data import IGNORE, assistant_labels, make_batches
 from phi4mm.train.trainer import STAGES, setup_stage, train, trainable_names
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 EMBED = "model.embed_tokens.weight"
 TEXT = [("Say hi.", "Hi there."), ("Name a colour.", "Blue."), ("Two plus two?", "Four."),
         ("Capital of France?", "Paris.")]

@@ -18,7 +18,7 @@ from phi4mm.cli.main import main
 from phi4mm.micro.recipe import MAX_FILE_BYTES, default_model_dir
 from phi4mm.tasks.evaluate import evaluate
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_answers_held_out_shape_questions(micro):
 def test_cli_uses_it_without_model(capsys, tmp_path):
     assert main(["chat", "Hello, how are you?", "--max-tokens", "16"]) == 0
     assert capsys.readouterr().out.strip()
-    spoken = Path(__file__).parents[1] / "examples" / "spoken.flac"  # the README's first command
+    spoken = Path(__file__).parents[2] / "examples" / "spoken.flac"  # the README's first command
     assert main(["transcribe", str(spoken)]) == 0
     assert capsys.readouterr().out.strip() == "the red horse played again"
     assert main(["translate", str(spoken), "--language", "vellish"]) == 0  # its synthetic language, by name
@@ -90,7 +90,7 @@ def test_cli_uses_it_without_model(capsys, tmp_path):
 
 
 def test_cli_chat_calls_a_tool_and_refuses_a_bad_tools_file(capsys, tmp_path):
-    tools = Path(__file__).parents[1] / "examples" / "tools.json"
+    tools = Path(__file__).parents[2] / "examples" / "tools.json"
     assert main(["chat", "I want to listen to Coldplay.", "--tools", str(tools), "--max-tokens", "64"]) == 0
     calls = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the parsed calls, as JSON
     assert calls == [{"name": "play_music", "arguments": {"artist": "Coldplay"}}]

@@ -18,7 +18,7 @@ from phi4mm.tasks.transcribe import (
     transcription_requests,
 )
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def speechy(seconds: float, seed: int = 0) -> np.ndarray:

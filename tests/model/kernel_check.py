@@ -1,4 +1,4 @@
-"""Checks every Triton kernel of phi4mm.model.kernels against its torch version; run by tests/test_kernels.py.
+"""Checks every Triton kernel of phi4mm.model.kernels against its torch version; run by tests/model/test_kernels.py.
 
 Runs on CUDA when present, else on CPU under Triton's interpreter (TRITON_INTERPRET=1 must be set before
 phi4mm.model.kernels is imported, hence a separate process). Prints one line per check and exits non-zero on a miss.
