@@ -1,0 +1,50 @@
+"""Runtime options: one frozen dataclass for the engine and one for the server, instead of loose keyword
+arguments threaded through the CLI, the server, batch jobs and Ray replicas.
+
+Field names follow vLLM's flags where one exists (`max_num_seqs` is `--max-num-seqs`), so a command line
+pasted from vLLM maps one to one. Model-architecture settings live in `config.py` (the HF `config.json`
+fields); these are choices about how to run a loaded model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs a loaded model (see `engine.Engine`)."""
+
+    num_blocks: int | None = None  # KV blocks; None: sized from free memory (GPU) or CPU_KV_TOKENS (CPU)
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # sequences decoded together (vLLM's --max-num-seqs)
+    max_waiting: int = 1024  # queued requests before new ones are refused (HTTP 429)
+    max_tokens_per_step: int = 2048  # packed prompt + decode tokens per forward: long prompts go in chunks
+    max_model_len: int | None = None  # context per sequence; None: the model's, lowered to what the KV pool holds
+    gpu_memory_utilization: float = 0.90  # share of the GPU's total memory the process may fill (vLLM's meaning)
+    prefix_caching: bool = True  # reuse cached KV blocks of identical prompt heads
+    media_cache_items: int = 64  # encoded images/audio kept for repeated media
+    static_decode: bool | None = None  # CUDA graphs for decode; None: on for CUDA
+    merge_adapter: str | None = None  # "speech"/"vision": a merged weight copy for single-adapter batches
+
+    def but(self, **changes) -> EngineOptions:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `phi4mm serve` exposes an engine over HTTP."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_names: tuple[str, ...] = ()  # names clients may send as "model" (vLLM's --served-model-name)
+    allow_remote_media: bool = False  # fetch http(s) image/audio URLs
+    allow_local_files: bool = False  # read file:// and plain paths
+    max_body_bytes: int = 64 << 20
+    default_max_tokens: int | None = None  # None: what remains of the context
+    transcription_max_tokens: int = 448
+    segment_seconds: float = 30.0
+
+    def but(self, **changes) -> ServeOptions:
+        return replace(self, **changes)
