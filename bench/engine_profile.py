@@ -128,6 +128,7 @@ def image_profile(m, eng) -> dict:
     """An 896x896 image's time to first token, part by part (median of 5 new images), and one profiled."""
     from torch.profiler import ProfilerActivity, profile
 
+    from phi4mm.engine.runner import media_key
     from phi4mm.model.encode import encode_media
     from phi4mm.sampling import SamplingParams
     from tests.conftest import scene
@@ -149,13 +150,13 @@ def image_profile(m, eng) -> dict:
         prep = m.prepare(prompt, images=[img])
         parts["prepare"].append(lap(t0))
         t = time.perf_counter()
-        key = eng._media_key(prep)
+        key = media_key(prep)
         parts["media_key"].append(lap(t))
         t = time.perf_counter()
         media = encode_media(eng.net, prep, eng.device, eng.dtype)  # the towers alone (not cached: timing only)
         parts["towers"].append(lap(t))
         t = time.perf_counter()
-        eng._prompt_embeds(prep, key + b"x", media)
+        eng.runner.prompt_embeds(prep, key + b"x", media)
         parts["embed"].append(lap(t))
         t = time.perf_counter()
         eng.add_request(prep, params=p)  # the real path: checks and the media key (session 11: towers deferred)
@@ -186,7 +187,7 @@ def image_batch_profile(m, eng, n: int = 16) -> dict:
     """`n` distinct 896x896 image requests at once, one token each: wall time with their towers batched across
     requests (engine.IMAGE_BATCH_CROPS) and with one image per SigLIP forward (the per-request encoding the
     engine had before session 11), alternating, median of 3 each."""
-    import phi4mm.engine.engine as engine_mod
+    import phi4mm.engine.runner as engine_mod
     from phi4mm.sampling import SamplingParams
     from tests.conftest import scene
     prompt = "<|user|><|image_1|>Describe.<|end|><|assistant|>"

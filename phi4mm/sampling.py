@@ -26,6 +26,7 @@ from torch import Tensor
 MAX_LOGPROBS = 20  # OpenAI's limit on top alternatives per token
 MAX_STOP_STRINGS = 16
 MAX_TEMPERATURE = 100.0
+MAX_COUNT = (1 << 31) - 1  # bound on every count field (tokens, top_k, token ids): they travel as int64 tensors
 _MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2**31: a 32-bit lane times one stays below 2**63, so int64 never overflows (signed
 # overflow is not something to lean on). Both pass an avalanche test at the noise floor of 65k samples, as
@@ -41,7 +42,7 @@ _Q_MIN = 1e-12  # floor on q in case a fast-math log returns 0 just below 1; far
 @dataclass
 class SamplingParams:
     """What one request asks of the sampler (OpenAI / vLLM field names and meanings)."""
-    max_tokens: int = 256
+    max_tokens: int | None = 256      # None: what remains of the context (the engine resolves it)
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0                    # 0 = off
@@ -65,8 +66,8 @@ class SamplingParams:
             bad("temperature", f"use 0 (greedy) up to {MAX_TEMPERATURE}")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", "must be in (0, 1]; 1 turns nucleus sampling off")
-        if self.top_k < 0:
-            bad("top_k", "must be >= 0; 0 turns top-k off")
+        if not 0 <= self.top_k <= MAX_COUNT:
+            bad("top_k", f"must be in 0..{MAX_COUNT}; 0 turns top-k off")
         if not 0.0 <= self.min_p < 1.0:
             bad("min_p", "must be in [0, 1); 0 turns min-p off")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -74,18 +75,22 @@ class SamplingParams:
                 bad(name, "must be in [-2, 2]; 0 turns it off")
         if not self.repetition_penalty > 0.0:
             bad("repetition_penalty", "must be > 0; 1 turns it off")
-        if self.max_tokens < 1:
-            bad("max_tokens", "must be >= 1")
-        if self.min_tokens < 0:
-            bad("min_tokens", "must be >= 0")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_COUNT:
+            bad("max_tokens", f"must be in 1..{MAX_COUNT}, or None for the rest of the context")
+        if not 0 <= self.min_tokens <= MAX_COUNT:
+            bad("min_tokens", f"must be in 0..{MAX_COUNT}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens})")
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
+            bad("seed", "must fit in 64 bits")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             bad("logprobs", f"must be None or 0..{MAX_LOGPROBS}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"SamplingParams.stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS}")
         if any(not s for s in self.stop):
             raise ValueError(f"SamplingParams.stop={self.stop!r} contains an empty string; remove it")
-        if any(t < 0 for t in self.stop_token_ids):
-            bad("stop_token_ids", "token ids must be >= 0")
+        if any(not 0 <= t <= MAX_COUNT for t in self.stop_token_ids):
+            bad("stop_token_ids", f"token ids must be in 0..{MAX_COUNT}")
         return self
 
 
@@ -199,7 +204,7 @@ class SamplingBatch:
             params=list(params), vocab_size=V,
             temperature=torch.tensor([p.temperature for p in params], **f32),
             top_p=torch.tensor([p.top_p for p in params], **f32),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else V for p in params], dtype=torch.long, device=device),
+            top_k=torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in params], dtype=torch.long, device=device),
             min_p=torch.tensor([p.min_p for p in params], **f32),
             repetition_penalty=torch.tensor([p.repetition_penalty for p in params], **f32),
             presence_penalty=torch.tensor([p.presence_penalty for p in params], **f32),

@@ -89,17 +89,19 @@ def test_prefix_cache_hit_equals_miss(model, requests, expected):
 
 def test_media_key_comes_from_the_image_canvas_and_tells_images_apart(model, requests):
     import dataclasses
+
+    from phi4mm.engine.runner import media_key
     prep = model.prepare(requests[1]["prompt"], requests[1]["images"])
     again = model.prepare(requests[1]["prompt"], requests[1]["images"])
-    assert prep.images.digest and Engine._media_key(prep) == Engine._media_key(again)
+    assert prep.images.digest and media_key(prep) == media_key(again)
     img = requests[1]["images"][0].copy()
     img.putpixel((3, 4), tuple(255 - v for v in img.getpixel((3, 4))))  # one pixel of one image
-    assert Engine._media_key(model.prepare(requests[1]["prompt"], [img])) != Engine._media_key(prep)
+    assert media_key(model.prepare(requests[1]["prompt"], [img])) != media_key(prep)
     # Inputs built without a digest are keyed by their pixels, and still tell images apart.
     bare = dataclasses.replace(prep, images=dataclasses.replace(prep.images, digest=b""))
     other = model.prepare(requests[1]["prompt"], [img])
     bare_other = dataclasses.replace(other, images=dataclasses.replace(other.images, digest=b""))
-    assert Engine._media_key(bare) not in (Engine._media_key(bare_other), Engine._media_key(prep))
+    assert media_key(bare) not in (media_key(bare_other), media_key(prep))
 
 
 def test_crossing_the_longrope_switch_equals_reference(model):
@@ -162,9 +164,9 @@ def test_stop_strings_and_stream_text(model, requests, expected):
 
 def test_bad_input(model, requests):
     eng = Engine(model, num_blocks=64, max_waiting=2)
-    with pytest.raises(ValueError, match="context holds"):
+    with pytest.raises(ValueError, match="holds 1008 tokens per request.*--max-model-len"):
         eng.add_request(Prepared([1] * 131072, None, None, None, "speech"))
-    with pytest.raises(ValueError, match="KV blocks"):
+    with pytest.raises(ValueError, match="max_tokens=5000 does not fit.*--max-model-len"):
         eng.add_request(requests[0]["prompt"], params=SamplingParams(max_tokens=5000))
     with pytest.raises(ValueError):
         eng.add_request(requests[0]["prompt"], params=SamplingParams(temperature=-1))
@@ -255,7 +257,7 @@ AUDIO_PROMPT = "<|user|><|audio_1|>Transcribe the audio to text.<|end|><|assista
 def test_audio_prompts_are_encoded_together(model, monkeypatch):
     """Waiting audio-only prompts share one conformer forward (clips of different lengths, padded and masked),
     and each still gets the reference loop's tokens."""
-    import phi4mm.engine.engine as engine_mod
+    import phi4mm.engine.runner as engine_mod
     reqs = [dict(prompt=AUDIO_PROMPT, audios=[tone(d, seed=i)]) for i, d in enumerate((1.1, 2.3, 0.7))]
     want = [model.generate_ids(r["prompt"], audios=r["audios"], max_new_tokens=N_NEW) for r in reqs]
     sizes, real = [], engine_mod.encode_audio_batch
@@ -266,7 +268,7 @@ def test_audio_prompts_are_encoded_together(model, monkeypatch):
 
 
 def test_audio_encoder_failure_fails_only_its_requests(model, requests, monkeypatch):
-    import phi4mm.engine.engine as engine_mod
+    import phi4mm.engine.runner as engine_mod
 
     def boom(*a):
         raise RuntimeError("CUDA out of memory (simulated)")
@@ -281,7 +283,7 @@ def test_audio_encoder_failure_fails_only_its_requests(model, requests, monkeypa
 
 def test_audio_encoder_out_of_memory_splits_the_batch(model, monkeypatch):
     """A batch of clips too big for the encoder's memory is encoded in halves; every request is answered."""
-    import phi4mm.engine.engine as engine_mod
+    import phi4mm.engine.runner as engine_mod
     reqs = [dict(prompt=AUDIO_PROMPT, audios=[tone(d, seed=i)]) for i, d in enumerate((1.1, 2.3, 0.7, 1.5, 0.9))]
     want = [model.generate_ids(r["prompt"], audios=r["audios"], max_new_tokens=N_NEW) for r in reqs]
     sizes = []
@@ -306,7 +308,7 @@ IMAGE_PROMPT = "<|user|><|image_1|>What is this?<|end|><|assistant|>"
 def test_image_prompts_are_encoded_together(model, monkeypatch):
     """Waiting image-only prompts share one SigLIP forward (images of different crop counts, padded), a repeated
     image is encoded once, a crop budget splits the batch, and each request gets the reference loop's tokens."""
-    import phi4mm.engine.engine as engine_mod
+    import phi4mm.engine.runner as engine_mod
     same = scene(448, 300, 1)
     reqs = [dict(prompt=IMAGE_PROMPT, images=[im]) for im in (same, scene(900, 600, 2), scene(640, 480, 3), same)]
     reqs.insert(2, dict(prompt="<|user|>Tell me a story about a fox.<|end|><|assistant|>"))
@@ -325,7 +327,7 @@ def test_image_prompts_are_encoded_together(model, monkeypatch):
 
 def test_image_encoder_failure_and_out_of_memory(model, requests, monkeypatch):
     """A failing SigLIP batch fails its requests only; out of memory splits the batch in halves."""
-    import phi4mm.engine.engine as engine_mod
+    import phi4mm.engine.runner as engine_mod
     real = engine_mod.encode_image_batch
 
     def boom(*a):
