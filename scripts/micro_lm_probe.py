@@ -2,7 +2,7 @@
 
     python scripts/micro_lm_probe.py WORK OUT_DIR [--seconds 240] [--variants a,b] [--gpus 2] [--workers 4]
 
-Session 10's frozen-tower probes (scripts/micro_shape_probe.py) found the shipped micro SigLIP binds each shape to
+The frozen-tower probe (scripts/micro_shape_probe.py --binding) found the shipped micro SigLIP binds each shape to
 its colour in the merged tokens (one attention query per colour reads "what shape is red" at 0.97-1.00), while
 the model answers 26/50 of those questions. So the loss is on the language-model side: projector, LoRA_V,
 decoder. Each variant here continues the shipped model with one `phi4mm train` stage on a chosen image mix for
