@@ -81,7 +81,7 @@ RECIPE = (
     # to 345 of its 720 steps by a 6.8-minute budget, the model scored 0.0 on tool calls (0.99 uncut).
     MicroStage("text", "decoder", ("text", "tools"), 12, 1e-3, 8192, phase=0, keep_plan=True),
     # SigLIP learns letters and shapes first, beside the text stage on the other GPU (they train disjoint
-    # tensors): the LM-loss stages never taught the encoder to read (held-out OCR 0.00 in sessions 4-6) nor to
+    # tensors): the LM-loss stages never taught the encoder to read (held-out OCR 0.00 in three recipe runs) nor to
     # tell circle, square and triangle apart. Words by CTC on character units (what fixed speech; alone it read
     # 30% of held-out words in 2,500 probe steps); scenes and photos by their caption labels, words and
     # colour-shape pairs (train_ctc.LabelHead; probe: held-out scenes' exact label sets 0.76 in 1,650 steps,
