@@ -2,7 +2,7 @@
 
     phi4mm train --recipe micro --out micro-run --device cuda     # data, tokenizer, 9 stages, eval (~17 min, 2 H200)
 
-`run_recipe` generates the training and held-out data offline (`micro_data`), trains a byte-level BPE on the
+`run_recipe` generates the training and held-out data offline (`micro.data`), trains a byte-level BPE on the
 training text with Phi's special tokens (looked up by name everywhere, never by id), writes a fresh checkpoint
 in the official layout, then runs `phi4mm.train.trainer` through the recipe's stages in the original order: the decoder
 on text, the vision projector -> encoder -> LoRA, the speech encoder -> LoRA, then the vision-speech stage.
@@ -60,7 +60,7 @@ MEL_STATS_CLIPS = 256  # training clips that set the encoder's input normalisati
 class MicroStage:
     name: str  # output folder and report label
     stage: str  # the `phi4mm train` stage
-    tasks: tuple[str, ...]  # micro_data task files mixed into this stage's data
+    tasks: tuple[str, ...]  # micro.data task files mixed into this stage's data
     epochs: float
     lr: float
     batch_tokens: int = 16384
@@ -84,7 +84,7 @@ RECIPE = (
     # tensors): the LM-loss stages never taught the encoder to read (held-out OCR 0.00 in three recipe runs) nor to
     # tell circle, square and triangle apart. Words by CTC on character units (what fixed speech; alone it read
     # 30% of held-out words in 2,500 probe steps); scenes and photos by their caption labels, words and
-    # colour-shape pairs (train_ctc.LabelHead; probe: held-out scenes' exact label sets 0.76 in 1,650 steps,
+    # colour-shape pairs (train.ctc.LabelHead; probe: held-out scenes' exact label sets 0.76 in 1,650 steps,
     # where raster-read CTC scene lists reached 0.14 and stopped OCR learning). Capped at 150 s on a GPU.
     MicroStage("vision-ctc", "vision-ctc", ("ocr", "scene", "caption"), 30, 1e-3, phase=0, branch="vision",
                keep_plan=True, warmup=100, max_seconds=150.0),
@@ -92,7 +92,7 @@ RECIPE = (
     MicroStage("vision-encoder", "vision-encoder", IMAGE_TASKS, 12, 5e-4, phase=1, branch="vision",
                with_lora=True, warmup=100),
     # The original's audio encoder starts from an ASR model; the micro one learns to recognise speech first (CTC
-    # on the transcripts, in character-BPE units: train_ctc.ctc_units). Without it the encoder's output stayed nearly
+    # on the transcripts, in character-BPE units: train.ctc.ctc_units). Without it the encoder's output stayed nearly
     # constant over time after 1,136 LM-loss steps and the model transcribed from its language prior (WER 1.04);
     # with whole-word targets CTC sat on its plateau (loss ~3.0 per word after 2,640 GPU steps); with the units
     # a probe reached held-out WER 0.25 in 385 steps (scripts/micro_ctc_probe.py, docs/micro-model.md).
