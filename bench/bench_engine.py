@@ -1,9 +1,9 @@
 """Engine throughput against transformers in the same run (full-size random weights, bf16, one GPU).
 
 usage: python bench/bench_engine.py [--ckpt DIR] [--out bench/results/engine.json] [--skip-peer]
-Cases follow the engine issue: decode at batch 1 and 64 (512-token prompts), time to first token for text
-and an 896x896 image, and batched 30 s speech recognition (real-time factor). The peer is driven as in
-../shared/peer/hf_baseline.py (default generate, min_new_tokens forcing full length).
+Cases: decode at batch 1 and 64 (512-token prompts), time to first token for text
+and an 896x896 image, and batched 30 s speech recognition (real-time factor). The peer is driven as a
+transformers user would (default generate, min_new_tokens forcing full length).
 """
 from __future__ import annotations
 

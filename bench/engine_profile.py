@@ -10,7 +10,7 @@ Full-size random checkpoint (made under --work if missing), bf16. For each case 
   - the top CUDA kernels of a profiled decode step;
   - with --image: an 896x896 image's first token split into its parts (preprocessing, media key, towers,
     prompt embeddings, the prefill step), then one profiled request (top CUDA kernels and CPU ops, GPU busy time).
-    Since session 11 the engine encodes images at the next step, so `first_step` holds the towers, the
+    The engine encodes images at the next step, so `first_step` holds the towers, the
     embeddings and the prefill, and `add_request` the checks and the media key;
   - with --asr --merge-adapter speech: the ASR case (key asr_b64) again on a fresh engine with the speech adapter
     merged into the weights (key asr_b64_merged_speech, with the bytes the merge added), then unmerged once more
@@ -159,7 +159,7 @@ def image_profile(m, eng) -> dict:
         eng.runner.prompt_embeds(prep, key + b"x", media)
         parts["embed"].append(lap(t))
         t = time.perf_counter()
-        eng.add_request(prep, params=p)  # the real path: checks and the media key (session 11: towers deferred)
+        eng.add_request(prep, params=p)  # the real path: checks and the media key (towers deferred to the step)
         parts["add_request"].append(lap(t))
         t = time.perf_counter()
         while eng.has_work():
@@ -185,8 +185,8 @@ def image_profile(m, eng) -> dict:
 
 def image_batch_profile(m, eng, n: int = 16) -> dict:
     """`n` distinct 896x896 image requests at once, one token each: wall time with their towers batched across
-    requests (engine.IMAGE_BATCH_CROPS) and with one image per SigLIP forward (the per-request encoding the
-    engine had before session 11), alternating, median of 3 each."""
+    requests (runner.IMAGE_BATCH_CROPS) and with one image per SigLIP forward (per-request encoding, the
+    baseline that batching is measured against), alternating, median of 3 each."""
     import phi4mm.engine.runner as engine_mod
     from phi4mm.sampling import SamplingParams
     from tests.conftest import scene
@@ -219,7 +219,7 @@ AUDIO_TOKEN_ID = 200011  # the published checkpoint's <|endoftext11|>, the audio
 
 def peer_asr(tiny: bool = False, batch: int = 64, seconds: int = 30, new: int = 100) -> dict:
     """The peer on the ASR case: transformers' Phi4MultimodalForCausalLM at the published shape (random bf16
-    weights, SDPA; its base model without LoRA, as ../shared/peer/hf_baseline.py drives it), `batch` distinct
+    weights, SDPA; its base model without LoRA, the usual transformers baseline), `batch` distinct
     clips of `seconds` in one default `generate`, `new` tokens each (min_new_tokens forces the full length).
     Features are extracted before the timer starts, as our `prepare` is."""
     import numpy as np

@@ -86,7 +86,7 @@ class TextConfig:
 
     @property
     def rope_scaling_factor(self) -> float:
-        """LongRoPE attention scaling, applied to cos/sin for short *and* long factors (SPEC §1.2)."""
+        """LongRoPE attention scaling for short *and* long factors (docs/architecture.md#decoder-and-longrope)."""
         scale = self.max_position_embeddings / self.original_max_position_embeddings
         if scale <= 1.0:
             return 1.0
@@ -249,7 +249,7 @@ def _text_from(d: dict[str, Any], rope: dict[str, Any] | None) -> TextConfig:
     eos = d.get("eos_token_id", 199999)
     eos = [eos] if isinstance(eos, int) else list(eos)
     if 200020 not in eos and d.get("vocab_size", 0) > 200020:
-        # The published config says 199999 only; generation_config.json adds <|end|> (SPEC §6).
+        # The published config says 199999 only; generation_config.json adds <|end|> (the turn end the model emits).
         eos = [200020] + eos
     return _pick(TextConfig, d,
                  rope_theta=rope.get("rope_theta", d.get("rope_theta")),

@@ -1,4 +1,4 @@
-"""Why does the micro audio encoder not learn to hear? CTC variants side by side on one GPU (a research probe).
+"""Which CTC targets teach the micro audio encoder to hear? Variants side by side on one GPU (a probe).
 
     python scripts/micro_ctc_probe.py WORK OUT_JSON [--seconds 240] [--variants a,b] [--device cuda]
 

@@ -2,12 +2,12 @@
 
     python scripts/micro_lm_probe.py WORK OUT_DIR [--seconds 240] [--variants a,b] [--gpus 2] [--workers 4]
 
-Session 10's frozen-tower probes (scripts/micro_shape_probe.py) found the shipped micro SigLIP binds each shape to
-its colour in the merged tokens (one attention query per colour reads "what shape is red" at 0.97-1.00), while
-the model answers 26/50 of those questions. So the loss is on the language-model side: projector, LoRA_V,
-decoder. Each variant here continues the shipped model with one `phi4mm train` stage on a chosen image mix for
-the same wall time, in its own process (variants are spread over the GPUs), then scores the held-out shapes
-questions (200, by kind) and scene lists (100) greedily on the engine. The shipped model is scored the same way.
+The frozen-tower probe (scripts/micro_shape_probe.py --binding) found that the micro SigLIP binds each shape to
+its colour in the merged tokens (one attention query per colour reads "what shape is red" at 0.97-1.00) where
+the model before the vision-focus stage answered 26/50 of those questions: the loss was on the language-model
+side (projector, LoRA_V, decoder). Each variant here continues a model with one `phi4mm train` stage on a
+chosen image mix for the same wall time, in its own process (variants are spread over the GPUs), then scores the held-out shapes
+questions (200, by kind) and scene lists (100) greedily on the engine. The starting model is scored the same way.
 
 OUT_DIR gets results.json and log lines, and per variant `delta-<name>.safetensors`: the tensors the stage changed, keyed
 "<file relative to the checkpoint>::<tensor name>", so a variant's model can be rebuilt on any machine with

@@ -2,9 +2,9 @@
 
     python scripts/micro_ocr_probe.py WORK OUT_JSON [--seconds 240] [--variants a,b] [--device cuda]
 
-The speech lesson (scripts/micro_ctc_probe.py): with whole-word targets an encoder has to learn every word as
-an unrelated class and does not; with units shared across words it learns. The micro model's OCR answer is
-one whole-word token, and the vision stages never learned it (held-out OCR 0.00). This probe trains the
+As in speech (scripts/micro_ctc_probe.py), whole-word targets make an encoder learn every word as an
+unrelated class, and units shared across words work better. The micro model's OCR answer is one whole-word
+token, which the LM-loss vision stages do not teach (held-out OCR 0.00). This probe trains the
 vision encoder of the micro init through a CTC head that reads the word's letters left to right: the rendered
 word (448x112, one 448-px crop with 8 valid patch rows) goes through SigLIP, the valid rows of each of the 32
 patch columns are averaged into one frame (optionally repeated to give CTC 64 frames), and a linear head maps

@@ -2,10 +2,10 @@
 
     python scripts/micro_shape_probe.py CHECKPOINT [--lr 1e-3] [--steps 150] [--device cpu] [--frozen | --binding]
 
-The micro model answers "what shape is red" at chance (16/50) after the LM-loss vision stages, with or without
-the scene lists (docs/micro-model.md). This probe tells an encoder limit from a training-signal one. SigLIP
+When the model answers shape questions badly, is the vision encoder the limit or the training signal
+(docs/micro-model.md)? This probe tells them apart. SigLIP
 trains from the checkpoint's weights with a linear head on its mean-pooled patches, on one-shape scenes drawn
-by micro_data's own scene code (400 for training, 90 held out), 8 images a step. It prints held-out accuracy
+by micro.data's own scene code (400 for training, 90 held out), 8 images a step. It prints held-out accuracy
 every 25 steps. CHECKPOINT: a micro init (e.g. the `init` folder scripts/micro_vision_probe.py makes), or a
 trained model with --frozen (only the head trains: do its features already tell the shapes apart?).
 

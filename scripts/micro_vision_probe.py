@@ -3,17 +3,17 @@
     python scripts/micro_vision_probe.py WORK OUT_JSON [--seconds 180] [--variants a,b] [--device cuda]
                                          [--trainer-steps 60]
 
-The micro model read no word (OCR 0.00) and told circle, square and triangle apart little better than chance
-(shapes 0.61), on its training images too: the LM loss never taught the encoder these. Speech got its
-features from a CTC stage (scripts/micro_ctc_probe.py); this probe tries the same for vision with the very
+The LM loss alone does not teach the micro SigLIP to read words (OCR 0.00) or to tell circle, square and
+triangle apart well, even on its training images. Speech gets its features from a CTC stage
+(scripts/micro_ctc_probe.py); this probe tries the same for vision with the very
 frames the trainer's `vision-ctc` stage uses (`phi4mm.train.ctc.vision_frames`): a rendered word is read by patch
 columns, a scene of shapes in raster order against its description ("red circle, blue square", top to bottom).
 Each variant trains SigLIP from the micro init plus a CTC head over characters in its own process, for the
 same wall time, and scores held-out words (unseen font sizes) and scenes (test seed) by greedy exact match.
 
 With --trainer-steps N it first times N steps of the real trainer's vision-ctc stage on the same data and prints
-a profile of them. (Session 9's 60 steps ran at 29 steps/s, but the loader's prefetch covered them: in the
-recipe the stage waited on its workers 90 of 120 s. It now reads a crop cache and has no loader to wait on.)
+a profile of them. (The stage reads a crop cache on the training device, so it has no loader to wait on;
+a loader's prefetch would hide its cost in a run this short.)
 """
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ VARIANTS = {"ocr": (1e-3, ("ocr",), 32, 1, {}), "scene": (1e-3, ("scene",), 32, 
             "mix": (1e-3, ("ocr", "scene"), 32, 1, {}), "ocr-r2": (1e-3, ("ocr",), 32, 2, {}),
             "ocr-r3": (1e-3, ("ocr",), 32, 3, {}), "scene-r2": (1e-3, ("scene",), 32, 2, {}),
             "mix-r2": (1e-3, ("ocr", "scene"), 32, 2, {}),
-            # Session 9's next step: a stronger reader within the 30 MB (feature layer -2: 6 stored run 5).
+            # A stronger reader within the 30 MB (feature layer -2: 6 stored run 5).
             "ocr-r2-l6": (1e-3, ("ocr",), 32, 2, {"num_hidden_layers": 6}),
             "ocr-r2-w256": (1e-3, ("ocr",), 32, 2, {"hidden_size": 256, "intermediate_size": 1024}),
             "ocr-r2-2e3": (2e-3, ("ocr",), 32, 2, {}),
-            # Session 10: caption labels (train_ctc.LabelHead), with CTC on the lines or alone.
+            # Caption labels (train.ctc.LabelHead), with CTC on the lines or alone.
             "ocr-ctc-lab": (1e-3, ("ocr",), 32, 2, {}), "ocr-lab": (1e-3, ("ocr",), 32, 2, {}),
             "mix-ctc-lab": (1e-3, ("ocr", "scene"), 32, 2, {}), "mix-lab": (1e-3, ("ocr", "scene"), 32, 2, {}),
             "mix-ctc-lab-2e3": (2e-3, ("ocr", "scene"), 32, 2, {}),

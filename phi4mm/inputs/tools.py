@@ -1,6 +1,6 @@
 """Tool-call output parsing, whole-text and streaming.
 
-Phi-4 writes calls as `<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>` (SPEC §6), but in
+Phi-4 writes calls as `<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>`, but in
 practice the closing tag is often missing, parallel calls are sometimes separate objects instead of a list,
 and some fine-tunes say `parameters` instead of `arguments`. We accept all of these. Anything we cannot read
 (malformed JSON, an object without a name) stays in the content, so no model output is ever lost.

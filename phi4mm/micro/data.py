@@ -2,7 +2,7 @@
 
     paths = generate("data/micro", "train", seed=0)   # {task: JSONL path}; media under data/micro/media/
 
-Tasks: asr / ast / sqa (synthetic speech, see micro_speech), ocr (rendered words), shapes (counting and
+Tasks: asr / ast / sqa (synthetic speech, see micro.speech), ocr (rendered words), shapes (counting and
 colour questions on drawn scenes), scene (every shape of a scene named, top to bottom), caption (scikit-image's
 bundled photos), vsqa (a scene plus a spoken question), text (small talk, repetition, translation, facts, arithmetic) and tools (function calling).
 Every item is built from its own `random.Random(f"{seed}-{split}-{task}-{i}")`, so the output does not depend

@@ -2,9 +2,9 @@
 
     phi4mm train --recipe micro --out micro-run --device cuda     # data, tokenizer, 9 stages, eval (~17 min, 2 H200)
 
-`run_recipe` generates the training and held-out data offline (`micro_data`), trains a byte-level BPE on the
+`run_recipe` generates the training and held-out data offline (`micro.data`), trains a byte-level BPE on the
 training text with Phi's special tokens (looked up by name everywhere, never by id), writes a fresh checkpoint
-in the official layout, then runs `phi4mm.train.trainer` through the recipe's stages in order (RECIPE.md): the decoder
+in the official layout, then runs `phi4mm.train.trainer` through the recipe's stages in the original order: the decoder
 on text, the vision projector -> encoder -> LoRA, the speech encoder -> LoRA, then the vision-speech stage.
 Each stage's output is a complete checkpoint that the next stage starts from; a finished stage is skipped on a
 re-run, so an interrupted recipe resumes at the stage it was in. The last checkpoint is cast to bf16 and
@@ -60,7 +60,7 @@ MEL_STATS_CLIPS = 256  # training clips that set the encoder's input normalisati
 class MicroStage:
     name: str  # output folder and report label
     stage: str  # the `phi4mm train` stage
-    tasks: tuple[str, ...]  # micro_data task files mixed into this stage's data
+    tasks: tuple[str, ...]  # micro.data task files mixed into this stage's data
     epochs: float
     lr: float
     batch_tokens: int = 16384
@@ -81,18 +81,18 @@ RECIPE = (
     # to 345 of its 720 steps by a 6.8-minute budget, the model scored 0.0 on tool calls (0.99 uncut).
     MicroStage("text", "decoder", ("text", "tools"), 12, 1e-3, 8192, phase=0, keep_plan=True),
     # SigLIP learns letters and shapes first, beside the text stage on the other GPU (they train disjoint
-    # tensors): the LM-loss stages never taught the encoder to read (held-out OCR 0.00 in sessions 4-6) nor to
+    # tensors): the LM-loss stages never taught the encoder to read (held-out OCR 0.00 in three recipe runs) nor to
     # tell circle, square and triangle apart. Words by CTC on character units (what fixed speech; alone it read
     # 30% of held-out words in 2,500 probe steps); scenes and photos by their caption labels, words and
-    # colour-shape pairs (train_ctc.LabelHead; probe: held-out scenes' exact label sets 0.76 in 1,650 steps,
+    # colour-shape pairs (train.ctc.LabelHead; probe: held-out scenes' exact label sets 0.76 in 1,650 steps,
     # where raster-read CTC scene lists reached 0.14 and stopped OCR learning). Capped at 150 s on a GPU.
     MicroStage("vision-ctc", "vision-ctc", ("ocr", "scene", "caption"), 30, 1e-3, phase=0, branch="vision",
                keep_plan=True, warmup=100, max_seconds=150.0),
     MicroStage("vision-projector", "vision-projector", IMAGE_TASKS, 1, 1e-3, phase=1, branch="vision"),
     MicroStage("vision-encoder", "vision-encoder", IMAGE_TASKS, 12, 5e-4, phase=1, branch="vision",
                with_lora=True, warmup=100),
-    # RECIPE.md's audio encoder starts from an ASR model; the micro one learns to recognise speech first (CTC
-    # on the transcripts, in character-BPE units: train_ctc.ctc_units). Without it the encoder's output stayed nearly
+    # The original's audio encoder starts from an ASR model; the micro one learns to recognise speech first (CTC
+    # on the transcripts, in character-BPE units: train.ctc.ctc_units). Without it the encoder's output stayed nearly
     # constant over time after 1,136 LM-loss steps and the model transcribed from its language prior (WER 1.04);
     # with whole-word targets CTC sat on its plateau (loss ~3.0 per word after 2,640 GPU steps); with the units
     # a probe reached held-out WER 0.25 in 385 steps (scripts/micro_ctc_probe.py, docs/micro-model.md).
@@ -101,25 +101,25 @@ RECIPE = (
                with_lora=True, warmup=100),
     MicroStage("vision-lora", "vision-lora", IMAGE_TASKS, 4, 3e-4, phase=2, branch="vision"),
     MicroStage("speech-lora", "speech-lora", SPEECH_TASKS, 5, 3e-4, 4096, phase=2, branch="speech"),
-    # Image tasks stay in the mix so the jointly trained encoder and LoRA_V keep reading (RECIPE.md mixes
+    # Image tasks stay in the mix so the jointly trained encoder and LoRA_V keep reading (the original mixes
     # vision post-training data into this stage too).
     MicroStage("vision-speech", "vision-speech", ("vsqa",) + IMAGE_TASKS, 4, 3e-4, phase=3),
-    # The decoder side reads the shapes last. Session 10's encoder binds each shape to its colour in its merged
+    # The decoder side reads the shapes last. The encoder before it binds each shape to its colour in its merged
     # tokens (one attention query per colour answers "what shape is red" at 0.97-1.00), yet the model answered
     # 26/50. A probe (scripts/micro_lm_probe.py, 240 s from the shipped model) took shapes from 0.665 to 0.845
     # and "what shape is <colour>" to 49/50 with projector + LoRA_V at lr 1e-3 on scenes alone; more of the
     # recipe's own mix (OCR is half of it and still unread) gave 0.68. The towers stay frozen. Typed questions
-    # only: spoken questions about scenes (vsqa, same LoRA_V) fell from 0.29 to 0.01 in session 11's run.
+    # only: spoken questions about scenes (vsqa, same LoRA_V) fell from 0.29 to 0.01 when vsqa was in.
     MicroStage("vision-focus", "vision-projector", ("shapes", "scene"), 14, 1e-3, phase=4, branch="vision",
                with_lora=True, warmup=50, max_seconds=400.0),
 )
-# Seconds per sample pass on one H200 of a 2-GPU recipe run (session 6, docs/micro/recipe-session6.json: each
+# Seconds per sample pass on one H200 of a 2-GPU recipe run (docs/micro-model.md#training-time: each
 # stage's seconds over its samples x epochs, rounded per kind), used to plan a --max-minutes budget. The old
 # H100 profile (GPU step time only) underestimated image stages ~1.9x and speech ~1.3x: loading and start-up.
 _COST = {"text": 0.5e-3, "tools": 0.75e-3, "ocr": 3.0e-3, "shapes": 3.0e-3, "scene": 3.0e-3,
          "caption": 3.0e-3, "vsqa": 3.4e-3,
          "asr": 1.45e-3, "ast": 1.45e-3, "sqa": 1.45e-3}
-# Held-out sets: (file, metric, goal, higher is better); the goals are issue 7's.
+# Held-out sets: (file, metric, goal, higher is better); the goals are the bar the shipped model is held to.
 GOALS = (
     ("asr", "wer", 0.10, False), ("asr_heldout_voice", "wer", 0.25, False), ("ast", "bleu", 60.0, True),
     ("ocr", "exact", 0.90, True), ("shapes", "exact", 0.90, True), ("tools", "tool", 0.95, True),
@@ -478,7 +478,7 @@ def _phase_budgets(phases: list[list[list[int]]], planned: list[float], left: fl
     wall = [max(sum(planned[n] for n in chain) for chain in ph) for ph in phases]
     share = max(10.0, left * wall[0] / sum(wall))
     for chain in phase:
-        # Cutting a shorter branch as much as the longest one left a GPU idle: the 2-GPU run of session 9
+        # Cutting a shorter branch as much as the longest one left a GPU idle: a 2-GPU run that did so
         # gave the speech chain 30% of the phase, and its encoder stage made 164 of 1,136 planned steps.
         factor = min(1.0, share / sum(planned[n] for n in chain))
         for n in chain:

@@ -1,5 +1,5 @@
 """The text side of the micro model's data: vocabulary and grammar, the invented language, question tables and
-tools. `micro_data` builds the samples (and re-exports these names)."""
+tools. `micro.data` builds the samples (and re-exports these names)."""
 from __future__ import annotations
 
 import random

@@ -1,4 +1,4 @@
-"""Speech tower of Phi-4-multimodal: a Conformer encoder and two audio projectors (SPEC §5.2, §5.3).
+"""Speech tower of Phi-4-multimodal: a Conformer encoder and two audio projectors (docs/architecture.md).
 
     log-mel features (n, T, 80), 100 frames/s
       -> global mean/invstd normalisation (checkpoint buffers)
@@ -9,7 +9,7 @@
 Module and parameter names follow the transformers-native checkpoint (prefix
 `model.embed_tokens_extend.audio_embed.` removed) so that a name table can load it 1:1.
 
-Padding semantics (a deliberate definition; SPEC §5.2 "padding quirk", §8.2, §8.9):
+Padding semantics (a deliberate definition; docs/architecture.md#reference-quirks, items 2 and 9):
 every item of a padded batch is encoded *exactly as if it were encoded alone* (the original's single-audio
 call, which is also what vLLM and HF do for one audio):
   - padded feature frames and padded frames between the conv stages are zeroed, which is what the convs'
@@ -340,7 +340,7 @@ class AudioEmbedding(nn.Module):
 
     Parameter names equal the transformers-native checkpoint's with `model.embed_tokens_extend.audio_embed.`
     removed. The `speech` projector is used for audio-only prompts, the `vision` one (`*_for_vision_speech`)
-    for prompts that also hold images (SPEC §5.3, §8.8)."""
+    for prompts that also hold images (docs/architecture.md#adapter-rule)."""
 
     def __init__(self, cfg: AudioConfig, text_hidden_size: int) -> None:
         super().__init__()

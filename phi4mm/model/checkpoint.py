@@ -30,7 +30,7 @@ VISION_LORA_TARGET = r"layers.*((self_attn\.(qkv_proj|o_proj))|(mlp\.(gate_up|do
 SPEECH_LORA_TARGET = r"((layers.*self_attn\.(qkv|o)_proj)|(layers.*mlp\.(gate_up|down)_proj))"
 PEFT_TARGET = r"model.layers.\d+.((self_attn.(qkv|o)_proj)|(mlp.(gate_up|down)_proj))"
 
-# The published config.json (official layout), SPEC §1, §2, §5.
+# The published config.json (official layout); its values are summarised in docs/architecture.md#the-model.
 OFFICIAL_CONFIG = {
     "architectures": ["Phi4MMForCausalLM"], "model_type": "phi4mm", "attention_bias": False,
     "attention_dropout": 0.0,

@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
 
 
 class LongRope:
-    """Partial rotary embedding with LongRoPE short/long frequency factors (SPEC §1.2).
+    """Partial rotary embedding with LongRoPE short/long frequency factors (docs/architecture.md#decoder-and-longrope).
 
     Not a module: it has no weights, and its tables are derived from the config on whichever device asks.
     """

@@ -27,7 +27,7 @@ def encode_image_batch(net, preps: list[Any], device: torch.device | str,
                        dtype: torch.dtype) -> list[torch.Tensor]:
     """The images of several image-only prompts through one SigLIP forward -> each prompt's (N_i, hidden)
     embeddings (its images in prompt order). Crops are encoded independently and batch-padding crops never are
-    (vision_encoder.ImageEmbedding.forward), so this equals encoding each prompt alone up to float rounding."""
+    (model.vision.ImageEmbedding.forward), so this equals encoding each prompt alone up to float rounding."""
     ims = [p.images for p in preps]
     most = max(i.pixel_values.shape[1] for i in ims)  # crops per image, the largest of the batch
 

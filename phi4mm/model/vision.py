@@ -1,6 +1,6 @@
 """Vision tower: SigLIP-so400m with NaViT position ids, HD-crop feature assembly and the image projector.
 
-Pipeline for one image (SPEC §4):
+Pipeline for one image (docs/architecture.md#vision-tower-and-hd-crops):
 
     crops [1 + h*w, 3, 448, 448]  (global view first, then an h x w grid of HD crops, row-major)
       -> SigLIP, 26 of 27 layers (feature layer -2)        [crops, 32*32, 1152]
@@ -30,7 +30,7 @@ GLOBAL_TOKENS = TOKENS_PER_SIDE * (TOKENS_PER_SIDE + 1)  # 16 rows of 16 tokens 
 
 
 class VisionEmbeddings(nn.Module):
-    """Patch embedding plus NaViT-bucketised absolute position embedding (SPEC §4.1)."""
+    """Patch embedding plus NaViT-bucketised absolute position embedding (a partial crop spans all 32x32)."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -70,7 +70,7 @@ class VisionAttention(nn.Module):
     """Bidirectional multi-head self-attention with biased projections.
 
     HF 5.17 marks this layer `is_causal=True`, so its SDPA/flash paths run *causal* attention whenever no crop
-    in the batch is padded (SPEC §8.1). SigLIP is bidirectional; we never pass is_causal.
+    in the batch is padded (docs/architecture.md#reference-quirks). SigLIP is bidirectional; we never pass is_causal.
     """
 
     def __init__(self, cfg: VisionConfig) -> None:
@@ -153,7 +153,7 @@ class SiglipNaViT(nn.Module):
 
 
 class ImageEmbedding(nn.Module):
-    """Encode preprocessed HD crops and project them to decoder-width image tokens (SPEC §4.3)."""
+    """Encode preprocessed HD crops and project them to decoder-width image tokens (docs/architecture.md)."""
 
     def __init__(self, cfg: VisionConfig, text_hidden_size: int) -> None:
         super().__init__()
@@ -233,7 +233,7 @@ class ImageEmbedding(nn.Module):
         attention_mask (n, max_crops, 32, 32): patch validity per crop (0/1 or bool)
         image_sizes    (n, 2): padded HD (height, width) in pixels, multiples of 448
         Returns one (N_img_i, text_hidden) tensor per image, in the projector dtype;
-        N_img = 256 + 16 + 1 + ceil(Vw/2) * ceil(Vh/2) + ceil(Vh/2) (SPEC §4.4).
+        N_img = 256 + 16 + 1 + ceil(Vw/2) * ceil(Vh/2) + ceil(Vh/2) (Vw, Vh: valid patch columns, rows).
         """
         p, t = self.patches_per_side, self.tokens_per_side
         if pixel_values.dim() != 5 or attention_mask.shape != (*pixel_values.shape[:2], p, p):

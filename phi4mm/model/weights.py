@@ -62,7 +62,7 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
 
 
 def dropped(cfg: ModelConfig) -> list[str]:
-    """Regexes of stored tensors skipped on purpose (SPEC §8.12)."""
+    """Regexes of stored tensors skipped on purpose (stored but unused by the original too)."""
     out = []
     if cfg.vision is not None:
         last = cfg.vision.num_hidden_layers - 1  # features come from layer -2: the last layer never runs

@@ -239,7 +239,7 @@ class CropCache:
 
     The image stages rebuild each sample's global view and crops every step in forked workers (~15 ms an
     image on one core) and ship them as 2.4 MB of bf16. That bound the recipe's vision-ctc to ~7 steps/s, 90
-    of its 120 s spent waiting (session 9), where a loop over uint8 pixels already on the GPU made ~29. The
+    of its 120 s spent waiting on one H200, where a loop over uint8 pixels already on the GPU made ~29. The
     normalised crop is exactly (canvas - 127.5) / 127.5, the processor's own arithmetic (a test checks).
     """
 

@@ -1,4 +1,4 @@
-"""`phi4mm train`: fine-tune one stage of Phi-4-multimodal (RECIPE.md) on JSONL conversations.
+"""`phi4mm train`: fine-tune one stage of Phi-4-multimodal (docs/architecture.md) on JSONL conversations.
 
     summary = train("Phi-4-multimodal-instruct", "asr.jsonl", "speech-lora", "out/", max_steps=1000, lr=1e-4)
 
@@ -105,7 +105,7 @@ STAGES = {
     # Pre-training the decoder itself (the micro model's first stage; Phi-4-mini arrives pre-trained).
     "decoder": Stage((), (_DECODER,), None, lambda e: not e.has_image and not e.has_audio),
     # Pre-training an encoder alone as a CTC recogniser of the sample's answer (ctc_units): the audio encoder
-    # (the micro model's stand-in for RECIPE.md's encoder "initialised from an attention encoder-decoder ASR
+    # (the micro model's stand-in for the original's encoder, "initialised from an attention encoder-decoder ASR
     # model"), or SigLIP reading a rendered word. The head is thrown away afterwards: only the encoder is exported.
     "speech-ctc": Stage(("audio",), (_AUDIO_ENC,), None, lambda e: e.has_audio),
     "vision-ctc": Stage(("vision",), (_VISION_ENC,), None, _has_image),

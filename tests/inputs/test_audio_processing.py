@@ -1,9 +1,9 @@
 """Audio front end: decoding, resampling, log-mel parity with transformers, token counts, bad input.
 
 The oracle is transformers 5.17's `Phi4MultimodalFeatureExtractor` (16 kHz only). It shares the original's
-float64 FFT but not its mel filterbank: HF puts one extra weight on FFT bin 246 of filter 79 (SPEC §5.1,
-§8.3). So features must match HF tightly with our "hf" bank, and match it except column 79 with the default
-"speechlib" bank; the column-79 gap is measured and bounded here.
+float64 FFT but not its mel filterbank: HF puts one extra weight on FFT bin 246 of filter 79 (see
+docs/architecture.md#reference-quirks). So features must match HF tightly with our "hf" bank, and match it except
+column 79 with the default "speechlib" bank; the column-79 gap is measured and bounded here.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def tone(freq: float, rate: int, seconds: float = 1.0, amp: float = 0.5) -> np.n
 
 
 def speechlib_mel_loop() -> np.ndarray:
-    """The original speechlib_mel written as its plain double loop, from SPEC §5.1, as an independent check."""
+    """The original speechlib_mel written as its plain double loop, as an independent check."""
     mel = lambda f: 1127.0 * math.log(1.0 + f / 700.0)  # noqa: E731
     klo, khi = int(0 * 512 / SR + 0.5) + 1, int(7690 * 512 / SR + 0.5)
     centers = np.linspace(mel(0), mel(7690), 82)
@@ -109,7 +109,7 @@ def test_log_mel_matches_hf_on_noise_and_measures_bin_246(hf_extractor) -> None:
     gap = np.abs(log_mel(noise) - ref)  # (T, 80)
     assert gap[:, :79].max() < PARITY_ATOL
     # White noise is flat, so bin 246 carries ~1/14 of filter 79's other weight: ln(1 + 0.0097 / ~0.53)
-    # ~ 0.018 (SPEC §5.1). The default bank is the original's; this is the size of HF's deviation.
+    # ~ 0.018. The default bank is the original's; this is the size of HF's deviation.
     assert 0.01 < gap[:, 79].max() < 0.025
     # Speech has little energy at 7.7 kHz, so there the gap is smaller (measured ~0.003 on the LibriVox clip).
 

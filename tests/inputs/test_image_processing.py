@@ -155,7 +155,7 @@ def test_grid_choice_matches_oracle_sweep(oracle):
         num_image_tokens(width, height)   # must not raise where the oracle does not
 
 
-# ---- token counts (SPEC §4.4 table) ------------------------------------------------------------------------------
+# ---- token counts (measured with the HF 5.17 processor) ---------------------------------------------------------
 @pytest.mark.parametrize("size,tokens", [
     ((448, 448), 545), ((896, 896), 1329), ((640, 480), 1065), ((1000, 700), 1777),
     ((3000, 400), 1968), ((200, 3000), 1281), ((2688, 2688), 9585), ((6 * 448 + 1, 6 * 448 + 1), 9585),
@@ -165,7 +165,7 @@ def test_token_count_table(size, tokens):
 
 
 def test_token_count_maximum(oracle):
-    # SPEC §4.4's 9585 is the 6x6 maximum; a 1x36 grid has more tokens, because every one of its 576 pooled
+    # The often quoted 9585 is the 6x6 maximum; a 1x36 grid has more tokens, because every one of its 576 pooled
     # rows ends with a sub_GN separator: 273 + 16*576 + 576 = 10065. The oracle agrees (448x16128 image).
     grids = [(i, j) for i in range(1, 37) for j in range(1, 37) if i * j <= 36]
     assert max(num_image_tokens(CROP_SIZE * i, CROP_SIZE * j) for i, j in grids) == 10065

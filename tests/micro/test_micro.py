@@ -120,7 +120,7 @@ def test_recipe_phases_run_vision_and_speech_as_branches():
     names = [[[micro.RECIPE[n].name for n in chain] for chain in ph] for ph in phases]
     assert names == [[["text"], ["vision-ctc"]], [["vision-projector", "vision-encoder"], ["speech-ctc", "speech-encoder"]],
                      [["vision-lora"], ["speech-lora"]], [["vision-speech"]], [["vision-focus"]]]
-    # The order RECIPE.md gives is kept inside each branch, and the stages' folders sort in that order.
+    # The original recipe's order is kept inside each branch, and the stages' folders sort in that order.
     assert [st.phase for st in micro.RECIPE] == sorted(st.phase for st in micro.RECIPE)
 
 

@@ -67,8 +67,8 @@ def test_translates_held_out_speech_into_the_synthetic_language(micro):
 
 def test_answers_held_out_shape_questions(micro):
     # 8 held-out scenes of each kind (the test split's first): "what shape is <colour>", "what colour is the
-    # <shape>", "how many shapes", "how many <colour> shapes". 29 of 32 here, every miss a count; session 10's
-    # model (before the vision-focus stage) scored 23 and missed 4 of the 16 shape/colour questions.
+    # <shape>", "how many shapes", "how many <colour> shapes". 29 of 32 here, every miss a count; the
+    # model before the vision-focus stage scored 23 and missed 4 of the 16 shape/colour questions.
     r = evaluate(default_model_dir(), DATA / "micro_heldout_shapes.jsonl", "exact", max_tokens=8, model=micro)
     assert r["n"] == 32 and r["score"] >= 0.84, r["predictions"]
     lines = (DATA / "micro_heldout_shapes.jsonl").read_text().splitlines()

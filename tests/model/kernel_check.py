@@ -76,7 +76,7 @@ def main(device: str) -> int:
         ok = torch.equal(got, want) if dtype == torch.bfloat16 else torch.allclose(got, want, rtol=1e-6, atol=1e-6)
         good &= check(f"silu_mul {dtype}", ok)
 
-        # Training (fused_train): RoPE and the SiLU gate as autograd functions (the kernels forward, the
+        # Training (model.fused): RoPE and the SiLU gate as autograd functions (the kernels forward, the
         # backward written out) against autograd through the eager ops, values and input gradients.
         from phi4mm.model import fused as fused_train
         from phi4mm.model.reference import apply_rope

@@ -1,5 +1,5 @@
 """Parity of phi4mm.model.audio against transformers' Phi4Multimodal audio tower (tiny random config, fp32,
-CPU). HF masks padded batches wrongly (+1 on valid keys instead of -inf on padded ones, SPEC §8.2), so batch
+CPU). HF masks padded batches wrongly (+1 on valid keys instead of -inf on padded ones), so batch
 items are compared with HF called on each item alone."""
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def test_batch_matches_hf_alone(models, lengths: list[int]) -> None:
 
 
 def test_hf_batch_masking_bug(models) -> None:
-    """Documents SPEC §8.2: HF's batched output for the shorter item differs from its unbatched output
+    """Documents the HF audio masking bug: HF's batched output for the shorter item differs from its unbatched output
     (padded keys are not masked), while ours equals the unbatched result."""
     hf_audio, ours = models
     lengths = [SHORT_FRAMES, 1601]

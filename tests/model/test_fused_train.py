@@ -1,4 +1,4 @@
-"""The compiled training ops (phi4mm/fused_train.py) give the eager path's loss and gradients.
+"""The compiled training ops (phi4mm/model/fused.py) give the eager path's loss and gradients.
 
 On CUDA they are on by default while training; here PHI4MM_COMPILE's switch turns them on for CPU tensors so
 Inductor's CPU backend compiles the same functions (forward and backward) on the tiny model.

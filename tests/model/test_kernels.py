@@ -1,4 +1,4 @@
-"""The fused decode kernels (phi4mm/kernels.py) against their torch versions, and the engine's static decode
+"""The fused decode kernels (phi4mm/model/kernels.py) against their torch versions, and the engine's static decode
 path running on them against the reference loop. On CPU the kernels run under Triton's interpreter, which must
 be switched on before Triton is imported: hence a child process (tests/model/kernel_check.py)."""
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """End to end parity with the reference (transformers' Phi4MultimodalForCausalLM + peft adapters).
 
 Tiny random checkpoints (same structure as the published model, few layers) in float32 on CPU, loaded by
-*our production loader*. Reference quirks (SPEC §8) are avoided as the SPEC says: the vision tower runs
+*our production loader*. Reference quirks (docs/architecture.md#reference-quirks) are avoided: the vision tower runs
 with eager attention (its SDPA path is causal when no crop is padded, a bug), and audio goes one clip per
 call (its batched audio mask adds +1 instead of masking, a bug).
 """

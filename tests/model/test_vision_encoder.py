@@ -1,7 +1,7 @@
 """Parity of phi4mm's vision tower with transformers 5.17 on a tiny random config (float32, CPU).
 
 The oracle is `Phi4MultimodalForCausalLM`'s image embedding with the vision tower on *eager* attention: its
-SDPA path runs causal attention when no crop is padded (SPEC §8.1), which one test below documents.
+SDPA path runs causal attention when no crop is padded (an HF bug), which one test below documents.
 Inputs come from transformers' own `Phi4MultimodalImageProcessor`, so the padded/partial crops and masks are
 exactly what the reference sees.
 """
@@ -168,7 +168,7 @@ def test_encode_crops_matches_hf_eager_with_and_without_padding(hf_model, ours, 
 
 
 def test_hf_sdpa_runs_causal_without_padding(hf_model, ours, processor):
-    """Documents SPEC §8.1: HF under SDPA attends causally when no crop is padded; we stay bidirectional."""
+    """Documents the HF vision bug: HF under SDPA attends causally when no crop is padded; we stay bidirectional."""
     batch = processor([_image(448, 448, seed=4)], return_tensors="pt")
     pixels, mask = batch["image_pixel_values"][0], batch["image_attention_mask"][0].bool()
     assert mask.all()
@@ -206,7 +206,7 @@ def test_position_ids_match_float_bucketize():
 
 def test_single_square_image(hf_model, ours, processor):
     (tokens,) = _compare_embedding(hf_model, ours, processor, [_image(448, 448, seed=5)])
-    assert tokens.shape == (545, TEXT_HIDDEN)  # SPEC §4.4
+    assert tokens.shape == (545, TEXT_HIDDEN)  # 448x448: 256 + 16 + 1 + 16*16 + 16
 
 
 def test_extreme_aspect_many_partial_crops(hf_model, ours, processor):

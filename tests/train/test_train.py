@@ -1,4 +1,4 @@
-"""Training: stages freeze what RECIPE.md freezes, tiny runs overfit, outputs reload (phi4mm and transformers +
+"""Training: stages freeze what the original freezes, tiny runs overfit, outputs reload (phi4mm and transformers +
 peft), resume is exact, bad data fails before training with the file and line named.
 
 The tiny random checkpoints tie a 0.02-scale embedding to the output: logits then span about +-1.5 whatever
