@@ -32,6 +32,7 @@ from phi4mm.model.lora import merge_adapter as merge_lora
 from phi4mm.sampling import (
     SamplingBatch,
     SamplingParams,
+    apply_constraints,
     apply_min_tokens,
     mask_padded_vocab,
     sample,
@@ -170,7 +171,7 @@ class Engine:
         limit = self.cfg.text.max_position_embeddings
         if prep.num_tokens + 1 > limit:
             raise ValueError(f"the prompt has {prep.num_tokens} tokens; the context holds {limit}: shorten it")
-        need = -(-min(prep.num_tokens + params.max_tokens, limit) // self.block_size)
+        need = -(-min(prep.num_tokens + (params.max_tokens or 1), limit) // self.block_size)
         if need > self.pool.num_blocks:
             raise ValueError(f"prompt + max_tokens needs {need} KV blocks but the cache has {self.pool.num_blocks}; "
                              "lower max_tokens or start the engine with more cache memory")
@@ -411,7 +412,8 @@ class Engine:
                     greedy = self._ready_logits(logits, rows).argmax(-1)
                 toks, lps, tops = greedy.tolist(), [None] * len(seqs), [None] * len(seqs)
             else:
-                picked = self._ready_logits(logits, rows)
+                picked = apply_constraints(self._ready_logits(logits, rows), [s.params for s in seqs],
+                                           [s.generated for s in seqs])
                 batch = SamplingBatch.build([s.params for s in seqs], self.device, self.cfg.text.vocab_size,
                                             [s.prep.input_ids for s in seqs], [s.generated for s in seqs])
                 picked = apply_min_tokens(picked.float(), batch, None, sorted(self.eos))
@@ -500,7 +502,8 @@ class Engine:
                 i = seq.text.find(s, max(0, seq.emitted - len(s)))
                 if i >= 0:
                     seq.text, reason = seq.text[:i], "stop"
-        if reason is None and (len(seq.generated) >= p.max_tokens or seq.length >= self.cfg.text.max_position_embeddings):
+        if reason is None and (len(seq.generated) >= (p.max_tokens or float("inf"))
+                               or seq.length >= self.cfg.text.max_position_embeddings):
             reason = "length"
         if reason is not None and not stop_tok:
             seq.text += seq.decoder.flush() if reason == "length" else ""
@@ -613,7 +616,7 @@ def _groups(items: list, size, budget: int, padded: bool) -> list[list]:
 
 def _plain_greedy(p: SamplingParams) -> bool:
     return (p.temperature == 0 and p.repetition_penalty == 1 and p.presence_penalty == 0
-            and p.frequency_penalty == 0 and p.logprobs is None and p.min_tokens == 0)
+            and p.frequency_penalty == 0 and p.logprobs is None and p.min_tokens == 0 and p.constraint is None)
 
 
 def _default_blocks(cfg, block_size: int, dtype: torch.dtype, device: torch.device) -> int:
