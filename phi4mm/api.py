@@ -44,6 +44,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 # A Hugging Face model id: owner/name (the hub's own rule for the characters allowed).
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# The Hugging Face id of each architecture (config.layout): a model name the server always accepts.
+HUB_IDS = {"phi4_multimodal": "microsoft/Phi-4-multimodal-instruct", "phi4mm": "microsoft/Phi-4-multimodal-instruct",
+           "phi3": "microsoft/Phi-4-mini-instruct"}
 GROWTH_TOKENS = 1024  # the reference loop's KV cache grows by this much when max_tokens is None
 
 
@@ -183,6 +186,11 @@ class Model:
         self.path: Path | None = None
         # SamplingParams fields from the checkpoint's generation_config.json (sampling.generation_defaults).
         self.sampling_defaults: dict[str, Any] = {}
+
+    @property
+    def hub_ids(self) -> list[str]:
+        """The Hugging Face id of this architecture, when it has one (clients name the model by it)."""
+        return [HUB_IDS[self.config.layout]] if self.config.layout in HUB_IDS else []
 
     def sampling_params(self, **given: Any) -> SamplingParams:
         """SamplingParams from the checkpoint's defaults, overridden by the fields given (None: not given)."""
