@@ -32,7 +32,7 @@ def ignored_flags(args: Any) -> list[str]:
     lines = []
     for flag, (dest, why) in IGNORED.items():
         value = getattr(args, dest, None)
-        if value not in (None, False):
+        if value is not None and value is not False:  # 0 counts: `--lora-extra-vocab-size 0` was given
             lines.append(f"{flag} accepted; {why}")
     return lines
 
