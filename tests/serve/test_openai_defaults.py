@@ -119,7 +119,7 @@ def test_tool_choice_required_named_and_none(default_server):
     # A question the micro model answers with a call to a tool nobody offered: never a tool call.
     stray = client.chat.completions.create(model="phi4mm-micro", tools=TOOLS, max_tokens=60,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
-    assert all(n in ("search_web", "play_music") for n, _ in calls(stray))
+    assert all(n in {t["function"]["name"] for t in TOOLS} for n, _ in calls(stray))
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**ask, tool_choice={"type": "function", "function": {"name": "nope"}})
     assert e.value.body["param"] == "tool_choice" and "nope" in e.value.body["message"]
