@@ -17,8 +17,11 @@ get a seed from torch's default generator at admission (so `torch.manual_seed` m
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,10 +42,85 @@ _U_BITS = 23
 _Q_MIN = 1e-12  # floor on q in case a fast-math log returns 0 just below 1; far below any real q (>= 6e-8)
 
 
+@dataclass(frozen=True)
+class TokenConstraint:
+    """What a reply may contain, as token ids: it must begin with one of `prefixes` (when any are given), and
+    never contains a `banned` id. Tool choice is built on it: "required" and a named function force the
+    call's opening tokens, "none" bans the call tag."""
+
+    prefixes: tuple[tuple[int, ...], ...] = ()
+    banned: frozenset[int] = frozenset()
+
+    def allowed_next(self, generated: Sequence[int]) -> set[int] | None:
+        """Ids that keep the reply on one of the prefixes after `generated`; None once it is past them all
+        (or when there are none): then only `banned` applies."""
+        n = len(generated)
+        nxt = set()
+        for p in self.prefixes:
+            if n >= len(p):
+                if tuple(generated[:len(p)]) == p:
+                    return None  # a prefix is complete: the rest is free
+                continue
+            if tuple(generated) == p[:n]:
+                nxt.add(p[n])
+        return nxt or None
+
+
+def apply_constraints(logits: Tensor, params: Sequence[SamplingParams], generated: Sequence[Sequence[int]]
+                      ) -> Tensor:
+    """In place: mask each constrained row of logits (B, V) to the tokens its constraint allows next (see
+    `TokenConstraint`). Unconstrained rows are untouched; a host loop over the constrained rows only."""
+    V = logits.shape[-1]
+    for row, (p, gen) in enumerate(zip(params, generated)):
+        c = p.constraint
+        if c is None:
+            continue
+        allowed = c.allowed_next(gen)
+        if allowed is not None:
+            keep = torch.zeros(V, dtype=torch.bool, device=logits.device)
+            keep[torch.tensor(sorted(a for a in allowed if 0 <= a < V), dtype=torch.long, device=logits.device)] = True
+            logits[row].masked_fill_(~keep, float("-inf"))
+        elif c.banned:
+            ids = torch.tensor(sorted(b for b in c.banned if 0 <= b < V), dtype=torch.long, device=logits.device)
+            logits[row, ids] = float("-inf")
+    return logits
+
+
+# Fields of generation_config.json that set a sampling default, and the SamplingParams field each sets.
+GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                            "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(model_dir: str | Path | None) -> dict[str, Any]:
+    """SamplingParams defaults from a checkpoint's generation_config.json, read as transformers reads it: without
+    `do_sample: true` decoding is greedy (temperature 0), with it the file's temperature / top_p / top_k / min_p
+    apply (1.0 where absent); repetition_penalty and max_new_tokens apply either way. No file: {} (greedy).
+    Every front end (Python API, CLI, batch, server) starts from these, so the same checkpoint answers alike."""
+    if model_dir is None:
+        return {}
+    f = Path(model_dir) / "generation_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        d = json.loads(f.read_text())
+    except ValueError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); fix or remove it") from None
+    out: dict[str, Any] = {}
+    sampled = bool(d.get("do_sample", False))
+    for key, name in GENERATION_CONFIG_FIELDS.items():
+        if key in d and d[key] is not None and (sampled or key in ("repetition_penalty", "max_new_tokens")):
+            out[name] = int(d[key]) if name in ("top_k", "max_tokens") else float(d[key])
+    if sampled:
+        out.setdefault("temperature", 1.0)
+    else:
+        out["temperature"] = 0.0
+    return out
+
+
 @dataclass
 class SamplingParams:
     """What one request asks of the sampler (OpenAI / vLLM field names and meanings)."""
-    max_tokens: int | None = 256      # None: what remains of the context (the engine resolves it)
+    max_tokens: int | None = None     # None: what remains of the context the engine can hold
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0                    # 0 = off
@@ -56,6 +134,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None       # number of top alternatives to report; None = no logprobs
     min_tokens: int = 0
+    constraint: TokenConstraint | None = None  # decoding constraint (tool_choice); None: free
 
     def validate(self) -> SamplingParams:
         """Raise ValueError naming the bad field, the value seen and the allowed range. Returns self."""

@@ -1,11 +1,16 @@
-"""The `phi4mm` command line's arguments: every subcommand, its flags, help and examples (handlers: cli.py).
+"""The `phi4mm` command line's arguments: every subcommand, its flags, help and examples (handlers: main.py),
+and the checks that need no model (checks.py).
 
-Nothing here imports torch or the model, so `phi4mm --help` stays instant.
+Nothing here imports torch or the model, so `phi4mm --help` and every argument error answer at once.
+Flag names follow vLLM where it has one (`--max-model-len`, `--max-num-seqs`, `--served-model-name`...), so a
+vLLM command line works after `phi4mm serve`.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from phi4mm import __version__
 
 EXAMPLES = """examples:
   phi4mm make-checkpoint ./tiny --size tiny --layout official
@@ -13,7 +18,7 @@ EXAMPLES = """examples:
   phi4mm chat --model ./tiny                       # interactive (on a terminal)
   phi4mm transcribe --model ./tiny talk.flac --format srt
   phi4mm translate --model ./tiny interviews/ --language French --output-dir out/
-  phi4mm serve --model ./Phi-4-multimodal-instruct --device cuda --port 8000
+  phi4mm serve microsoft/Phi-4-multimodal-instruct --port 8000   # from the Hugging Face cache or hub
   phi4mm eval --model ./tiny asr_test.jsonl --metric wer
   phi4mm batch --model ./tiny prompts.jsonl replies.jsonl
   phi4mm bench --model ./tiny --requests 8
@@ -38,14 +43,22 @@ TRANSCRIBE_EXAMPLES = """examples:
   phi4mm {cmd} --model DIR talk.flac                      # text to stdout
   phi4mm {cmd} --model DIR talk.flac --format srt > talk.srt
   phi4mm {cmd} --model DIR recordings/ "more/*.wav" --format vtt --output-dir subs/
-inputs: files, folders (searched recursively for {exts}) and glob patterns. One input file with no
---output-dir prints to stdout; otherwise each file's result is written as <name>.<ext> next to it (or into
---output-dir). Audio longer than --max-seconds is cut at pauses into timed segments.
+inputs: files, folders (searched recursively for {exts}) and glob patterns. One input file in one format with
+no --output-dir prints to stdout; otherwise each result is written as <name>.<ext> into --output-dir (default:
+the current folder, as whisper does; `-o DIR_OF_THE_INPUTS` to write beside them). Audio longer than
+--max-seconds is cut at pauses into timed segments.
 """
 SERVE_EXAMPLES = """examples:
-  phi4mm serve --model DIR --device cuda
+  phi4mm serve microsoft/Phi-4-multimodal-instruct
+  phi4mm serve --model DIR --max-model-len 32768 --gpu-memory-utilization 0.8
   phi4mm serve --model DIR --host 0.0.0.0 --port 8080 --api-key secret --allow-remote-media
   phi4mm serve --model DIR --replicas 8 --gpus-per-replica 1 --host 0.0.0.0   # Ray Serve, one port
+  phi4mm serve --model DIR --dtype auto --trust-remote-code --max-model-len 131072 --enable-lora \\
+      --max-lora-rank 320 --lora-extra-vocab-size 0 --limit-mm-per-prompt audio=3,image=3 --max-loras 2 \\
+      --lora-modules speech=DIR/speech-lora vision=DIR/vision-lora      # the model card's vLLM flags
+vLLM's flags are accepted: the ones that mean something here are honoured, the others are named at start-up
+with the reason they change nothing. A client naming an adapter (speech, vision, or a --lora-modules name) as
+the model gets that adapter on every request.
 """
 BATCH_EXAMPLES = """examples:
   phi4mm batch --model DIR prompts.jsonl replies.jsonl --max-tokens 512
@@ -64,18 +77,45 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", "
 TRANSCRIBE_FORMATS = ("txt", "text", "srt", "vtt", "json", "verbose_json")
 
 
-def parser() -> argparse.ArgumentParser:
-    raw = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="phi4mm", description="Run Phi-4-multimodal-instruct: text, image and "
-                                "audio in, text out.", epilog=EXAMPLES, formatter_class=raw)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "half", "float")
+MODEL_HELP = ("a checkpoint folder or a Hugging Face id such as microsoft/Phi-4-multimodal-instruct (from the "
+              "local cache, else downloaded); default: the embedded micro model, a ~12M-parameter Phi-4-multimodal "
+              "that phi4mm trained itself")
 
-    def model_args(sp: argparse.ArgumentParser, device: str = "cpu") -> None:
-        sp.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded micro model, "
-                        "a ~12M-parameter Phi-4-multimodal that phi4mm trained itself)")
-        sp.add_argument("--device", default=device, help=f"cpu, cuda, cuda:1, ... (default {device})")
-        sp.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, "
-                        "fp32 on CPU)")
+
+class Parser(argparse.ArgumentParser):
+    """An unknown flag is reported with the usage of the subcommand it was given to, not the top level's."""
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102 (argparse's own signature)
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            sub = self.subcommands.get(getattr(ns, "cmd", None), self) if hasattr(self, "subcommands") else self
+            sub.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
+
+def parser() -> Parser:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = Parser(prog="phi4mm", description="Run Phi-4-multimodal-instruct: text, image and audio in, text out.",
+               epilog=EXAMPLES, formatter_class=raw)
+    p.add_argument("--version", action="version", version=f"phi4mm {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser)
+    p.subcommands = sub.choices
+
+    def model_args(sp: argparse.ArgumentParser, engine: bool = True, max_num_seqs: int = 64) -> None:
+        sp.add_argument("--model", default=None, help=MODEL_HELP)
+        sp.add_argument("--device", default="auto", help="auto (default: CUDA, else Apple MPS, else CPU), cpu, "
+                        "cuda, cuda:1, mps")
+        sp.add_argument("--dtype", default="auto", help="auto (default: bfloat16 on a GPU, float32 on a CPU), "
+                        "bfloat16, float16 or float32")
+        if not engine:
+            return
+        sp.add_argument("--max-model-len", type=int, default=None, help="context per sequence, prompt and reply "
+                        "(default: the model's, lowered at start-up to what the KV cache holds)")
+        sp.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="share of the GPU's memory this "
+                        "process may fill, weights and KV cache together (default 0.9)")
+        sp.add_argument("--max-num-seqs", "--max-batch", dest="max_batch", type=int, default=max_num_seqs,
+                        help=f"sequences decoded together (default {max_num_seqs})")
 
     def ray_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--replicas", type=int, default=None, help="run N model replicas on Ray (pip install "
@@ -89,6 +129,14 @@ def parser() -> argparse.ArgumentParser:
                         help="merge this LoRA adapter into a copy of the decoder weights: batches that all use it "
                         "(e.g. transcription: speech) run faster, for ~6.4 GB more GPU memory on the full model")
 
+    def sampling_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--max-tokens", type=int, default=None, help="per reply (default: what remains of the "
+                        "context)")
+        sp.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the checkpoint's "
+                        "generation_config.json; greedy when it asks for no sampling)")
+        sp.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: the checkpoint's)")
+        sp.add_argument("--seed", type=int, default=None)
+
     mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint laid out like the official one",
                         description="Write a random-weight checkpoint (for tests and trying the tools).")
     mk.add_argument("out", type=Path)
@@ -100,21 +148,21 @@ def parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="chat: one-shot with a prompt, interactive without one",
                         description="Chat with the model. With a prompt: answer it and exit. Without one on a "
-                        "terminal, or with --interactive: a conversation read line by line from stdin.",
+                        "terminal, or with --interactive: a conversation (line editing and history on a "
+                        "terminal; Ctrl-C stops an answer, Ctrl-D ends the session).",
                         epilog=CHAT_EXAMPLES, formatter_class=raw)
     ch.add_argument("prompt", nargs="?", help="the user message; refer to media as <|image_1|>, <|audio_1|> "
                     "(added at the start when absent)")
-    model_args(ch)
+    model_args(ch, max_num_seqs=1)
     ch.add_argument("--image", action="append", default=[], help="image file for the first message (repeatable)")
     ch.add_argument("--audio", action="append", default=[], help="audio file for the first message (repeatable)")
     ch.add_argument("--system", default=None, help="a system message")
     ch.add_argument("--tools", type=Path, default=None, help="a JSON file with the functions the model may call "
-                    "(OpenAI format, a list); its calls are printed as one JSON line after the reply")
+                    "(OpenAI format, a list); a call is printed as one JSON line instead of the reply")
+    ch.add_argument("--tool-choice", default="auto", help="auto (default), none, required, or a function's name")
     ch.add_argument("--interactive", "-i", action="store_true", help="converse on stdin even when it is not a "
                     "terminal (the prompt, if given, is the first message)")
-    ch.add_argument("--max-tokens", type=int, default=256, help="per reply (default 256)")
-    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    ch.add_argument("--seed", type=int, default=None)
+    sampling_args(ch)
 
     for cmd, what in (("transcribe", "speech to text in the spoken language"),
                       ("translate", "speech to text in another language (English by default)")):
@@ -122,32 +170,55 @@ def parser() -> argparse.ArgumentParser:
                             epilog=TRANSCRIBE_EXAMPLES.format(cmd=cmd, exts=" ".join(AUDIO_EXTENSIONS)),
                             formatter_class=raw)
         tr.add_argument("inputs", nargs="+", help="audio files, folders or glob patterns")
-        model_args(tr)
+        model_args(tr, max_num_seqs=32)
         tr.add_argument("--format", "-f", default="txt", help=f"one of {', '.join(TRANSCRIBE_FORMATS)} "
                         "(default txt); several comma-separated (e.g. srt,vtt) write one file each")
         tr.add_argument("--language", default=None, help="spoken language hint (transcribe) or target language "
                         "(translate): a name or ISO code, e.g. French or fr")
         tr.add_argument("--prompt", default=None, help="context for names and spelling, added to the instruction")
-        tr.add_argument("--output-dir", "-o", type=Path, default=None, help="write <name>.<ext> files here")
+        tr.add_argument("--output-dir", "-o", type=Path, default=None, help="write <name>.<ext> files here "
+                        "(default: the current folder)")
         tr.add_argument("--max-seconds", type=float, default=30.0, help="longest segment (default 30)")
         tr.add_argument("--max-tokens", type=int, default=448, help="per segment (default 448)")
-        tr.add_argument("--max-batch", type=int, default=32, help="segments decoded together (default 32)")
         merge_arg(tr)
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server", epilog=SERVE_EXAMPLES, formatter_class=raw,
-                        description="Serve the model over an OpenAI-compatible HTTP API.")
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (vLLM's flags work)", epilog=SERVE_EXAMPLES,
+                        formatter_class=raw, description="Serve the model over an OpenAI-compatible HTTP API "
+                        "(pip install 'phi4mm[serve]').")
+    sv.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="the model, as `vllm serve MODEL` "
+                    "takes it (the same as --model)")
     model_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: no auth)")
-    sv.add_argument("--max-batch", type=int, default=64, help="requests decoded together (default 64)")
-    sv.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503 "
+    sv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help="the names clients send "
+                    "as \"model\" (default: --model as given); the Hugging Face id and the adapters' names are "
+                    "accepted too")
+    sv.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429 "
                     "(default 256)")
+    sv.add_argument("--max-body-bytes", type=int, default=64 << 20, help="largest request body (default 64 MiB)")
     ray_args(sv)
     sv.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image/audio URLs")
     sv.add_argument("--allow-local-files", action="store_true", help="let requests name file:// paths on this "
                     "machine")
     merge_arg(sv)
+    vl = sv.add_argument_group("vLLM's flags", "honoured where they mean something here; the others are "
+                               "accepted with a start-up line saying why they change nothing")
+    vl.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=DIR", help="PEFT adapter folders to "
+                    "load as adapters NAME (speech=DIR and vision=DIR replace the checkpoint's own)")
+    vl.add_argument("--limit-mm-per-prompt", default=None, metavar="image=N,audio=N", help="most images / audio "
+                    "clips one request may carry (a 400 above it); also JSON, {\"image\": 3}")
+    vl.add_argument("--max-lora-rank", type=int, default=None, help="refuse to start when an adapter's rank is "
+                    "above this")
+    vl.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="1 only: one model per GPU here "
+                    "(use --replicas for more GPUs)")
+    vl.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (slower decode)")
+    vl.add_argument("--trust-remote-code", action="store_true", help=argparse.SUPPRESS)
+    vl.add_argument("--enable-lora", action="store_true", help=argparse.SUPPRESS)
+    vl.add_argument("--max-loras", type=int, default=None, help=argparse.SUPPRESS)
+    vl.add_argument("--lora-extra-vocab-size", type=int, default=None, help=argparse.SUPPRESS)
+    vl.add_argument("--max-seq-len-to-capture", type=int, default=None, help=argparse.SUPPRESS)
+    vl.add_argument("--disable-log-requests", action="store_true", help=argparse.SUPPRESS)
 
     ba = sub.add_parser("batch", help="replies to every conversation of a JSONL file, here or on Ray replicas",
                         epilog=BATCH_EXAMPLES, formatter_class=raw, description="Offline generation over a JSONL "
@@ -155,11 +226,7 @@ def parser() -> argparse.ArgumentParser:
     model_args(ba)
     ba.add_argument("data", type=Path, help="JSONL prompts")
     ba.add_argument("out", type=Path, help="JSONL results (written in input order)")
-    ba.add_argument("--max-tokens", type=int, default=256, help="per reply (default 256)")
-    ba.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
-    ba.add_argument("--top-p", type=float, default=1.0)
-    ba.add_argument("--seed", type=int, default=None, help="sampling seed of every line that names none")
-    ba.add_argument("--max-batch", type=int, default=64, help="requests decoded together per engine (default 64)")
+    sampling_args(ba)
     merge_arg(ba)
     ray_args(ba)
     ba.add_argument("--batch-size", type=int, default=64, help="--replicas: lines sent to a replica at a time")
@@ -183,7 +250,6 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--requests", type=int, default=8, help="number of requests (default 8)")
     be.add_argument("--prompt-tokens", type=int, default=128, help="per request (default 128)")
     be.add_argument("--new-tokens", type=int, default=64, help="per request (default 64)")
-    be.add_argument("--max-batch", type=int, default=64)
     merge_arg(be)
     tn = sub.add_parser("train", help="fine-tune one stage of the recipe on JSONL chats; writes a loadable checkpoint",
                         description="Fine-tune a stage (adapter / encoder / projector); OUT is a checkpoint "
@@ -191,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
     tn.add_argument("data", type=Path, nargs="?",
                     help='JSONL, one {"messages": [...]} per line; media paths relative to it')
     tn.add_argument("out", type=Path, nargs="?", help="output checkpoint directory (with --recipe: the run folder)")
-    tn.add_argument("--model", type=Path, help="base checkpoint directory")
+    tn.add_argument("--model", default=None, help="the base checkpoint: a folder or a Hugging Face id")
     # train.STAGES' names, written out so `--help` needs no torch import (a test keeps the two equal).
     tn.add_argument("--stage", choices=["vision-projector", "vision-encoder", "vision-lora", "speech-encoder",
                                         "speech-lora", "vision-speech", "text", "decoder", "speech-ctc",
@@ -216,6 +282,7 @@ def parser() -> argparse.ArgumentParser:
     tn.add_argument("--amp", action="store_true", help="bf16 autocast")
     tn.add_argument("--grad-checkpointing", action="store_true")
     tn.add_argument("--resume", action="store_true", help="continue from the latest OUT/checkpoint-*")
+    tn.add_argument("--overwrite", action="store_true", help="write into OUT even when it is not empty")
     tn.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed lines instead of stopping")
     tn.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
                     "state over the processes (FSDP2) instead of copying them to each (DDP), for stages that train "

@@ -1,62 +1,72 @@
 """The `phi4mm` command line. Errors a user can fix end with one sentence on stderr and exit code 2.
 
-Subcommands: chat (one-shot or interactive), transcribe / translate (files, folders, globs -> txt/srt/vtt/json),
-serve (the OpenAI-compatible server, or Ray Serve replicas), batch (a JSONL file of prompts, here or on Ray
-Data replicas), eval (scores on JSONL sets), bench (offline engine throughput), train (a recipe stage),
-make-checkpoint (random weights). The arguments are in args.py.
-Heavy imports (torch, the model) happen inside the commands so `--help` stays instant.
+Subcommands: chat (one-shot or interactive: repl.py), transcribe / translate (files, folders, globs ->
+txt/srt/vtt/json), serve (the OpenAI-compatible server with vLLM's flags: serving.py, or Ray Serve replicas),
+batch (a JSONL file of prompts, here or on Ray Data replicas), eval (scores on JSONL sets), bench (offline engine
+throughput), train (a recipe stage), make-checkpoint (random weights). The arguments are in args.py and every
+check that needs no model in checks.py: both run before torch is imported, so a mistake is answered at once.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from phi4mm.cli.args import AUDIO_EXTENSIONS, TRANSCRIBE_FORMATS
 from phi4mm.cli.args import parser as _parser
+from phi4mm.cli.checks import UserError, check, positive
 
-NO_MODEL = "train needs --model DIR, the checkpoint to fine-tune (or --recipe micro to train the micro model)"
-
-
-class UserError(ValueError):
-    """A mistake on the command line; printed as one sentence, exit code 2."""
+MICRO_NAME = "phi4mm-micro"  # the embedded model's name when served
+NO_MODEL = "train needs --model, the checkpoint to fine-tune (or --recipe micro to train the micro model)"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _load(args):
+def load_model(args: Any) -> Any:
     """Load --model (the embedded micro model when none was given) with --device / --dtype."""
     import phi4mm
     return phi4mm.load(args.model, device=args.device, dtype=args.dtype)
 
 
-def _engine(model, max_batch: int = 64, max_waiting: int = 1024, merge_adapter: str | None = None):
+def engine_options(args: Any, **changes: Any) -> Any:
+    """EngineOptions from the engine flags a command has (vLLM's names)."""
+    from phi4mm.options import EngineOptions
+    given = {"max_model_len": getattr(args, "max_model_len", None),
+             "gpu_memory_utilization": getattr(args, "gpu_memory_utilization", None),
+             "max_num_seqs": getattr(args, "max_batch", None), "merge_adapter": getattr(args, "merge_adapter", None)}
+    return EngineOptions().but(**{k: v for k, v in {**given, **changes}.items() if v is not None})
+
+
+def make_engine(model: Any, options: Any) -> Any:
+    """An Engine on `model` run as `options` says."""
+    import inspect
+
     from phi4mm.engine.engine import Engine, cpu_kv_blocks
-    return Engine(model, num_blocks=cpu_kv_blocks(model.device), max_batch=max_batch, max_waiting=max_waiting,
-                  merge_adapter=merge_adapter)
-
-
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise UserError(f"--{name} must be positive; got {value}")
+    if "options" in inspect.signature(Engine).parameters:
+        return Engine(model, options=options)
+    # An engine that predates EngineOptions takes its fields one by one (max_model_len and the memory share
+    # are then the engine's own defaults).
+    blocks = options.num_blocks if options.num_blocks is not None else cpu_kv_blocks(model.device)
+    return Engine(model, num_blocks=blocks, block_size=options.block_size, max_batch=options.max_num_seqs,
+                  max_tokens_per_step=options.max_tokens_per_step, max_waiting=options.max_waiting,
+                  prefix_caching=options.prefix_caching, media_cache_items=options.media_cache_items,
+                  static_decode=options.static_decode, merge_adapter=options.merge_adapter)
 
 
 # ------------------------------------------------------------------------------------------------ chat
-def _chat(args) -> int:
-    from phi4mm.sampling import SamplingParams
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed).validate()
-    for f in args.image + args.audio:
-        if not Path(f).is_file():
-            raise UserError(f"{f}: no such file")
+def _chat(args: Any) -> int:
+    from phi4mm.cli.repl import Conversation, repl
     interactive = args.interactive or (args.prompt is None and sys.stdin.isatty())
     if args.prompt is None and not interactive:
         raise UserError("give a prompt, or use --interactive to read the conversation from stdin")
-    tools = _read_tools(args.tools) if args.tools is not None else None
-    model = _load(args)
-    chat = Conversation(_engine(model, max_batch=1), params, args.system, tools)
+    model = load_model(args)
+    params = model.sampling_params(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                   seed=args.seed).validate()
+    chat = Conversation(make_engine(model, engine_options(args)), params, args.system, args.tool_list,
+                        args.tool_choice)
     for f in args.image:
         chat.attach("image", f)
     for f in args.audio:
@@ -64,106 +74,8 @@ def _chat(args) -> int:
     if args.prompt is not None:
         chat.say(args.prompt, sys.stdout)
     if interactive:
-        _repl(chat)
+        repl(chat, UserError)
     return 0
-
-
-def _read_tools(path: Path) -> list[dict]:
-    try:
-        tools = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"--tools {path}: cannot read it as JSON ({e})") from None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise UserError(f"--tools {path}: expected a JSON list of function definitions (OpenAI format)")
-    return tools
-
-
-class Conversation:
-    """Messages so far plus every image and audio attached (numbered across the whole conversation)."""
-
-    def __init__(self, engine, params, system: str | None = None, tools: list[dict] | None = None):
-        self.engine, self.params, self.system, self.tools = engine, params, system, tools
-        self.reset()
-
-    def reset(self) -> None:
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.images, self.audios, self.pending = [], [], ""
-
-    def attach(self, kind: str, path: str) -> None:
-        """Decode now (so a bad file is reported at once) and reference it in the next user message."""
-        if kind == "image":
-            from phi4mm.inputs.image import load_image
-            self.images.append(load_image(Path(path)))
-            self.pending += f"<|image_{len(self.images)}|>"
-        else:
-            from phi4mm.inputs.audio import SAMPLE_RATE, load_audio
-            self.audios.append((load_audio(Path(path)), SAMPLE_RATE))
-            self.pending += f"<|audio_{len(self.audios)}|>"
-
-    def say(self, text: str, out) -> str:
-        """Add a user turn, stream the reply to `out` as it is generated, keep it in the history."""
-        refs = "".join(m.group(0) for m in re.finditer(r"<\|(?:image|audio)_\d+\|>", self.pending)
-                       if m.group(0) not in text)
-        self.messages.append({"role": "user", "content": refs + text})
-        try:
-            rid = self.engine.add_request(self.messages, images=self.images, audios=self.audios, params=self.params,
-                                          tools=self.tools)
-        except ValueError:
-            self.messages.pop()
-            raise
-        self.pending, reply = "", ""
-        while self.engine.has_work():
-            for o in self.engine.step():
-                if o.request_id != rid:
-                    continue
-                out.write(o.text)
-                out.flush()
-                reply += o.text
-                if o.finished and o.finish_reason == "error":
-                    raise RuntimeError(o.error)
-        out.write("\n")
-        if self.tools:
-            from phi4mm.inputs.tools import parse_tool_calls
-            calls = parse_tool_calls(reply)[1]
-            if calls:  # machine-readable, one line: [{"name": ..., "arguments": {...}}]
-                out.write(json.dumps([{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls]) + "\n")
-        out.flush()
-        self.messages.append({"role": "assistant", "content": reply})
-        return reply
-
-
-def _repl(chat: Conversation) -> None:
-    tty = sys.stdin.isatty()
-    if tty:
-        print("phi4mm chat: /image PATH, /audio PATH, /reset, /exit", file=sys.stderr)
-    while True:
-        try:
-            line = input("> " if tty else "")
-        except EOFError:
-            return
-        line = line.strip()
-        if not line:
-            continue
-        cmd, _, arg = line.partition(" ")
-        try:
-            if cmd in ("/exit", "/quit"):
-                return
-            if cmd == "/reset":
-                chat.reset()
-                print("(conversation cleared)", file=sys.stderr)
-            elif cmd in ("/image", "/audio"):
-                if not arg.strip():
-                    raise UserError(f"{cmd} needs a file path")
-                chat.attach(cmd[1:], arg.strip())
-                print(f"(attached {arg.strip()} to your next message)", file=sys.stderr)
-            elif cmd == "/help":
-                print("/image PATH, /audio PATH: attach to the next message; /reset; /exit", file=sys.stderr)
-            elif cmd.startswith("/") and cmd[1:].isalpha():
-                raise UserError(f"unknown command {cmd}; try /help")
-            else:
-                chat.say(line, sys.stdout)
-        except (ValueError, OSError) as e:  # report and keep the conversation going
-            print(f"error: {e}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ transcribe
@@ -193,15 +105,17 @@ def expand_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
 
 def _output_paths(files: list[tuple[Path, Path]], out_dir: Path | None, formats: list[str]
                   ) -> list[dict[str, Path | None]]:
-    """Per file: format -> where to write it (None = stdout: one file, one format, no --output-dir)."""
+    """Per file: format -> where to write it (None = stdout: one file, one format, no --output-dir). Without
+    --output-dir files go to the current folder, as whisper's do."""
     if len(files) == 1 and out_dir is None and len(formats) == 1:
         return [{formats[0]: None}]
+    out_dir = out_dir if out_dir is not None else Path(".")
     seen: dict[Path, str] = {}
     outs = []
     for f, rel in files:
         outs.append({})
         for fmt in formats:
-            p = (out_dir / rel if out_dir else f).with_suffix("." + {"text": "txt", "verbose_json": "json"}.get(fmt, fmt))
+            p = (out_dir / rel).with_suffix("." + {"text": "txt", "verbose_json": "json"}.get(fmt, fmt))
             if p in seen:
                 raise UserError(f"{seen[p]} and {f} ({fmt}) would both be written to {p}; rename one, pick other "
                                 "formats or run them separately")
@@ -213,16 +127,14 @@ def _transcribe(args) -> int:
     formats = list(dict.fromkeys(f.strip() for f in args.format.split(",")))
     for fmt in formats:
         if fmt not in TRANSCRIBE_FORMATS:
-            raise UserError(f"--format {fmt!r} is not supported; use one of {', '.join(TRANSCRIBE_FORMATS)} "
+            raise UserError(f"--format {fmt} is not supported; use one of {', '.join(TRANSCRIBE_FORMATS)} "
                             "(or several, comma-separated)")
-    for name in ("max_seconds", "max_tokens", "max_batch"):
-        _positive(name.replace("_", "-"), getattr(args, name))
     files = expand_inputs(args.inputs)
     outs = _output_paths(files, args.output_dir, formats)
     _check_readable([f for f, _ in files])  # before importing torch and loading the model: fail in a blink
     from phi4mm.tasks.transcribe import transcription_prompt
     transcription_prompt(args.cmd, args.language, args.prompt)  # validate language and prompt up front
-    engine = _engine(_load(args), max_batch=args.max_batch, merge_adapter=args.merge_adapter)
+    engine = make_engine(load_model(args), engine_options(args))
     _run_files(engine, args, files, outs)
     return 0
 
@@ -234,7 +146,7 @@ def _check_readable(paths: list[Path]) -> None:
         try:
             sf.info(str(p))
         except Exception as e:  # libsndfile raises several types; all mean the same to the user
-            raise UserError(f"audio file {str(p)!r}: could not decode ({e}); supported containers are wav, flac, "
+            raise UserError(f"audio file {p}: could not decode ({e}); supported containers are wav, flac, "
                             "ogg (vorbis/opus), mp3, aiff") from e
 
 
@@ -289,38 +201,20 @@ def _write(text: str, path: Path | None) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-# ------------------------------------------------------------------------------------------------ serve, bench
-def _serve(args) -> int:
-    _positive("max-batch", args.max_batch)
-    _positive("max-waiting", args.max_waiting)
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port must be 1..65535; got {args.port}")
-    try:
-        from phi4mm.serve.app import serve
-    except ImportError as e:
-        raise UserError(f"the server is not available in this build ({e})") from e
-    if args.replicas is not None:
-        _positive("replicas", args.replicas)
-        from phi4mm.serve.replicas import serve_forever
-        serve_forever(args.model, args.replicas, gpus_per_replica=args.gpus_per_replica, host=args.host,
-                      port=args.port, device=args.device, dtype=args.dtype, api_key=args.api_key,
-                      max_batch=args.max_batch, max_waiting=args.max_waiting,
-                      allow_remote_media=args.allow_remote_media, allow_local_files=args.allow_local_files,
-                      merge_adapter=args.merge_adapter, ray_address=args.ray_address)
-        return 0
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype,
-          max_batch=args.max_batch, max_waiting=args.max_waiting, allow_remote_media=args.allow_remote_media,
-          allow_local_files=args.allow_local_files, merge_adapter=args.merge_adapter)
-    return 0
+# ------------------------------------------------------------------------------------------------ serve, batch, eval
+def _serve(args: Any) -> int:
+    from phi4mm.cli.serving import serve
+    return serve(args, engine_options(args, max_waiting=args.max_waiting,
+                                      static_decode=False if args.enforce_eager else None))
 
 
-def _batch(args) -> int:
-    for name in ("max_tokens", "max_batch", "batch_size") + (("replicas",) if args.replicas is not None else ()):
-        _positive(name.replace("_", "-"), getattr(args, name))
-    from phi4mm.sampling import SamplingParams
+def _batch(args: Any) -> int:
+    from phi4mm.sampling import SamplingParams, generation_defaults
     from phi4mm.tasks.batch import run_batch
-    defaults = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              seed=args.seed)
+    given = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    # The checkpoint's generation_config.json, then the flags: the same defaults as the server and the API.
+    defaults = SamplingParams(**{**generation_defaults(args.model), **{k: v for k, v in given.items()
+                                                                       if v is not None}})
     r = run_batch(args.model, args.data, args.out, defaults=defaults, replicas=args.replicas,
                   gpus_per_replica=args.gpus_per_replica, batch_size=args.batch_size, device=args.device,
                   dtype=args.dtype, max_batch=args.max_batch, merge_adapter=args.merge_adapter,
@@ -329,15 +223,9 @@ def _batch(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    if args.limit is not None:
-        _positive("limit", args.limit)
-    _positive("max-tokens", args.max_tokens)
-    for d in args.data:
-        if not d.is_file():
-            raise UserError(f"{d} is not a file; pass JSONL test sets")
-    from phi4mm.tasks.evaluate import evaluate, load_model
-    model = load_model(args.model, args.device, args.dtype, args.text_adapter)
+def _eval(args: Any) -> int:
+    from phi4mm.tasks.evaluate import evaluate, load_model as load_eval_model
+    model = load_eval_model(args.model, args.device, args.dtype, args.text_adapter)
     results = {}
     for d in args.data:
         r = evaluate(args.model, d, args.metric, max_tokens=args.max_tokens, text_adapter=args.text_adapter,
@@ -363,10 +251,8 @@ def _bench(args) -> int:
 
     from phi4mm.inputs.prepare import Prepared
     from phi4mm.sampling import SamplingParams
-    for name in ("requests", "prompt_tokens", "new_tokens", "max_batch"):
-        _positive(name.replace("_", "-"), getattr(args, name))
-    model = _load(args)
-    engine = _engine(model, max_batch=args.max_batch, merge_adapter=args.merge_adapter)
+    model = load_model(args)
+    engine = make_engine(model, engine_options(args))
     vocab = model.config.text.vocab_size
     gen = torch.Generator().manual_seed(0)
 
@@ -403,7 +289,7 @@ def stage_workers(asked: int | None, device: str) -> int:
     take cores from the training itself."""
     if asked is not None:
         return max(0, asked)
-    if not device.startswith("cuda"):
+    if not str(device).startswith("cuda"):
         return 0
     per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(8, (os.cpu_count() or 1) // per_host))
@@ -450,9 +336,28 @@ def _recipe(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ main
+HANDLERS = {"chat": _chat, "transcribe": _transcribe, "translate": _transcribe, "serve": _serve, "bench": _bench,
+            "train": _train, "eval": _eval, "batch": _batch}
+
+
+def _resolve(args: Any) -> None:
+    """--model: the embedded micro model when absent, a Hugging Face id resolved to its cached (or downloaded)
+    folder; --device auto: the device found here."""
+    from phi4mm.api import pick_device, resolve_model
+    args.device = str(pick_device(args.device))
+    if args.cmd == "train" and args.model is None:
+        return
+    args.model_name = MICRO_NAME if args.model is None else str(args.model)  # as given: the server's model name
+    if args.model is None:
+        from phi4mm.micro.recipe import default_model_dir
+        args.model = default_model_dir()
+    args.model = resolve_model(args.model)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        check(args)  # everything that needs no model: answered before torch is imported
         if args.cmd == "make-checkpoint":
             import torch
 
@@ -461,12 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                                   device=args.device)
             print(f"wrote {args.size} {args.layout} checkpoint to {out}")
             return 0
-        if getattr(args, "model", "") is None and args.cmd != "train":
-            from phi4mm.micro.recipe import default_model_dir
-            args.model = default_model_dir()
-        handler = {"chat": _chat, "transcribe": _transcribe, "translate": _transcribe, "serve": _serve,
-                   "bench": _bench, "train": _train, "eval": _eval, "batch": _batch}[args.cmd]
-        return handler(args)
+        _resolve(args)
+        return HANDLERS[args.cmd](args)
     except (ValueError, OSError) as e:  # our errors are ValueErrors (AudioError, InputError, ...) that say what to do
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"phi4mm {args.cmd}: {msg}", file=sys.stderr)

@@ -68,7 +68,7 @@ def groups(items: list, size: Callable[[Any], int], budget: int, padded: bool) -
 
 def plain_greedy(p: SamplingParams) -> bool:
     return (p.temperature == 0 and p.repetition_penalty == 1 and p.presence_penalty == 0
-            and p.frequency_penalty == 0 and p.logprobs is None and p.min_tokens == 0)
+            and p.frequency_penalty == 0 and p.logprobs is None and p.min_tokens == 0 and p.constraint is None)
 
 
 class ModelRunner:
@@ -224,7 +224,9 @@ class ModelRunner:
             if greedy is None:
                 greedy = self.ready_logits(logits, rows).argmax(-1)
             return greedy.tolist(), [None] * len(seqs), [None] * len(seqs)
-        picked = self.ready_logits(logits, rows)
+        # A constrained row (tool_choice "required" / a named function) may only continue its allowed prefix.
+        picked = apply_constraints(self.ready_logits(logits, rows), [s.params for s in seqs],
+                                   [s.generated for s in seqs])
         batch = SamplingBatch.build([s.params for s in seqs], self.device, self.cfg.text.vocab_size,
                                     [s.prep.input_ids for s in seqs], [s.generated for s in seqs])
         picked = apply_min_tokens(picked.float(), batch, None, self.eos)

@@ -9,12 +9,17 @@ One state machine serves both entry points: `parse_tool_calls(text)` is the stre
 text at once. The parser decides something only when no further text could change the decision (a JSON
 value is read once its closing bracket arrives; content is released once it cannot begin `<|tool_call|>`),
 so any chunking of the stream gives the same result as the whole text.
+
+A parser given the offered tools' names (`offered`) never returns a call to any other name: such a block stays
+content. `tool_constraint` turns OpenAI's `tool_choice` into a decoding constraint (sampling.TokenConstraint).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from typing import Any, Union
+
+from phi4mm.sampling import TokenConstraint
 
 OPEN = "<|tool_call|>"
 CLOSE = "<|/tool_call|>"
@@ -130,8 +135,9 @@ class ToolCallStreamParser:
     give each response its own prefix when ids must be unique across responses.
     """
 
-    def __init__(self, id_prefix: str = "call_") -> None:
+    def __init__(self, id_prefix: str = "call_", offered: set[str] | None = None) -> None:
         self._id_prefix = id_prefix
+        self._offered = offered
         self._buf = ""
         self._mode = "content"  # content | first | after
         self._scanner: _ValueScanner | None = None
@@ -206,8 +212,8 @@ class ToolCallStreamParser:
             calls = _as_calls(json.loads(self._buf[start:end]))
         except json.JSONDecodeError:
             calls = None
-        if calls is None:
-            return False
+        if calls is None or self._offered is not None and any(c[1] not in self._offered for c in calls):
+            return False  # not a call, or a call to a function nobody offered: content
         for call_id, name, args in calls:
             index = self._n_calls
             self._n_calls += 1
@@ -272,9 +278,73 @@ def collect(events: list[Event]) -> tuple[str, list[ToolCall]]:
     return content, calls
 
 
-def parse_tool_calls(text: str, id_prefix: str = "call_") -> tuple[str, list[ToolCall]]:
-    """Split model output into (content, tool calls). Never raises on malformed output."""
+def parse_tool_calls(text: str, id_prefix: str = "call_", offered: set[str] | None = None
+                     ) -> tuple[str, list[ToolCall]]:
+    """Split model output into (content, tool calls). Never raises on malformed output. offered: the names of
+    the functions that may be called (None: any)."""
     if not isinstance(text, str):
         raise TypeError(f"parse_tool_calls expects the decoded output text (str), got {type(text).__name__}")
-    parser = ToolCallStreamParser(id_prefix)
+    parser = ToolCallStreamParser(id_prefix, offered)
     return collect(parser.feed(text) + parser.finish())
+
+
+# ------------------------------------------------------------------------------------------------ tool_choice
+class ToolChoiceError(ValueError):
+    """A tool_choice that cannot be honoured with these tools; the message names the field."""
+
+
+def tool_names(tools: list[dict] | None) -> list[str]:
+    """The function names of OpenAI-format tools ({"type": "function", "function": {"name": ...}}, or bare
+    {"name": ...})."""
+    names = []
+    for t in tools or []:
+        fn = t.get("function", t) if isinstance(t, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            names.append(fn["name"])
+    return names
+
+
+def call_prefix(name: str, tokenizer: Any) -> tuple[int, ...]:
+    """The tokens a call to `name` starts with: the call tag, `[{"name": "<name>", "arguments":`, cut where the
+    tokenizer's own split of a complete call agrees whatever follows (so a forced token is one the model would
+    have written itself, never a merge it would not)."""
+    head = f'{OPEN}[{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments":'
+    runs = [tokenizer.encode(head + tail) for tail in (' {"', " {}", '{"')]
+    n = 0
+    while all(n < len(r) for r in runs) and len({r[n] for r in runs}) == 1:
+        n += 1
+    return tuple(runs[0][:n])
+
+
+def tool_constraint(tools: list[dict] | None, tool_choice: str | dict | None, tokenizer: Any
+                    ) -> tuple[list[dict] | None, TokenConstraint | None]:
+    """OpenAI's tool_choice -> (the tools to describe in the prompt, the decoding constraint).
+
+    "auto" / None: free. "none": the call tag is banned (the reply is plain content). "required": the reply
+    starts with a call to one of the tools. {"type": "function", "function": {"name": N}}: only N is described
+    and the reply starts with a call to it.
+    """
+    names = tool_names(tools)
+    if tool_choice is None or tool_choice == "auto":
+        return tools, None
+    if tool_choice == "none":
+        banned = frozenset([tokenizer.token_id(OPEN)]) if tokenizer.has_token(OPEN) else frozenset()
+        return tools, TokenConstraint(banned=banned)
+    if tool_choice == "required":
+        if not names:
+            raise ToolChoiceError("tool_choice is 'required' but no tools were given; add tools")
+        return tools, TokenConstraint(prefixes=tuple(call_prefix(n, tokenizer) for n in dict.fromkeys(names)))
+    if isinstance(tool_choice, dict):
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if tool_choice.get("type", "function") != "function" or not isinstance(name, str):
+            raise ToolChoiceError('tool_choice must be "none", "auto", "required" or {"type": "function", '
+                                  f'"function": {{"name": "..."}}}}; got {json.dumps(tool_choice)[:120]}')
+        if name not in names:
+            offered = ", ".join(names) or "none"
+            raise ToolChoiceError(f"tool_choice names function {name}, which is not among the tools "
+                                  f"(offered: {offered})")
+        picked = [t for t in tools or [] if tool_names([t]) == [name]]
+        return picked, TokenConstraint(prefixes=(call_prefix(name, tokenizer),))
+    raise ToolChoiceError(f'tool_choice must be "none", "auto", "required" or a named function; got '
+                          f"{json.dumps(tool_choice)[:120]}")

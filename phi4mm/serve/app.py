@@ -3,7 +3,11 @@
     POST /v1/chat/completions    text, image_url (data URLs), input_audio; tools; stream; n; logprobs; JSON mode
     POST /v1/completions         raw prompts in the model-card format (or token ids)
     POST /v1/audio/transcriptions, /v1/audio/translations   multipart upload; long audio split in segments
-    GET  /v1/models, /health, /metrics
+    GET  /v1/models, /health, /metrics, /version
+
+Model names: the served names, the Hugging Face id of the architecture, and the adapters' names; a request that
+names an adapter (`speech`, `vision`, a --lora-modules name) runs every prompt through that adapter, as vLLM does.
+tool_choice none / auto / required / a named function is enforced while decoding (inputs.tools.tool_constraint).
 
 One `AsyncEngine` thread steps the engine; handlers tokenize and preprocess media on worker threads
 (`asyncio.to_thread`), so the engine thread only runs towers and decoder steps. Every client mistake is a 4xx
@@ -17,6 +21,7 @@ streamed answers are passed through unrepaired.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,12 +39,20 @@ from fastapi.responses import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from phi4mm import __version__
 from phi4mm.api import Model
 from phi4mm.engine.async_engine import AsyncEngine, RequestStream, merge
 from phi4mm.engine.engine import Engine, EngineBusy, StepOutput
 from phi4mm.inputs.chat import flatten_content
 from phi4mm.inputs.prepare import Prepared
-from phi4mm.inputs.tools import ContentDelta, ToolCallStreamParser, parse_tool_calls
+from phi4mm.inputs.tools import (
+    ContentDelta,
+    ToolCallStreamParser,
+    ToolChoiceError,
+    parse_tool_calls,
+    tool_constraint,
+    tool_names,
+)
 from phi4mm.sampling import SamplingParams
 from phi4mm.serve.metrics import Gate, Metrics
 from phi4mm.serve.schemas import (
@@ -55,7 +68,6 @@ from phi4mm.serve.schemas import (
     repair_json,
     resolve_media,
     sampling_params,
-    select_tools,
     sse,
     usage,
 )
@@ -78,9 +90,11 @@ class _Server:
     """State shared by the routes: the model, the engine thread, options and metrics."""
 
     def __init__(self, model: Model, engine: Engine, model_name: str, aliases: list[str], policy: MediaPolicy,
-                 default_max_tokens: int | None, transcription_max_tokens: int, segment_seconds: float):
+                 default_max_tokens: int | None, transcription_max_tokens: int, segment_seconds: float,
+                 mm_limits: dict[str, int] | None = None):
         self.model, self.policy, self.model_name = model, policy, model_name
-        self.names = [model_name] + [a for a in aliases if a != model_name]
+        self.names = list(dict.fromkeys([model_name, *aliases, *model.hub_ids, *model.config.loras]))
+        self.mm_limits = mm_limits or {}
         self.metrics = Metrics()
         self.engine = AsyncEngine(engine, on_step=self.metrics.on_step)
         self.default_max_tokens = default_max_tokens
@@ -89,10 +103,21 @@ class _Server:
         self.stop_ids = set(model.tokenizer.eos_token_ids)
         self.token_bytes = model.tokenizer.token_bytes()
 
-    def check_model(self, name: str) -> None:
+    def check_model(self, name: str) -> str | None:
+        """404 for a name not served here; else the adapter the name asks for (None: chosen by the media)."""
         if name not in self.names:
-            raise APIError(404, f"model {name!r} is not served here; use one of {self.names}", param="model",
-                           code="model_not_found")
+            raise APIError(404, f"model {name} is not served here; use one of: {', '.join(self.names)}",
+                           param="model", code="model_not_found")
+        return name if name in self.model.config.loras else None
+
+    def check_media(self, images: list, audios: list) -> None:
+        """--limit-mm-per-prompt: a 400 naming the limit."""
+        for kind, items in (("image", images), ("audio", audios)):
+            most = self.mm_limits.get(kind)
+            if most is not None and len(items) > most:
+                raise APIError(400, f"this request carries {len(items)} {kind} item(s); this server takes at most "
+                               f"{most} per prompt (--limit-mm-per-prompt {kind}={most})", param="messages",
+                               code="too_many_media")
 
     async def prepare(self, prompt: Any, images: list | None = None, audios: list | None = None,
                       tools: list | None = None) -> Prepared:
@@ -108,10 +133,15 @@ class _Server:
     def choice_params(self, prep: Prepared, req: Any, max_tokens: int | None, logprobs: int | None, n: int
                       ) -> list[SamplingParams]:
         """SamplingParams for the `n` choices of a chat/completion request (max_tokens defaults to the room left)."""
-        room = self.context - prep.num_tokens
+        # Fields the request leaves out take the checkpoint's generation_config.json defaults, as in the CLI and
+        # the Python API; no max_tokens: what remains of the context the engine can hold (None).
+        defaults = self.model.sampling_defaults
         if max_tokens is None:
-            max_tokens = room if self.default_max_tokens is None else min(room, self.default_max_tokens)
-        return [sampling_params(req, max_tokens, logprobs, i) for i in range(n)]
+            max_tokens = self.default_max_tokens or defaults.get("max_tokens")
+            if max_tokens is not None:
+                max_tokens = min(max_tokens, self.context - prep.num_tokens)
+        unset = {k: v for k, v in defaults.items() if k != "max_tokens" and getattr(req, k, None) is None}
+        return [dataclasses.replace(sampling_params(req, max_tokens, logprobs, i), **unset) for i in range(n)]
 
     async def start(self, prep: Prepared, choices: list[SamplingParams]) -> list[RequestStream]:
         """Submit one prompt once per choice; all or none (a failure cancels those already queued)."""
@@ -163,15 +193,16 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
                num_blocks: int | None = None, max_batch: int = 64, max_waiting: int = 1024,
                allow_remote_media: bool = False, allow_local_files: bool = False, max_body_bytes: int = 64 << 20,
                default_max_tokens: int | None = None, transcription_max_tokens: int = 448,
-               segment_seconds: float = 30.0, merge_adapter: str | None = None) -> FastAPI:
+               segment_seconds: float = 30.0, merge_adapter: str | None = None,
+               mm_limits: dict[str, int] | None = None) -> FastAPI:
     """The FastAPI app. `engine` defaults to `Engine(model, num_blocks, max_batch=..., max_waiting=...,
-    merge_adapter=...)`."""
+    merge_adapter=...)`. mm_limits: the most images / audio clips per request ({"image": 3})."""
     engine = engine or Engine(model, num_blocks=num_blocks, max_batch=max_batch, max_waiting=max_waiting,
                               merge_adapter=merge_adapter)
     policy = MediaPolicy(allow_remote_media=allow_remote_media, allow_local_files=allow_local_files,
                          max_bytes=max_body_bytes)
     srv = _Server(model, engine, model_name, list(aliases), policy, default_max_tokens, transcription_max_tokens,
-                  segment_seconds)
+                  segment_seconds, mm_limits)
     app = FastAPI(title="phi4mm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=srv.metrics)
@@ -183,6 +214,10 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
         if not srv.engine.alive:
             return JSONResponse(error_body("the engine thread has stopped", "server_error"), status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -198,24 +233,34 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request) -> Response:
         t0 = time.perf_counter()
-        srv.check_model(req.model)
-        tools, parse_tools = select_tools(req)
+        adapter = srv.check_model(req.model)
+        try:
+            tools, constraint = tool_constraint(req.tools or None, req.tool_choice, srv.model.tokenizer)
+        except ToolChoiceError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
+        offered = set(tool_names(tools)) if tools and req.tool_choice != "none" else None
         jmode = json_mode(req)
         flat, images, audios = flatten_content(add_json_hint(req.messages, req) if jmode else req.messages)
+        srv.check_media(images, audios)
         images = [await resolve_media(p, "image", f"image {i + 1}", srv.policy) for i, p in enumerate(images)]
         audios = [await resolve_media(p, "audio", f"audio {i + 1}", srv.policy) for i, p in enumerate(audios)]
         prep = await srv.prepare(flat, images, audios, tools)
+        if adapter is not None:
+            prep = dataclasses.replace(prep, adapter=adapter)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        streams = await srv.start(prep, srv.choice_params(prep, req, req.max_completion_tokens or req.max_tokens,
-                                                          logprobs, req.n))
+        params = srv.choice_params(prep, req, req.max_completion_tokens or req.max_tokens, logprobs, req.n)
+        for p in params:
+            p.constraint = constraint
+        streams = await srv.start(prep, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": req.model}
         if req.stream:
-            return _sse(_chat_stream(srv, streams, req, head, parse_tools, t0), streams)
+            return _sse(_chat_stream(srv, streams, req, head, offered, t0), streams)
         choices = await srv.collect(streams, request, t0)
         out = []
         for i, c in enumerate(choices):
-            content, calls = parse_tool_calls(c.text, f"call_{rid[9:21]}_{i}_") if parse_tools else (c.text, [])
+            content, calls = parse_tool_calls(c.text, f"call_{rid[9:21]}_{i}_", offered) if offered is not None \
+                else (c.text, [])
             if jmode and not calls:
                 content = repair_json(content)
             msg: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
@@ -231,7 +276,7 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
         t0 = time.perf_counter()
-        srv.check_model(req.model)
+        adapter = srv.check_model(req.model)
         if req.suffix:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model; leave it out",
                            param="suffix")
@@ -250,6 +295,8 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
             else:
                 preps.append(await srv.prepare(p))
                 texts.append(p)
+        if adapter is not None:
+            preps = [dataclasses.replace(p, adapter=adapter) for p in preps]
         streams: list[RequestStream] = []
         try:
             for prep in preps:
@@ -358,10 +405,10 @@ def _sse(body: AsyncIterator[str], streams: list[RequestStream]) -> Response:
 
 
 async def _chat_stream(srv: _Server, streams: list[RequestStream], req: ChatRequest, head: dict,
-                       parse_tools: bool, t0: float) -> AsyncIterator[str]:
+                       offered: set[str] | None, t0: float) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk"}
     choices = [_Choice() for _ in streams]
-    parsers = [ToolCallStreamParser(f"call_{head['id'][9:21]}_{i}_") if parse_tools else None
+    parsers = [ToolCallStreamParser(f"call_{head['id'][9:21]}_{i}_", offered) if offered is not None else None
                for i in range(len(streams))]
     n_calls = [0] * len(streams)
     want_lp = req.logprobs
@@ -375,10 +422,11 @@ async def _chat_stream(srv: _Server, streams: list[RequestStream], req: ChatRequ
         for ev in events:
             if isinstance(ev, ContentDelta):
                 out.append({"content": ev.text})
-            else:
+            else:  # as OpenAI streams a call: id and name first, then the arguments
                 n_calls[i] += 1
                 out.append({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
-                                            "function": {"name": ev.name, "arguments": ev.arguments}}]})
+                                            "function": {"name": ev.name, "arguments": ""}}]})
+                out.append({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.arguments}}]})
         return out
 
     for i in range(len(streams)):

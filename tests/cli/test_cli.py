@@ -98,7 +98,7 @@ def test_errors_before_loading_are_one_sentence(capsys, tiny_official, tmp_path)
     one_line_error(in_process(capsys, "translate", FLACS[0], "--language", "xx", *m), "'xx'", "French (fr)")
     one_line_error(in_process(capsys, "transcribe", FLACS[0], "--max-seconds", "0", *m), "--max-seconds")
     one_line_error(in_process(capsys, "chat", "hi", "--image", "missing.jpg", *m), "missing.jpg")
-    one_line_error(in_process(capsys, "chat", "hi", "--max-tokens", "0", *m), "max_tokens")
+    one_line_error(in_process(capsys, "chat", "hi", "--max-tokens", "0", *m), "--max-tokens")
     one_line_error(in_process(capsys, "serve", "--port", "70000", *m), "--port")
     one_line_error(in_process(capsys, "serve", "--replicas", "0", *m), "--replicas")
     one_line_error(in_process(capsys, "batch", FLACS[0], tmp_path / "o.jsonl", "--max-tokens", "0", *m),
