@@ -18,7 +18,7 @@ from typing import Any
 
 from phi4mm.cli.args import AUDIO_EXTENSIONS, TRANSCRIBE_FORMATS
 from phi4mm.cli.args import parser as _parser
-from phi4mm.cli.checks import UserError, check, positive
+from phi4mm.cli.checks import UserError, check
 
 MICRO_NAME = "phi4mm-micro"  # the embedded model's name when served
 NO_MODEL = "train needs --model, the checkpoint to fine-tune (or --recipe micro to train the micro model)"
@@ -224,7 +224,8 @@ def _batch(args: Any) -> int:
 
 
 def _eval(args: Any) -> int:
-    from phi4mm.tasks.evaluate import evaluate, load_model as load_eval_model
+    from phi4mm.tasks.evaluate import evaluate
+    from phi4mm.tasks.evaluate import load_model as load_eval_model
     model = load_eval_model(args.model, args.device, args.dtype, args.text_adapter)
     results = {}
     for d in args.data:

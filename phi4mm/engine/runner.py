@@ -21,6 +21,7 @@ from phi4mm.model.lora import AdapterPlan
 from phi4mm.sampling import (
     SamplingBatch,
     SamplingParams,
+    apply_constraints,
     apply_min_tokens,
     mask_padded_vocab,
     sample,
