@@ -29,7 +29,7 @@ import numpy as np
 
 from phi4mm.inputs.audio import SAMPLE_RATE, load_audio
 from phi4mm.inputs.av_audio import STDIN, stream_audio
-from phi4mm.inputs.vad import MAX_CUE_SECONDS, CueCutter, cut_cues
+from phi4mm.inputs.vad import MAX_CUE_SECONDS, Cue, CueCutter, cut_cues
 from phi4mm.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,12 @@ def audio_blocks(audio: Any) -> Iterator[np.ndarray]:
     if hasattr(audio, "read") and hasattr(audio, "seek"):
         return stream_audio(audio)
     return iter([load_audio(audio, max_seconds=float("inf"))])
+
+
+def speech_cues(audio: Any, max_seconds: float = MAX_CUE_SECONDS) -> tuple[list[Cue], float]:
+    """All speech cues of an input that fits in memory anyway (an upload), and its duration in seconds."""
+    cutter = CueCutter(max_seconds)
+    return list(cut_cues(audio_blocks(audio), cutter=cutter)), cutter.duration
 
 
 def cue_request(cue_samples: np.ndarray, prompt: str, max_tokens: int, temperature: float = 0.0) -> dict:
