@@ -150,7 +150,7 @@ def decode_av(f: BinaryIO | str, name: str, max_seconds: float) -> tuple[np.ndar
 def spool_stdin(stream: BinaryIO | None = None) -> BinaryIO:
     """stdin's bytes in a seekable file (memory up to SPOOL_BYTES, then a temporary file): containers need seeks."""
     src = stream if stream is not None else sys.stdin.buffer
-    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (returned open: the caller's)
     shutil.copyfileobj(src, spool, 1 << 20)
     spool.seek(0)
     return spool

@@ -22,6 +22,7 @@ scored 0 without running the network, which keeps long silent stretches cheap.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -51,7 +52,9 @@ def _model():
         except ImportError:
             raise ValueError("voice-activity detection needs the silero-vad package: `pip install silero-vad`"
                              ) from None
-        _local.model = load_silero_vad()
+        with warnings.catch_warnings():  # its loader uses torch.jit.load, which torch now flags as deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            _local.model = load_silero_vad()
     return _local.model
 
 
@@ -146,9 +149,8 @@ class CueCutter:
             self.leftover = np.zeros(0, np.float32)
             if (c := self._step(float(self.scorer(tail)[0]))) is not None:
                 cues.append(c)
-        if self.cue_start is not None:
-            if (c := self._close(self.last_speech + 1, pad_end=True)) is not None:
-                cues.append(c)
+        if self.cue_start is not None and (c := self._close(self.last_speech + 1, pad_end=True)) is not None:
+            cues.append(c)
         return cues
 
     # ---- the state machine, one frame at a time --------------------------------------------------------------

@@ -26,6 +26,7 @@ import io
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -109,8 +110,8 @@ def _decode_frames(f: Any, name: str, fps: float, max_frames: int) -> tuple[list
     try:
         container = av.open(f, metadata_errors="ignore")
     except (av.error.FFmpegError, ValueError, OSError) as e:
-        head = f.getvalue()[:64] if isinstance(f, io.BytesIO) else open(f, "rb").read(64)
-        size = len(f.getvalue()) if isinstance(f, io.BytesIO) else os.path.getsize(f)
+        data = f.getvalue() if isinstance(f, io.BytesIO) else Path(f).read_bytes()[:64]
+        head, size = data[:64], (len(data) if isinstance(f, io.BytesIO) else os.path.getsize(f))
         raise VideoError(diagnose(head, size, name, getattr(e, "strerror", None) or str(e))) from None
     frames: list[Image.Image] = []
     times: list[float] = []

@@ -273,7 +273,13 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
 
     async def _audio(task: str, request: Request, file: UploadFile, model: str, response_format: str,
                      language: str | None, prompt: str | None, temperature: float) -> Response:
-        from phi4mm.tasks.transcribe import FORMATS, Segment, format_segments, speech_cues, transcription_prompt
+        from phi4mm.tasks.transcribe import (
+            FORMATS,
+            Segment,
+            format_segments,
+            speech_cues,
+            transcription_prompt,
+        )
         t0 = time.perf_counter()
         srv.check_model(model)
         if response_format not in FORMATS:
