@@ -111,7 +111,7 @@ def load_audio(src: AudioSource, sampling_rate: int | None = None, max_seconds: 
         return _from_array(src, int(sampling_rate), max_seconds, name)
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
-            raise AudioError(f"{name}: zero-length input; pass the bytes of a whole audio file")
+            raise AudioError(diagnose(b"", 0, name))
         return _from_file(io.BytesIO(bytes(src)), sampling_rate, max_seconds, name)
     if isinstance(src, os.PathLike):
         return _from_path(os.fspath(src), sampling_rate, max_seconds)

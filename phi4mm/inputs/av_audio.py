@@ -156,7 +156,7 @@ def spool_stdin(stream: BinaryIO | None = None) -> BinaryIO:
     return spool
 
 
-def _sf_blocks(f, block: int) -> Iterator[tuple[np.ndarray, int]] | None:
+def _sf_blocks(f, block: int, name: str) -> Iterator[tuple[np.ndarray, int]] | None:
     try:
         snd = sf.SoundFile(f)
     except (RuntimeError, TypeError, ValueError, EOFError):  # sf.LibsndfileError is a RuntimeError
@@ -165,11 +165,17 @@ def _sf_blocks(f, block: int) -> Iterator[tuple[np.ndarray, int]] | None:
         return None
 
     def gen():
+        got = 0
         with snd:
             rate = int(snd.samplerate)
-            for data in snd.blocks(blocksize=max(1, int(block * rate / SAMPLE_RATE)), dtype="float32",
-                                   always_2d=True):  # (n, ch)
-                yield data.mean(axis=1, dtype=np.float32), rate
+            try:
+                for data in snd.blocks(blocksize=max(1, int(block * rate / SAMPLE_RATE)), dtype="float32",
+                                       always_2d=True):  # (n, ch)
+                    got += data.shape[0]
+                    yield data.mean(axis=1, dtype=np.float32), rate
+            except RuntimeError as e:  # sf.LibsndfileError, e.g. "flac decoder lost sync" in a cut file
+                raise DecodeError(diagnose(_head(f), _size(f), name, f"decoding stopped after {got / rate:.1f} s: "
+                                           f"{getattr(e, 'error_string', e)}")) from None
     return gen()
 
 
@@ -191,7 +197,7 @@ def stream_audio(src: str | os.PathLike | BinaryIO, name: str | None = None,
     if _size(src) == 0:
         raise DecodeError(diagnose(b"", 0, name))
     block = int(block_seconds * SAMPLE_RATE)
-    frames = _sf_blocks(src, block) or _av_frames(src, name, None)
+    frames = _sf_blocks(src, block, name) or _av_frames(src, name, None)
     resampler, rate, pending, filled = None, None, [], 0
     for chunk, r in frames:
         if resampler is None:
