@@ -24,7 +24,7 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 16000  # the encoder's rate; equal to audio.SAMPLE_RATE (audio.py imports this module)
-BLOCK_SECONDS = 30.0  # streaming block: 30 s of 16 kHz float32 = 1.9 MB, whatever the file's length
+BLOCK_SECONDS = 10.0  # streaming block: 10 s of 16 kHz float32 = 640 KB, whatever the file's length
 SPOOL_BYTES = 8 << 20  # stdin is held in memory up to 8 MiB, then spooled to a temporary file
 STDIN = "-"
 

@@ -52,8 +52,9 @@ def _model():
         except ImportError:
             raise ValueError("voice-activity detection needs the silero-vad package: `pip install silero-vad`"
                              ) from None
-        with warnings.catch_warnings():  # its loader uses torch.jit.load, which torch now flags as deprecated
+        with warnings.catch_warnings():  # its loader uses torch.jit.load and resources.path, both deprecated now
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # and importlib.resources.path
             _local.model = load_silero_vad()
     return _local.model
 

@@ -45,6 +45,13 @@ TASKS = ("transcribe", "translate")
 # The model card's audio languages; keys are ISO 639-1 codes (what OpenAI's `language` field carries).
 SPEECH_LANGUAGES = {"en": "English", "zh": "Chinese", "de": "German", "fr": "French", "it": "Italian",
                     "ja": "Japanese", "es": "Spanish", "pt": "Portuguese"}
+# Other common ISO 639-1 codes, so `--language ko` works for a checkpoint fine-tuned beyond the card's list.
+OTHER_LANGUAGES = {"ar": "Arabic", "bn": "Bengali", "ca": "Catalan", "cs": "Czech", "da": "Danish", "el": "Greek",
+                   "fa": "Persian", "fi": "Finnish", "he": "Hebrew", "hi": "Hindi", "hu": "Hungarian",
+                   "id": "Indonesian", "ko": "Korean", "ms": "Malay", "nl": "Dutch", "no": "Norwegian",
+                   "pl": "Polish", "ro": "Romanian", "ru": "Russian", "sv": "Swedish", "sw": "Swahili", "ta": "Tamil",
+                   "th": "Thai", "tl": "Tagalog", "tr": "Turkish", "uk": "Ukrainian", "ur": "Urdu",
+                   "vi": "Vietnamese"}
 _SPECIAL = re.compile(r"<\|[^|>]*\|>")
 
 # --- formats --------------------------------------------------------------------------------------------------
@@ -78,13 +85,16 @@ def language_name(language: str | None) -> str | None:
     Any language *name* is accepted (a fine-tuned model may know Indonesian or Korean; the micro model knows its
     synthetic Vellish): the model is asked in words, so the name is passed through, title-cased.
     `is_card_language` tells whether the base model was trained on it. A short code that is not one of the
-    card's (e.g. 'xx') cannot be turned into a name and is a ValueError listing the known ones.
+    card's or another common ISO 639-1 code (OTHER_LANGUAGES: 'ko' -> Korean, 'id' -> Indonesian) cannot be
+    turned into a name (e.g. 'xx') and is a ValueError listing the card's.
     """
     if language is None:
         return None
     key = " ".join(language.split()).lower()
     if key in SPEECH_LANGUAGES:
         return SPEECH_LANGUAGES[key]
+    if key in OTHER_LANGUAGES:
+        return OTHER_LANGUAGES[key]
     for name in SPEECH_LANGUAGES.values():
         if key == name.lower():
             return name
