@@ -8,7 +8,6 @@ check that needs no model in checks.py: both run before torch is imported, so a 
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
@@ -16,49 +15,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from phi4mm.cli.args import AUDIO_EXTENSIONS, TRANSCRIBE_FORMATS
 from phi4mm.cli.args import parser as _parser
 from phi4mm.cli.checks import UserError, check
+from phi4mm.cli.common import engine_options, load_model, make_engine
+from phi4mm.cli.media import (
+    check_chat_files,
+    summarize_command,
+    transcribe_command,
+    video_options,
+)
 
 MICRO_NAME = "phi4mm-micro"  # the embedded model's name when served
 NO_MODEL = "train needs --model, the checkpoint to fine-tune (or --recipe micro to train the micro model)"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def load_model(args: Any) -> Any:
-    """Load --model (the embedded micro model when none was given) with --device / --dtype."""
-    import phi4mm
-    return phi4mm.load(args.model, device=args.device, dtype=args.dtype)
-
-
-def engine_options(args: Any, **changes: Any) -> Any:
-    """EngineOptions from the engine flags a command has (vLLM's names)."""
-    from phi4mm.options import EngineOptions
-    given = {"max_model_len": getattr(args, "max_model_len", None),
-             "gpu_memory_utilization": getattr(args, "gpu_memory_utilization", None),
-             "max_num_seqs": getattr(args, "max_batch", None), "merge_adapter": getattr(args, "merge_adapter", None)}
-    return EngineOptions().but(**{k: v for k, v in {**given, **changes}.items() if v is not None})
-
-
-def make_engine(model: Any, options: Any) -> Any:
-    """An Engine on `model` run as `options` says."""
-    import inspect
-
-    from phi4mm.engine.engine import Engine, cpu_kv_blocks
-    if "options" in inspect.signature(Engine).parameters:
-        return Engine(model, options=options)
-    # An engine that predates EngineOptions takes its fields one by one (max_model_len and the memory share
-    # are then the engine's own defaults).
-    blocks = options.num_blocks if options.num_blocks is not None else cpu_kv_blocks(model.device)
-    return Engine(model, num_blocks=blocks, block_size=options.block_size, max_batch=options.max_num_seqs,
-                  max_tokens_per_step=options.max_tokens_per_step, max_waiting=options.max_waiting,
-                  prefix_caching=options.prefix_caching, media_cache_items=options.media_cache_items,
-                  static_decode=options.static_decode, merge_adapter=options.merge_adapter)
-
-
 # ------------------------------------------------------------------------------------------------ chat
 def _chat(args: Any) -> int:
     from phi4mm.cli.repl import Conversation, repl
+    check_chat_files(args)
     interactive = args.interactive or (args.prompt is None and sys.stdin.isatty())
     if args.prompt is None and not interactive:
         raise UserError("give a prompt, or use --interactive to read the conversation from stdin")
@@ -66,7 +41,9 @@ def _chat(args: Any) -> int:
     params = model.sampling_params(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                    seed=args.seed).validate()
     chat = Conversation(make_engine(model, engine_options(args)), params, args.system, args.tool_list,
-                        args.tool_choice)
+                        args.tool_choice, video_options(args))
+    for f in args.video:
+        chat.attach("video", f)
     for f in args.image:
         chat.attach("image", f)
     for f in args.audio:
@@ -76,129 +53,6 @@ def _chat(args: Any) -> int:
     if interactive:
         repl(chat, UserError)
     return 0
-
-
-# ------------------------------------------------------------------------------------------------ transcribe
-def expand_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
-    """(audio file, path relative to where its name came from) for files, folders (recursive) and globs."""
-    out: dict[Path, Path] = {}
-    for item in inputs:
-        p = Path(item)
-        if p.is_file():
-            found = [(p, Path(p.name))]
-        elif p.is_dir():
-            found = [(f, f.relative_to(p)) for f in sorted(p.rglob("*"))
-                     if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS]
-            if not found:
-                raise UserError(f"folder {item} holds no audio files ({' '.join(AUDIO_EXTENSIONS)})")
-        elif glob.has_magic(item):
-            found = [(Path(f), Path(Path(f).name)) for f in sorted(glob.glob(item, recursive=True))
-                     if Path(f).is_file()]
-            if not found:
-                raise UserError(f"the pattern {item} matches no files")
-        else:
-            raise UserError(f"{item}: no such file or folder")
-        for f, rel in found:
-            out.setdefault(f, rel)
-    return list(out.items())
-
-
-def _output_paths(files: list[tuple[Path, Path]], out_dir: Path | None, formats: list[str]
-                  ) -> list[dict[str, Path | None]]:
-    """Per file: format -> where to write it (None = stdout: one file, one format, no --output-dir). Without
-    --output-dir files go to the current folder, as whisper's do."""
-    if len(files) == 1 and out_dir is None and len(formats) == 1:
-        return [{formats[0]: None}]
-    out_dir = out_dir if out_dir is not None else Path(".")
-    seen: dict[Path, str] = {}
-    outs = []
-    for f, rel in files:
-        outs.append({})
-        for fmt in formats:
-            p = (out_dir / rel).with_suffix("." + {"text": "txt", "verbose_json": "json"}.get(fmt, fmt))
-            if p in seen:
-                raise UserError(f"{seen[p]} and {f} ({fmt}) would both be written to {p}; rename one, pick other "
-                                "formats or run them separately")
-            seen[p], outs[-1][fmt] = f"{f} ({fmt})", p
-    return outs
-
-
-def _transcribe(args) -> int:
-    formats = list(dict.fromkeys(f.strip() for f in args.format.split(",")))
-    for fmt in formats:
-        if fmt not in TRANSCRIBE_FORMATS:
-            raise UserError(f"--format {fmt} is not supported; use one of {', '.join(TRANSCRIBE_FORMATS)} "
-                            "(or several, comma-separated)")
-    files = expand_inputs(args.inputs)
-    outs = _output_paths(files, args.output_dir, formats)
-    _check_readable([f for f, _ in files])  # before importing torch and loading the model: fail in a blink
-    from phi4mm.tasks.transcribe import transcription_prompt
-    transcription_prompt(args.cmd, args.language, args.prompt)  # validate language and prompt up front
-    engine = make_engine(load_model(args), engine_options(args))
-    _run_files(engine, args, files, outs)
-    return 0
-
-
-def _check_readable(paths: list[Path]) -> None:
-    """Header check of every input with libsndfile: cheap, and a typo'd or corrupt file fails in a second."""
-    import soundfile as sf
-    for p in paths:
-        try:
-            sf.info(str(p))
-        except Exception as e:  # libsndfile raises several types; all mean the same to the user
-            raise UserError(f"audio file {p}: could not decode ({e}); supported containers are wav, flac, "
-                            "ogg (vorbis/opus), mp3, aiff") from e
-
-
-def _run_files(engine, args, files, outs) -> None:
-    """Feed files' segments to the engine while it has room, so short files batch together; write each
-    file's result as soon as its last segment finishes."""
-    from tqdm import tqdm
-
-    from phi4mm.tasks.transcribe import Segment, render, transcription_requests
-    bar = tqdm(total=0, unit="segment", file=sys.stderr, disable=None, dynamic_ncols=True)
-    todo = list(range(len(files)))
-    segs: dict[int, list] = {}  # file index -> its Segments, in time order
-    owner: dict[str, tuple[int, int]] = {}  # request id -> (file index, piece index)
-    left: dict[int, int] = {}  # file index -> pieces still decoding
-    while todo or engine.has_work():
-        while todo and len(engine.waiting) + len(engine.running) < args.max_batch:
-            i = todo.pop(0)
-            reqs = transcription_requests(files[i][0], args.cmd, args.language, args.prompt, args.max_seconds,
-                                          args.max_tokens)
-            segs[i], left[i] = [Segment(a, b, "") for a, b, _ in reqs], len(reqs)
-            bar.total += len(reqs)
-            bar.set_description(f"file {len(files) - len(todo)}/{len(files)}")
-            for k, (_, _, r) in enumerate(reqs):
-                owner[engine.add_request(**r)] = (i, k)
-        for o in engine.step():
-            i, k = owner[o.request_id]
-            seg = segs[i][k]
-            seg.text += o.text
-            if o.token_id is not None:
-                seg.tokens.append(o.token_id)
-            if not o.finished:
-                continue
-            if o.finish_reason == "error":
-                raise RuntimeError(f"{files[i][0]}: {o.error}")
-            seg.text = seg.text.strip()
-            left[i] -= 1
-            bar.update(1)
-            if left[i] == 0:
-                done = segs.pop(i)
-                for fmt, path in outs[i].items():
-                    _write(render(done, fmt, language=args.language, duration=done[-1].end, task=args.cmd), path)
-    bar.close()
-
-
-def _write(text: str, path: Path | None) -> None:
-    if path is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    print(f"wrote {path}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ serve, batch, eval
@@ -337,7 +191,8 @@ def _recipe(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ main
-HANDLERS = {"chat": _chat, "transcribe": _transcribe, "translate": _transcribe, "serve": _serve, "bench": _bench,
+HANDLERS = {"chat": _chat, "transcribe": transcribe_command, "translate": transcribe_command,
+            "summarize": summarize_command, "serve": _serve, "bench": _bench,
             "train": _train, "eval": _eval, "batch": _batch}
 
 

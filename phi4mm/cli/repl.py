@@ -15,15 +15,16 @@ from typing import Any, TextIO
 
 HISTORY_FILE = Path(os.environ.get("PHI4MM_HISTORY", Path.home() / ".phi4mm_history"))
 HISTORY_LINES = 1000
-HELP = "/image PATH, /audio PATH: attach to the next message; /reset: start over; /exit (or Ctrl-D): quit"
+HELP = "/image PATH, /audio PATH, /video PATH: attach to the next message; /reset: start over; /exit (or Ctrl-D): quit"
 
 
 class Conversation:
     """Messages so far plus every image and audio attached (numbered across the whole conversation)."""
 
     def __init__(self, engine: Any, params: Any, system: str | None = None, tools: list[dict] | None = None,
-                 tool_choice: str | dict | None = None):
+                 tool_choice: str | dict | None = None, video: dict | None = None):
         self.engine, self.system, self.tools = engine, system, tools
+        self.video = video or {}  # load_video's options for attached videos
         self.params = params
         if tools is not None:
             from phi4mm.inputs.tools import tool_constraint, tool_names
@@ -42,9 +43,19 @@ class Conversation:
             from phi4mm.inputs.image import load_image
             self.images.append(load_image(Path(path)))
             self.pending += f"<|image_{len(self.images)}|>"
+        elif kind == "video":  # its frames (and sound track) become images (and an audio) now
+            from phi4mm.inputs.video import load_video
+            clip = load_video(Path(path), dynamic_hd=self.engine.cfg.dynamic_hd, **self.video)
+            for frame in clip.frames:
+                self.images.append(frame)
+                self.pending += f"<|image_{len(self.images)}|>"
+            if clip.audio is not None:
+                from phi4mm.inputs.audio import SAMPLE_RATE
+                self.audios.append((clip.audio, SAMPLE_RATE))
+                self.pending += f"<|audio_{len(self.audios)}|>"
         else:
             from phi4mm.inputs.audio import SAMPLE_RATE, load_audio
-            self.audios.append((load_audio(Path(path)), SAMPLE_RATE))
+            self.audios.append((load_audio(path if path == "-" else Path(path)), SAMPLE_RATE))
             self.pending += f"<|audio_{len(self.audios)}|>"
 
     def say(self, text: str, out: TextIO) -> str:
@@ -160,7 +171,7 @@ def repl(chat: Conversation, user_error: type[Exception]) -> None:
             if cmd == "/reset":
                 chat.reset()
                 print("(conversation cleared)", file=sys.stderr)
-            elif cmd in ("/image", "/audio"):
+            elif cmd in ("/image", "/audio", "/video"):
                 if not arg.strip():
                     raise user_error(f"{cmd} needs a file path")
                 chat.attach(cmd[1:], arg.strip())

@@ -14,6 +14,7 @@ import pytest
 
 from phi4mm.cli import checks
 from phi4mm.cli import main as cli
+from phi4mm.cli.media import output_paths
 
 ROOT = Path(__file__).parents[2]
 ARG_ERROR_S = 1.5  # the goal is < 1 s; headroom for a loaded machine
@@ -101,9 +102,9 @@ def test_train_refuses_a_folder_that_is_not_empty(capsys, tmp_path):
 
 def test_transcribe_writes_to_the_current_folder_unless_told():
     files = [(Path("/data/a/x.flac"), Path("x.flac")), (Path("/data/b/y.flac"), Path("y.flac"))]
-    assert cli._output_paths(files, None, ["srt"]) == [{"srt": Path("x.srt")}, {"srt": Path("y.srt")}]
-    assert cli._output_paths(files, Path("/data/a"), ["srt"])[0] == {"srt": Path("/data/a/x.srt")}
-    assert cli._output_paths(files[:1], None, ["txt"]) == [{"txt": None}]  # one file, one format: stdout
+    assert output_paths(files, None, ["srt"]) == [{"srt": Path("x.srt")}, {"srt": Path("y.srt")}]
+    assert output_paths(files, Path("/data/a"), ["srt"])[0] == {"srt": Path("/data/a/x.srt")}
+    assert output_paths(files[:1], None, ["txt"]) == [{"txt": None}]  # one file, one format: stdout
 
 
 # ------------------------------------------------------------------------------------------------ models by name
