@@ -147,6 +147,8 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image/audio URLs")
     sv.add_argument("--allow-local-files", action="store_true", help="let requests name file:// paths on this "
                     "machine")
+    sv.add_argument("--no-ui", dest="ui", action="store_false", help="do not serve the web page for chat and "
+                    "transcription at / (the API only)")
     merge_arg(sv)
 
     ba = sub.add_parser("batch", help="replies to every conversation of a JSONL file, here or on Ray replicas",

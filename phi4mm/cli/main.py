@@ -310,7 +310,7 @@ def _serve(args) -> int:
         return 0
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype,
           max_batch=args.max_batch, max_waiting=args.max_waiting, allow_remote_media=args.allow_remote_media,
-          allow_local_files=args.allow_local_files, merge_adapter=args.merge_adapter)
+          allow_local_files=args.allow_local_files, merge_adapter=args.merge_adapter, ui=args.ui)
     return 0
 
 

@@ -1,0 +1,339 @@
+"""The web page, in a real browser: headless Chromium (Debian's, driven by Selenium through Debian's chromedriver)
+against a real `phi4mm serve` on loopback with the embedded micro model.
+
+One server and one browser for the whole module. Chromium's fake microphone plays a spoken sentence, so the
+recording path (MediaRecorder -> webm/opus -> the server's decoder) runs as it does for a user. Every state is
+saved as a screenshot under the module's tmp folder.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).parents[2]
+EXAMPLES = ROOT / "examples"
+DATA = ROOT / "tests" / "data"
+KEY = "web-test-key"
+START_TIMEOUT_S = 120  # the server loads the micro model (slow on a busy 2-core machine)
+REPLY_TIMEOUT_S = 60  # one chat reply or transcription of a few seconds of audio
+INSTALL = ("headless Chromium and its driver are needed for the web page tests: "
+           "apt-get update && apt-get install -y chromium chromium-driver (and pip install selenium)")
+SHAPES_QUESTION = ("micro_heldout_shapes/shapes_000019.png", "What color is the circle?")
+ASR_PROMPT = "Transcribe the audio clip into text."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "phi4mm.cli.main", *args], env=env, capture_output=True,
+                          text=True, timeout=START_TIMEOUT_S, **kw)
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("web")
+
+
+@pytest.fixture(scope="module")
+def server(shots):
+    """`phi4mm serve --api-key KEY` (the micro model) on a free loopback port: its base URL."""
+    port = _free_port()
+    log = (shots / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "phi4mm.cli.main", "serve", "--port", str(port), "--api-key", KEY],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        assert proc.poll() is None, f"phi4mm serve exited: {(shots / 'server.log').read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "phi4mm serve did not answer /health in time"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def spoken_wav(shots) -> Path:
+    """examples/spoken.flac as 16-bit wav with a second of silence after it: what Chromium's fake microphone
+    plays (in a loop)."""
+    wav, rate = sf.read(EXAMPLES / "spoken.flac", dtype="float32")
+    path = shots / "spoken.wav"
+    sf.write(path, list(wav) + [0.0] * rate, rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(shots, spoken_wav):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if chromium is None or not Path(driver_path).is_file():
+        pytest.fail(INSTALL)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail(INSTALL)
+    downloads = shots / "downloads"
+    downloads.mkdir()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium  # with the driver's path below, selenium-manager downloads nothing
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1000,1100",
+                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={spoken_wav}", "--force-prefers-reduced-motion"):
+        opts.add_argument(arg)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                           "download.prompt_for_download": False})
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.set_script_timeout(REPLY_TIMEOUT_S)
+    driver.downloads = downloads
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    browser.get(server + "/")
+    assert browser.title == "phi4mm"
+    return browser
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def wait(driver, condition, what: str, timeout: float = REPLY_TIMEOUT_S):
+    """Poll `condition(driver)` until truthy, answering the API-key dialog with the right key when it opens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if driver.execute_script("return document.getElementById('key-dialog').open"):
+            answer_key(driver, KEY)
+        value = condition(driver)
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; page says: {visible_text(driver)}"
+        time.sleep(0.1)
+
+
+def answer_key(driver, key: str) -> None:
+    by = _by()
+    box = driver.find_element(by.ID, "key-input")
+    box.clear()
+    box.send_keys(key)
+    driver.find_element(by.ID, "key-ok").click()
+
+
+def visible_text(driver) -> str:
+    return driver.find_element(_by().TAG_NAME, "main").text[-1500:]
+
+
+def _by():
+    from selenium.webdriver.common.by import By
+    return By
+
+
+def new_chat(driver, tools: str = "", system: str = "") -> None:
+    """A fresh conversation on the chat tab, with these tools (JSON text) and system prompt pasted in."""
+    by = _by()
+    driver.find_element(by.ID, "tab-chat").click()
+    driver.execute_script("document.getElementById('settings').open = true")
+    driver.find_element(by.ID, "new-chat").click()
+    driver.execute_script("document.getElementById('settings').open = false")
+    # Set as a paste would (typing JSON key by key is slow); the settings panel may stay closed.
+    driver.execute_script("document.getElementById('tools').value = arguments[0];"
+                          "document.getElementById('system').value = arguments[1];", tools, system)
+
+
+def counts(driver) -> tuple[int, int]:
+    """(finished assistant replies, error messages) in the conversation."""
+    return driver.execute_script(
+        "return [document.querySelectorAll('.msg.assistant[data-done=true]').length,"
+        " document.querySelectorAll('.msg.error').length]")
+
+
+def send(driver, text: str, files: list[Path] = ()):
+    """Attach files, type `text`, press Enter; wait for the reply (or an error) and return it as a WebElement."""
+    by = _by()
+    before = counts(driver)
+    for f in files:
+        n = len(driver.find_elements(by.CSS_SELECTOR, "#attachments li"))
+        driver.find_element(by.ID, "file-input").send_keys(str(f))
+        wait(driver, lambda d: len(d.find_elements(by.CSS_SELECTOR, "#attachments li")) > n, f"{f.name} attached")
+    box = driver.find_element(by.ID, "prompt")
+    box.send_keys(text)
+    from selenium.webdriver.common.keys import Keys
+    box.send_keys(Keys.ENTER)
+    done = wait(driver, lambda d: counts(d) != before, f"a reply to {text!r}")
+    assert done
+    replies, errors = counts(driver)
+    kind = ".msg.error" if errors > before[1] else ".msg.assistant[data-done=true]"
+    return driver.find_elements(by.CSS_SELECTOR, kind)[-1]
+
+
+def shot(driver, shots: Path, name: str) -> None:
+    """A screenshot of the page's current state under the module's tmp folder."""
+    driver.save_screenshot(str(shots / name))
+    assert (shots / name).stat().st_size > 10_000, f"the screenshot {name} is empty"
+
+
+def content(reply) -> str:
+    return reply.find_element(_by().CSS_SELECTOR, ".content").text.strip()
+
+
+def api_chat(server: str, content_parts) -> dict:
+    r = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=REPLY_TIMEOUT_S,
+                   json={"model": "model", "temperature": 0, "max_tokens": 256,
+                         "messages": [{"role": "user", "content": content_parts}]})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_page_is_served_without_the_key_and_off_with_no_ui(server):
+    assert httpx.get(server + "/").status_code == 200
+    assert httpx.get(server + "/ui/chat.js").headers["content-type"].startswith(("text/javascript",
+                                                                                 "application/javascript"))
+    assert httpx.get(server + "/v1/models").status_code == 401  # the API still needs the key
+    from phi4mm.cli.args import parser
+    assert parser().parse_args(["serve", "--no-ui"]).ui is False
+    assert parser().parse_args(["serve"]).ui is True
+
+
+def test_tool_call_card(page, shots):
+    new_chat(page, tools=(EXAMPLES / "tools.json").read_text())
+    reply = send(page, "I want to listen to Coldplay.")
+    shot(page, shots, "1-tool-call.png")
+    cards = reply.find_elements(_by().CSS_SELECTOR, ".tool-card")
+    assert [c.get_attribute("data-name") for c in cards] == ["play_music"], visible_text(page)
+    assert json.loads(cards[0].find_element(_by().TAG_NAME, "pre").text) == {"artist": "Coldplay"}
+    # A tool result continues the conversation.
+    cards[0].find_element(_by().TAG_NAME, "textarea").send_keys('{"status": "playing"}')
+    before = counts(page)
+    reply.find_element(_by().XPATH, ".//button[text()='Send results']").click()
+    wait(page, lambda d: counts(d)[0] > before[0], "the reply after the tool result")
+    assert page.find_elements(_by().CSS_SELECTOR, ".msg.tool")
+    shot(page, shots, "1-tool-result.png")
+
+
+def test_image_answer_streams_the_greedy_answer(page, server, shots):
+    image, question = SHAPES_QUESTION
+    path = DATA / image
+    new_chat(page)
+    reply = send(page, question, [path])
+    shot(page, shots, "2-image.png")
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    want = api_chat(server, [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}])
+    assert content(reply) == want["choices"][0]["message"]["content"].strip()
+    stats = reply.find_element(_by().CSS_SELECTOR, ".stats").text
+    assert stats.startswith("adapter vision") and "first token" in stats, stats
+
+
+def test_microphone_recording_is_transcribed(page, shots, spoken_wav):
+    by = _by()
+    new_chat(page)
+    page.find_element(by.ID, "record").click()
+    wait(page, lambda d: d.find_element(by.ID, "record").get_attribute("aria-pressed") == "true", "recording")
+    time.sleep(sf.info(spoken_wav).duration)  # the fake microphone plays the whole file (looped) meanwhile
+    page.find_element(by.ID, "record").click()
+    wait(page, lambda d: d.find_elements(by.CSS_SELECTOR, "#attachments li[data-kind=audio]"), "the recording")
+    reply = send(page, ASR_PROMPT)
+    shot(page, shots, "3-microphone.png")
+    assert "msg assistant" in reply.get_attribute("class"), content(reply)
+    # The same recording, through `phi4mm transcribe`.
+    src = page.find_elements(by.CSS_SELECTOR, ".msg.user audio")[-1].get_attribute("src")
+    mime, b64 = src.split(",", 1)
+    assert "webm" in mime or "ogg" in mime or "mp4" in mime, mime
+    recording = shots / ("recording." + ("webm" if "webm" in mime else "ogg" if "ogg" in mime else "m4a"))
+    recording.write_bytes(base64.b64decode(b64))
+    cli = _cli("transcribe", str(recording))
+    assert cli.returncode == 0, cli.stderr
+    assert content(reply) == cli.stdout.strip() and content(reply)
+    stats = reply.find_element(by.CSS_SELECTOR, ".stats").text
+    assert stats.startswith("adapter speech"), stats
+
+
+def drop_files(driver, target_id: str, files: list[Path]) -> None:
+    """Drop files on an element as a drag from the desktop would: a drop event whose DataTransfer holds them."""
+    by = _by()
+    driver.execute_script("""
+        const input = document.createElement('input');
+        input.type = 'file'; input.multiple = true; input.id = 'drop-source'; input.hidden = true;
+        document.body.append(input);""")
+    driver.find_element(by.ID, "drop-source").send_keys("\n".join(str(f) for f in files))
+    driver.execute_script("""
+        const input = document.getElementById('drop-source');
+        const data = new DataTransfer();
+        for (const f of input.files) data.items.add(f);
+        document.getElementById(arguments[0]).dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true}));
+        input.remove();""", target_id)
+
+
+def test_transcribe_tab_srt_download(page, shots):
+    by = _by()
+    page.find_element(by.ID, "tab-transcribe").click()
+    drop_files(page, "dropzone", [EXAMPLES / "spoken.flac"])
+    job = wait(page, lambda d: d.find_elements(by.CSS_SELECTOR, ".job[data-state=done], .job[data-state=error]"),
+               "the transcription")[-1]
+    shot(page, shots, "4-transcribe.png")
+    assert job.get_attribute("data-state") == "done", job.text
+    transcript = job.find_element(by.CSS_SELECTOR, ".transcript").text.strip()
+    assert transcript
+    job.find_element(by.CSS_SELECTOR, "button[data-format=srt]").click()
+    srt = page.downloads / "spoken.srt"
+    wait(page, lambda d: srt.is_file() and srt.stat().st_size > 0, "spoken.srt in the downloads folder")
+    cues = srt.read_text().strip().split("\n\n")
+    assert len(cues) == 1, cues  # 1.9 s of speech: one segment
+    index, times, *text = cues[0].split("\n")
+    assert index == "1"
+    m = re.fullmatch(r"00:00:00,000 --> 00:00:0(\d),(\d{3})", times)
+    assert m and abs(int(m[1]) + int(m[2]) / 1000 - sf.info(EXAMPLES / "spoken.flac").duration) < 0.01, times
+    assert " ".join(text) == transcript
+
+
+def test_errors_are_readable_and_the_page_keeps_working(page, shots):
+    by = _by()
+    new_chat(page)
+    bad = shots / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    error = send(page, "What is in this picture?", [bad])
+    shot(page, shots, "5-corrupt-image.png")
+    assert "msg error" in error.get_attribute("class")
+    assert "image" in content(error).lower() and "{" not in content(error), content(error)
+    assert "not sent" in page.find_elements(by.CSS_SELECTOR, ".msg.user")[-1].text.lower()
+    # A wrong key: the page asks for the key, saying why; with the right one the conversation goes on.
+    page.execute_script("sessionStorage.setItem('phi4mm.apiKey', 'wrong-key')")
+    before = counts(page)
+    page.find_element(by.ID, "prompt").send_keys("Hello")
+    page.find_element(by.ID, "send").click()
+    reason = page.find_element(by.ID, "key-reason")
+    deadline = time.monotonic() + REPLY_TIMEOUT_S
+    while not page.execute_script("return document.getElementById('key-dialog').open"):
+        assert time.monotonic() < deadline, "the page did not ask for the API key after a 401"
+        time.sleep(0.1)
+    shot(page, shots, "5-wrong-key.png")
+    assert "API key is wrong" in reason.text, reason.text
+    reply = wait(page, lambda d: counts(d)[0] > before[0], "a reply once the right key is given")
+    assert reply and page.execute_script("return sessionStorage.getItem('phi4mm.apiKey')") == KEY
+    assert page.find_element(by.ID, "banner").get_attribute("hidden") is not None  # no unexpected script error
+    shot(page, shots, "5-recovered.png")
