@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   phi4mm chat --model ./tiny                       # interactive (on a terminal)
   phi4mm transcribe --model ./tiny talk.flac --format srt
   phi4mm translate --model ./tiny interviews/ --language French --output-dir out/
+  phi4mm summarize --model ./tiny meeting.m4a --question "Which dates were agreed?"
   phi4mm serve --model ./Phi-4-multimodal-instruct --device cuda --port 8000
   phi4mm eval --model ./tiny asr_test.jsonl --metric wer
   phi4mm batch --model ./tiny prompts.jsonl replies.jsonl
@@ -29,18 +30,29 @@ CHAT_EXAMPLES = """examples:
   phi4mm chat --model DIR "What is the capital of France?"
   phi4mm chat --model DIR "Describe the image." --image cat.jpg
   phi4mm chat --model DIR "<|audio_1|>Transcribe the audio clip into text." --audio speech.wav
+  phi4mm chat --model DIR "What happens in this clip?" --video clip.mp4 --video-audio
+  arecord -f S16_LE -d 5 -t wav | phi4mm chat --model DIR "Answer the question." --audio -
   phi4mm chat --model DIR --interactive < questions.txt
 
-interactive commands: /image PATH and /audio PATH attach media to your next message, /reset starts over,
+interactive commands: /image, /audio and /video PATH attach media to your next message, /reset starts over,
 /exit (or end of input) quits, /help lists them.
 """
 TRANSCRIBE_EXAMPLES = """examples:
   phi4mm {cmd} --model DIR talk.flac                      # text to stdout
   phi4mm {cmd} --model DIR talk.flac --format srt > talk.srt
   phi4mm {cmd} --model DIR recordings/ "more/*.wav" --format vtt --output-dir subs/
-inputs: files, folders (searched recursively for {exts}) and glob patterns. One input file with no
---output-dir prints to stdout; otherwise each file's result is written as <name>.<ext> next to it (or into
---output-dir). Audio longer than --max-seconds is cut at pauses into timed segments.
+  ffmpeg -i talk.mkv -f wav - | phi4mm {cmd} --model DIR - --format srt
+inputs: files of any audio container FFmpeg reads (m4a, mp4, webm, ...), folders (searched recursively for
+{exts}), glob patterns, or - for stdin. One input with no --output-dir prints to stdout; otherwise each file's
+result is written as <name>.<ext> next to it (or into --output-dir). The audio is streamed (no length limit)
+and a voice-activity detector cuts its speech into timed cues of at most --max-seconds. A file that cannot be
+read is reported and the others go on; the exit code is then 2.
+"""
+SUMMARIZE_EXAMPLES = """examples:
+  phi4mm summarize --model DIR meeting.m4a
+  phi4mm summarize --model DIR lecture.webm --question "Which books are recommended?" --chunk-minutes 5
+The recording is cut into chunks of at most --chunk-minutes of speech; each is summarized (or asked the
+question) on its own, then the parts' answers are merged into one (map-reduce). Any length, any container.
 """
 SERVE_EXAMPLES = """examples:
   phi4mm serve --model DIR --device cuda
@@ -60,7 +72,8 @@ BENCH_EXAMPLES = """examples:
 Random prompt tokens, ignore_eos: every request generates exactly --new-tokens tokens. Reports wall time,
 generated tokens/s (all requests together) and prompt tokens/s; one warm-up request runs first.
 """
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf",
+                    ".m4a", ".aac", ".mp4", ".mov", ".webm", ".mka", ".mkv", ".amr", ".wma", ".3gp")
 TRANSCRIBE_FORMATS = ("txt", "text", "srt", "vtt", "json", "verbose_json")
 
 
@@ -106,7 +119,16 @@ def parser() -> argparse.ArgumentParser:
                     "(added at the start when absent)")
     model_args(ch)
     ch.add_argument("--image", action="append", default=[], help="image file for the first message (repeatable)")
-    ch.add_argument("--audio", action="append", default=[], help="audio file for the first message (repeatable)")
+    ch.add_argument("--audio", action="append", default=[], help="audio file for the first message (repeatable; "
+                    "- reads stdin)")
+    ch.add_argument("--video", action="append", default=[], help="video file for the first message (repeatable): "
+                    "frames sampled by time become images")
+    ch.add_argument("--video-fps", type=float, default=1.0, help="--video: frames per second sampled (default 1)")
+    ch.add_argument("--video-max-frames", type=int, default=32, help="--video: most frames per video, spread "
+                    "over the whole clip when it is longer (default 32)")
+    ch.add_argument("--video-max-tokens", type=int, default=16384, help="--video: image tokens for all its "
+                    "frames; frames are shrunk (fewer crops) to fit, then thinned (default 16384)")
+    ch.add_argument("--video-audio", action="store_true", help="--video: also give the model the sound track")
     ch.add_argument("--system", default=None, help="a system message")
     ch.add_argument("--tools", type=Path, default=None, help="a JSON file with the functions the model may call "
                     "(OpenAI format, a list); its calls are printed as one JSON line after the reply")
@@ -121,18 +143,31 @@ def parser() -> argparse.ArgumentParser:
         tr = sub.add_parser(cmd, help=what, description=f"{cmd.capitalize()} audio: {what}.",
                             epilog=TRANSCRIBE_EXAMPLES.format(cmd=cmd, exts=" ".join(AUDIO_EXTENSIONS)),
                             formatter_class=raw)
-        tr.add_argument("inputs", nargs="+", help="audio files, folders or glob patterns")
+        tr.add_argument("inputs", nargs="+", help="audio files, folders, glob patterns, or - for stdin")
         model_args(tr)
         tr.add_argument("--format", "-f", default="txt", help=f"one of {', '.join(TRANSCRIBE_FORMATS)} "
                         "(default txt); several comma-separated (e.g. srt,vtt) write one file each")
         tr.add_argument("--language", default=None, help="spoken language hint (transcribe) or target language "
-                        "(translate): a name or ISO code, e.g. French or fr")
+                        "(translate): any language name, or one of the model card's ISO codes, e.g. French or fr")
+        if cmd == "transcribe":
+            tr.add_argument("--then-translate", default=None, metavar="LANG", help="also translate each cue into "
+                            "LANG (the model card's transcript <sep> translation prompt)")
         tr.add_argument("--prompt", default=None, help="context for names and spelling, added to the instruction")
         tr.add_argument("--output-dir", "-o", type=Path, default=None, help="write <name>.<ext> files here")
-        tr.add_argument("--max-seconds", type=float, default=30.0, help="longest segment (default 30)")
+        tr.add_argument("--max-seconds", type=float, default=15.0, help="longest cue (default 15, at least 2)")
         tr.add_argument("--max-tokens", type=int, default=448, help="per segment (default 448)")
         tr.add_argument("--max-batch", type=int, default=32, help="segments decoded together (default 32)")
         merge_arg(tr)
+
+    sm = sub.add_parser("summarize", help="summarize a recording of any length, or ask it a question",
+                        description="Summarize a recording, or answer a question about it, by map-reduce over "
+                        "chunks of its speech.", epilog=SUMMARIZE_EXAMPLES, formatter_class=raw)
+    sm.add_argument("input", help="an audio or video file (any container FFmpeg reads), or - for stdin")
+    model_args(sm)
+    sm.add_argument("--question", default=None, help="ask this instead of summarizing")
+    sm.add_argument("--chunk-minutes", type=float, default=10.0, help="speech per map prompt (default 10)")
+    sm.add_argument("--max-tokens", type=int, default=256, help="per part and for the final answer (default 256)")
+    sm.add_argument("--json", action="store_true", help="print {text, duration, parts: [{start, end, text}]}")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server", epilog=SERVE_EXAMPLES, formatter_class=raw,
                         description="Serve the model over an OpenAI-compatible HTTP API.")

@@ -1,6 +1,7 @@
 """The `phi4mm` command line. Errors a user can fix end with one sentence on stderr and exit code 2.
 
-Subcommands: chat (one-shot or interactive), transcribe / translate (files, folders, globs -> txt/srt/vtt/json),
+Subcommands: chat (one-shot or interactive), transcribe / translate (files, folders, globs -> txt/srt/vtt/json)
+and summarize (cli/media.py),
 serve (the OpenAI-compatible server, or Ray Serve replicas), batch (a JSONL file of prompts, here or on Ray
 Data replicas), eval (scores on JSONL sets), bench (offline engine throughput), train (a recipe stage),
 make-checkpoint (random weights). The arguments are in args.py.
@@ -8,7 +9,6 @@ Heavy imports (torch, the model) happen inside the commands so `--help` stays in
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -16,14 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-from phi4mm.cli.args import AUDIO_EXTENSIONS, TRANSCRIBE_FORMATS
 from phi4mm.cli.args import parser as _parser
+from phi4mm.cli.media import (
+    UserError,
+    check_chat_files,
+    positive,
+    summarize_command,
+    transcribe_command,
+    video_options,
+)
 
 NO_MODEL = "train needs --model DIR, the checkpoint to fine-tune (or --recipe micro to train the micro model)"
-
-
-class UserError(ValueError):
-    """A mistake on the command line; printed as one sentence, exit code 2."""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -39,24 +42,22 @@ def _engine(model, max_batch: int = 64, max_waiting: int = 1024, merge_adapter: 
                   merge_adapter=merge_adapter)
 
 
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise UserError(f"--{name} must be positive; got {value}")
+_positive = positive
 
 
 # ------------------------------------------------------------------------------------------------ chat
 def _chat(args) -> int:
     from phi4mm.sampling import SamplingParams
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed).validate()
-    for f in args.image + args.audio:
-        if not Path(f).is_file():
-            raise UserError(f"{f}: no such file")
+    check_chat_files(args)
     interactive = args.interactive or (args.prompt is None and sys.stdin.isatty())
     if args.prompt is None and not interactive:
         raise UserError("give a prompt, or use --interactive to read the conversation from stdin")
     tools = _read_tools(args.tools) if args.tools is not None else None
     model = _load(args)
-    chat = Conversation(_engine(model, max_batch=1), params, args.system, tools)
+    chat = Conversation(_engine(model, max_batch=1), params, args.system, tools, video_options(args))
+    for f in args.video:
+        chat.attach("video", f)
     for f in args.image:
         chat.attach("image", f)
     for f in args.audio:
@@ -81,8 +82,10 @@ def _read_tools(path: Path) -> list[dict]:
 class Conversation:
     """Messages so far plus every image and audio attached (numbered across the whole conversation)."""
 
-    def __init__(self, engine, params, system: str | None = None, tools: list[dict] | None = None):
+    def __init__(self, engine, params, system: str | None = None, tools: list[dict] | None = None,
+                 video: dict | None = None):
         self.engine, self.params, self.system, self.tools = engine, params, system, tools
+        self.video = video or {}  # load_video options for attached videos
         self.reset()
 
     def reset(self) -> None:
@@ -95,9 +98,19 @@ class Conversation:
             from phi4mm.inputs.image import load_image
             self.images.append(load_image(Path(path)))
             self.pending += f"<|image_{len(self.images)}|>"
+        elif kind == "video":  # its frames (and sound track) become images (and an audio) now
+            from phi4mm.inputs.video import load_video
+            clip = load_video(Path(path), dynamic_hd=self.engine.cfg.dynamic_hd, **self.video)
+            for frame in clip.frames:
+                self.images.append(frame)
+                self.pending += f"<|image_{len(self.images)}|>"
+            if clip.audio is not None:
+                from phi4mm.inputs.audio import SAMPLE_RATE
+                self.audios.append((clip.audio, SAMPLE_RATE))
+                self.pending += f"<|audio_{len(self.audios)}|>"
         else:
             from phi4mm.inputs.audio import SAMPLE_RATE, load_audio
-            self.audios.append((load_audio(Path(path)), SAMPLE_RATE))
+            self.audios.append((load_audio(path if path == "-" else Path(path)), SAMPLE_RATE))
             self.pending += f"<|audio_{len(self.audios)}|>"
 
     def say(self, text: str, out) -> str:
@@ -135,7 +148,7 @@ class Conversation:
 def _repl(chat: Conversation) -> None:
     tty = sys.stdin.isatty()
     if tty:
-        print("phi4mm chat: /image PATH, /audio PATH, /reset, /exit", file=sys.stderr)
+        print("phi4mm chat: /image PATH, /audio PATH, /video PATH, /reset, /exit", file=sys.stderr)
     while True:
         try:
             line = input("> " if tty else "")
@@ -151,142 +164,20 @@ def _repl(chat: Conversation) -> None:
             if cmd == "/reset":
                 chat.reset()
                 print("(conversation cleared)", file=sys.stderr)
-            elif cmd in ("/image", "/audio"):
+            elif cmd in ("/image", "/audio", "/video"):
                 if not arg.strip():
                     raise UserError(f"{cmd} needs a file path")
                 chat.attach(cmd[1:], arg.strip())
                 print(f"(attached {arg.strip()} to your next message)", file=sys.stderr)
             elif cmd == "/help":
-                print("/image PATH, /audio PATH: attach to the next message; /reset; /exit", file=sys.stderr)
+                print("/image PATH, /audio PATH, /video PATH: attach to the next message; /reset; /exit",
+                      file=sys.stderr)
             elif cmd.startswith("/") and cmd[1:].isalpha():
                 raise UserError(f"unknown command {cmd}; try /help")
             else:
                 chat.say(line, sys.stdout)
         except (ValueError, OSError) as e:  # report and keep the conversation going
             print(f"error: {e}", file=sys.stderr)
-
-
-# ------------------------------------------------------------------------------------------------ transcribe
-def expand_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
-    """(audio file, path relative to where its name came from) for files, folders (recursive) and globs."""
-    out: dict[Path, Path] = {}
-    for item in inputs:
-        p = Path(item)
-        if p.is_file():
-            found = [(p, Path(p.name))]
-        elif p.is_dir():
-            found = [(f, f.relative_to(p)) for f in sorted(p.rglob("*"))
-                     if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS]
-            if not found:
-                raise UserError(f"folder {item} holds no audio files ({' '.join(AUDIO_EXTENSIONS)})")
-        elif glob.has_magic(item):
-            found = [(Path(f), Path(Path(f).name)) for f in sorted(glob.glob(item, recursive=True))
-                     if Path(f).is_file()]
-            if not found:
-                raise UserError(f"the pattern {item} matches no files")
-        else:
-            raise UserError(f"{item}: no such file or folder")
-        for f, rel in found:
-            out.setdefault(f, rel)
-    return list(out.items())
-
-
-def _output_paths(files: list[tuple[Path, Path]], out_dir: Path | None, formats: list[str]
-                  ) -> list[dict[str, Path | None]]:
-    """Per file: format -> where to write it (None = stdout: one file, one format, no --output-dir)."""
-    if len(files) == 1 and out_dir is None and len(formats) == 1:
-        return [{formats[0]: None}]
-    seen: dict[Path, str] = {}
-    outs = []
-    for f, rel in files:
-        outs.append({})
-        for fmt in formats:
-            p = (out_dir / rel if out_dir else f).with_suffix("." + {"text": "txt", "verbose_json": "json"}.get(fmt, fmt))
-            if p in seen:
-                raise UserError(f"{seen[p]} and {f} ({fmt}) would both be written to {p}; rename one, pick other "
-                                "formats or run them separately")
-            seen[p], outs[-1][fmt] = f"{f} ({fmt})", p
-    return outs
-
-
-def _transcribe(args) -> int:
-    formats = list(dict.fromkeys(f.strip() for f in args.format.split(",")))
-    for fmt in formats:
-        if fmt not in TRANSCRIBE_FORMATS:
-            raise UserError(f"--format {fmt!r} is not supported; use one of {', '.join(TRANSCRIBE_FORMATS)} "
-                            "(or several, comma-separated)")
-    for name in ("max_seconds", "max_tokens", "max_batch"):
-        _positive(name.replace("_", "-"), getattr(args, name))
-    files = expand_inputs(args.inputs)
-    outs = _output_paths(files, args.output_dir, formats)
-    _check_readable([f for f, _ in files])  # before importing torch and loading the model: fail in a blink
-    from phi4mm.tasks.transcribe import transcription_prompt
-    transcription_prompt(args.cmd, args.language, args.prompt)  # validate language and prompt up front
-    engine = _engine(_load(args), max_batch=args.max_batch, merge_adapter=args.merge_adapter)
-    _run_files(engine, args, files, outs)
-    return 0
-
-
-def _check_readable(paths: list[Path]) -> None:
-    """Header check of every input with libsndfile: cheap, and a typo'd or corrupt file fails in a second."""
-    import soundfile as sf
-    for p in paths:
-        try:
-            sf.info(str(p))
-        except Exception as e:  # libsndfile raises several types; all mean the same to the user
-            raise UserError(f"audio file {str(p)!r}: could not decode ({e}); supported containers are wav, flac, "
-                            "ogg (vorbis/opus), mp3, aiff") from e
-
-
-def _run_files(engine, args, files, outs) -> None:
-    """Feed files' segments to the engine while it has room, so short files batch together; write each
-    file's result as soon as its last segment finishes."""
-    from tqdm import tqdm
-
-    from phi4mm.tasks.transcribe import Segment, render, transcription_requests
-    bar = tqdm(total=0, unit="segment", file=sys.stderr, disable=None, dynamic_ncols=True)
-    todo = list(range(len(files)))
-    segs: dict[int, list] = {}  # file index -> its Segments, in time order
-    owner: dict[str, tuple[int, int]] = {}  # request id -> (file index, piece index)
-    left: dict[int, int] = {}  # file index -> pieces still decoding
-    while todo or engine.has_work():
-        while todo and len(engine.waiting) + len(engine.running) < args.max_batch:
-            i = todo.pop(0)
-            reqs = transcription_requests(files[i][0], args.cmd, args.language, args.prompt, args.max_seconds,
-                                          args.max_tokens)
-            segs[i], left[i] = [Segment(a, b, "") for a, b, _ in reqs], len(reqs)
-            bar.total += len(reqs)
-            bar.set_description(f"file {len(files) - len(todo)}/{len(files)}")
-            for k, (_, _, r) in enumerate(reqs):
-                owner[engine.add_request(**r)] = (i, k)
-        for o in engine.step():
-            i, k = owner[o.request_id]
-            seg = segs[i][k]
-            seg.text += o.text
-            if o.token_id is not None:
-                seg.tokens.append(o.token_id)
-            if not o.finished:
-                continue
-            if o.finish_reason == "error":
-                raise RuntimeError(f"{files[i][0]}: {o.error}")
-            seg.text = seg.text.strip()
-            left[i] -= 1
-            bar.update(1)
-            if left[i] == 0:
-                done = segs.pop(i)
-                for fmt, path in outs[i].items():
-                    _write(render(done, fmt, language=args.language, duration=done[-1].end, task=args.cmd), path)
-    bar.close()
-
-
-def _write(text: str, path: Path | None) -> None:
-    if path is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    print(f"wrote {path}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ serve, bench
@@ -464,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "model", "") is None and args.cmd != "train":
             from phi4mm.micro.recipe import default_model_dir
             args.model = default_model_dir()
-        handler = {"chat": _chat, "transcribe": _transcribe, "translate": _transcribe, "serve": _serve,
+        handler = {"chat": _chat, "transcribe": transcribe_command, "translate": transcribe_command,
+                   "summarize": summarize_command, "serve": _serve,
                    "bench": _bench, "train": _train, "eval": _eval, "batch": _batch}[args.cmd]
         return handler(args)
     except (ValueError, OSError) as e:  # our errors are ValueErrors (AudioError, InputError, ...) that say what to do

@@ -33,6 +33,8 @@ import soundfile as sf
 import soxr
 import torch
 
+from phi4mm.inputs.av_audio import STDIN, DecodeError, decode_av, diagnose, spool_stdin
+
 # ---- geometry (SPEC §5.1) -----------------------------------------------------------------------------------
 SAMPLE_RATE = 16000  # Hz, the only rate the encoder was trained on
 WIN_LENGTH = 400  # samples per frame = 25 ms
@@ -75,7 +77,8 @@ def load_audio(src: AudioSource, sampling_rate: int | None = None, max_seconds: 
 
     `src` may be:
       * a file path (str or PathLike) in any format libsndfile reads: wav (8/16/24/32-bit int, float),
-        flac, ogg/vorbis, ogg/opus, mp3 (libsndfile >= 1.1), aiff, ...
+        flac, ogg/vorbis, ogg/opus, mp3 (libsndfile >= 1.1), aiff, ...; anything else FFmpeg reads through
+        PyAV: m4a/AAC, the audio track of mp4/mov/mkv/webm, webm/opus, amr, wma, ...; "-" reads stdin,
       * raw file bytes (bytes / bytearray / memoryview) of such a file,
       * a base64 string of such bytes, or a data URL `data:audio/wav;base64,....`,
       * a `(samples, rate)` tuple, or a numpy array / torch tensor of samples with `sampling_rate=` given,
@@ -113,6 +116,9 @@ def load_audio(src: AudioSource, sampling_rate: int | None = None, max_seconds: 
     if isinstance(src, os.PathLike):
         return _from_path(os.fspath(src), sampling_rate, max_seconds)
     if isinstance(src, str):
+        if src == STDIN:  # `-`: the bytes of an audio file on stdin
+            with spool_stdin() as f:
+                return _from_file(f, sampling_rate, max_seconds, "audio from stdin")
         if src.startswith("data:"):
             return _from_file(io.BytesIO(_decode_data_url(src)), sampling_rate, max_seconds, name)
         if os.path.exists(src):
@@ -173,11 +179,14 @@ def _from_path(path: str, sampling_rate: int | None, max_seconds: float) -> np.n
     except OSError as e:
         raise AudioError(f"audio file {path!r}: cannot open ({e.strerror}); check the path and its permissions") from e
     with f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise AudioError(diagnose(b"", 0, f"audio file {path!r}"))
         return _from_file(f, sampling_rate, max_seconds, f"audio file {path!r}")
 
 
 def _from_file(f: io.IOBase, sampling_rate: int | None, max_seconds: float, name: str) -> np.ndarray:
-    """Decode a container with libsndfile. The header is read first so an over-long file fails before decoding."""
+    """Decode a container with libsndfile, else FFmpeg (PyAV). The header is read first so an over-long file
+    fails before decoding."""
     try:
         with sf.SoundFile(f) as snd:
             rate, frames = int(snd.samplerate), int(snd.frames)
@@ -192,10 +201,16 @@ def _from_file(f: io.IOBase, sampling_rate: int | None, max_seconds: float, name
             data = snd.read(dtype="float32", always_2d=True)  # (n, ch)
     except AudioError:
         raise
-    except (RuntimeError, TypeError, ValueError, EOFError) as e:  # sf.LibsndfileError is a RuntimeError
-        raise AudioError(
-            f"{name}: could not decode ({e}); supported containers are wav, flac, ogg (vorbis/opus), mp3, aiff"
-        ) from e
+    except (RuntimeError, TypeError, ValueError, EOFError):  # sf.LibsndfileError is a RuntimeError
+        f.seek(0)  # m4a, mp4, webm, amr, wma...: FFmpeg reads them
+        try:
+            mono, rate = decode_av(f, name, max_seconds)
+        except DecodeError as e:
+            raise AudioError(str(e)) from None
+        _check_rate(rate, name)
+        return _finish(mono, rate, max_seconds, name)
+    if data.shape[0] == 0:
+        raise AudioError(f"{name} has a valid header but no samples: the recording is empty or was cut short")
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]  # (n,)
     return _finish(mono, rate, max_seconds, name)
 

@@ -18,6 +18,7 @@ Choices the template leaves open (documented here because the model card does no
   for that role; `<|tool_response|>` is never used by it.
 - Images and audio become `<|image_N|>` / `<|audio_N|>` placeholders, numbered from 1 in order of appearance
   across the whole conversation (the processor matches them in order and ignores N; SPEC §6).
+- A video (`video_url` / `video` part) takes one image number here; `prepare` expands it into its frames.
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ EOS_TOKEN = "<|endoftext|>"
 # untouched: decoding URLs, base64 and files is the processor's job.
 _IMAGE_PARTS = {"image_url": "image_url", "image": "image"}
 _AUDIO_PARTS = {"input_audio": "input_audio", "audio": "audio", "audio_url": "audio_url"}
+# A video is a series of images: it joins the images as a {"video": payload, options...} dict (inputs/video.py),
+# expanded into frames when the prompt is prepared. Options ride in the part's video_url object (vLLM's
+# spelling) or next to "video": fps, max_frames, max_image_tokens, use_audio.
+_VIDEO_PARTS = {"video_url": "video_url", "video": "video"}
+_VIDEO_OPTIONS = ("fps", "max_frames", "max_image_tokens", "use_audio")
 
 
 class ChatError(ValueError):
@@ -45,7 +51,7 @@ def _payload(part: dict[str, Any], key: str, where: str) -> Any:
     if key in part:
         value = part[key]
         # {"image_url": {"url": ...}} and {"audio_url": {"url": ...}}: the url string is the payload.
-        if key in ("image_url", "audio_url") and isinstance(value, dict):
+        if key in ("image_url", "audio_url", "video_url") and isinstance(value, dict):
             if "url" not in value:
                 raise ChatError(f"{where}: {key!r} needs a 'url' field, e.g. {{'{key}': {{'url': 'https://...'}}}}")
             return value["url"]
@@ -95,12 +101,18 @@ def flatten_content(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
                 elif kind in _IMAGE_PARTS:
                     images.append(_payload(part, _IMAGE_PARTS[kind], pwhere))
                     pieces.append(f"<|image_{len(images)}|>")
+                elif kind in _VIDEO_PARTS:
+                    holder = part.get(_VIDEO_PARTS[kind])
+                    opts = {k: v for k, v in (holder if isinstance(holder, dict) else part).items()
+                            if k in _VIDEO_OPTIONS}
+                    images.append({"video": _payload(part, _VIDEO_PARTS[kind], pwhere), **opts})
+                    pieces.append(f"<|image_{len(images)}|>")
                 elif kind in _AUDIO_PARTS:
                     audios.append(_payload(part, _AUDIO_PARTS[kind], pwhere))
                     pieces.append(f"<|audio_{len(audios)}|>")
                 else:
                     raise ChatError(f"{pwhere} has unknown type {kind!r}; use one of 'text', "
-                                    f"{', '.join(repr(k) for k in [*_IMAGE_PARTS, *_AUDIO_PARTS])}")
+                                    f"{', '.join(repr(k) for k in [*_IMAGE_PARTS, *_AUDIO_PARTS, *_VIDEO_PARTS])}")
             content = "".join(pieces)
         elif content is None:
             # OpenAI sends content None on assistant turns that only call tools.

@@ -17,6 +17,7 @@ from phi4mm.inputs.audio import AudioInputs, load_audio, preprocess_audios
 from phi4mm.inputs.chat import prepare_messages
 from phi4mm.inputs.image import ImageInputs, load_image, preprocess_images
 from phi4mm.inputs.tokenizer import Tokenizer
+from phi4mm.inputs.video import expand_videos, is_video
 
 PLACEHOLDER = re.compile(r"<\|(image|audio)_(\d+)\|>")
 
@@ -57,7 +58,8 @@ def prepare(prompt: str | Sequence[dict[str, Any]], tokenizer: Tokenizer, cfg: M
 
     Chat messages may carry OpenAI-style content parts (text, image_url, input_audio, ...) instead of
     `images`/`audios` arguments.
-    Images: anything `load_image` takes; audios: `(array, sample_rate)` pairs, paths or bytes.
+    Images: anything `load_image` takes, or a video as {"video": path | bytes | data URL, options...}
+    (inputs/video.py; it becomes frames); audios: `(array, sample_rate)` pairs, paths or bytes.
     """
     images, audios = list(images or []), list(audios or [])
     if isinstance(prompt, str):
@@ -68,6 +70,10 @@ def prepare(prompt: str | Sequence[dict[str, Any]], tokenizer: Tokenizer, cfg: M
             raise InputError("media were given both as message content parts and as arguments; pass each "
                              "image/audio one way (content parts are numbered from 1 in order)")
         images, audios = images or part_images, audios or part_audios
+    if any(is_video(x) for x in images):  # frames (and the sound track) replace each video before numbering
+        if cfg.vision is None:
+            raise InputError("this checkpoint has no vision tower, so it cannot watch a video; send text or audio")
+        text, images, audios = expand_videos(text, images, audios, cfg.dynamic_hd)
     if images and cfg.vision is None or audios and cfg.audio is None:
         raise InputError("this checkpoint is text-only (no vision/audio tower); send text only")
     # Read the placeholder order first: tower inputs are built once, already in that order.

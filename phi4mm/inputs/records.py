@@ -73,6 +73,8 @@ def _record(d: Any, line: int, base: Path, need_answer: bool = True) -> Record:
 
 def _resolve(payload: Any, base: Path, kind: str) -> Any:
     """A relative media path is relative to the JSONL file; data URLs, base64 and objects pass untouched."""
+    if kind == "image" and isinstance(payload, dict) and "video" in payload:  # a video part: resolve its file
+        return {**payload, "video": _resolve(payload["video"], base, "video")}
     if not isinstance(payload, str) or payload.startswith(("data:", "http://", "https://")):
         return payload
     p = Path(payload).expanduser()

@@ -62,6 +62,7 @@ from phi4mm.serve.schemas import (
 )
 
 AUDIO_RATE = 16000  # the loaders resample everything to 16 kHz
+CUE_SECONDS = 15.0  # longest transcription cue (subtitle-sized), whatever segment_seconds allows
 DISCONNECT_POLL_S = 1.0  # how often a non-streamed request checks that its client is still there
 
 
@@ -205,7 +206,7 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
         tools, parse_tools = select_tools(req)
         jmode = json_mode(req)
         flat, images, audios = flatten_content(add_json_hint(req.messages, req) if jmode else req.messages)
-        images = [await resolve_media(p, "image", f"image {i + 1}", srv.policy) for i, p in enumerate(images)]
+        images = [await _resolve_visual(p, i, srv.policy) for i, p in enumerate(images)]
         audios = [await resolve_media(p, "audio", f"audio {i + 1}", srv.policy) for i, p in enumerate(audios)]
         prep = await srv.prepare(flat, images, audios, tools)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -277,12 +278,11 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
 
     async def _audio(task: str, request: Request, file: UploadFile, model: str, response_format: str,
                      language: str | None, prompt: str | None, temperature: float) -> Response:
-        from phi4mm.inputs.audio import load_audio
         from phi4mm.tasks.transcribe import (
             FORMATS,
             Segment,
             format_segments,
-            split_audio,
+            speech_cues,
             transcription_prompt,
         )
         t0 = time.perf_counter()
@@ -292,13 +292,14 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
                            f"{', '.join(FORMATS)}", param="response_format")
         data = await file.read()
         if not data:
-            raise APIError(400, "the uploaded 'file' is empty; send an audio file (wav, flac, mp3, ogg)", param="file")
-        wav = await asyncio.to_thread(load_audio, data)
+            raise APIError(400, "the uploaded 'file' is empty (0 bytes); send an audio file (wav, flac, mp3, ogg, "
+                           "m4a, webm, ...)", param="file")
         text_prompt = transcription_prompt(task, language, prompt)
-        pieces = split_audio(wav, srv.segment_seconds)
-        # Every segment goes to the engine at once: they decode side by side in the same batches.
-        preps = await asyncio.gather(*(srv.prepare(text_prompt, audios=[(chunk, AUDIO_RATE)]) for _, _, chunk in pieces))
-        params = SamplingParams(max_tokens=srv.transcription_max_tokens, temperature=temperature).validate()
+        # Voice-activity cues (sentence-sized, no longer than segment_seconds) decode side by side.
+        cues, duration = await asyncio.to_thread(speech_cues, data, min(srv.segment_seconds, CUE_SECONDS))
+        preps = await asyncio.gather(*(srv.prepare(text_prompt, audios=[(c.samples, AUDIO_RATE)]) for c in cues))
+        params = SamplingParams(max_tokens=srv.transcription_max_tokens, temperature=temperature,
+                                logprobs=0).validate()
         streams: list[RequestStream] = []
         try:
             for prep in preps:
@@ -307,10 +308,11 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
             for s in streams:
                 s.cancel()
             raise
-        choices = await srv.collect(streams, request, t0)
-        segments = [Segment(start, end, c.text.strip()) for (start, end, _), c in zip(pieces, choices)]
-        body = format_segments(segments, response_format, language=language, duration=len(wav) / AUDIO_RATE,
-                               task=task)
+        choices = await srv.collect(streams, request, t0) if streams else []
+        segments = [Segment(c.start, c.end, ch.text.strip(), [t for t, _, _ in ch.logprobs],
+                            round(sum(lp for _, lp, _ in ch.logprobs) / max(len(ch.logprobs), 1), 4),
+                            c.no_speech_prob) for c, ch in zip(cues, choices)]
+        body = format_segments(segments, response_format, language=language, duration=duration, task=task)
         if isinstance(body, str):
             media = {"srt": "application/x-subrip", "vtt": "text/vtt"}.get(response_format, "text/plain")
             return PlainTextResponse(body, media_type=media)
@@ -329,6 +331,13 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
         return await _audio("translate", request, file, model, response_format, language, prompt, temperature)
 
     return app
+
+
+async def _resolve_visual(payload: Any, i: int, policy: MediaPolicy) -> Any:
+    """An image payload, or a video's {"video": url, options}: the url goes through the same media policy."""
+    if isinstance(payload, dict) and "video" in payload:  # a video_url part (inputs/chat.py)
+        return {**payload, "video": await resolve_media(payload["video"], "video", f"video (image {i + 1})", policy)}
+    return await resolve_media(payload, "image", f"image {i + 1}", policy)
 
 
 # ------------------------------------------------------------------------------------------------ streaming
