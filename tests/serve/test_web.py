@@ -250,30 +250,73 @@ def test_image_answer_streams_the_greedy_answer(page, healthy, shots):
     assert stats.startswith("adapter vision") and "first token" in stats, stats
 
 
-def test_microphone_recording_is_transcribed(page, shots, spoken_wav):
+def record(driver, button_id: str, seconds: float) -> None:
+    """Press a Record button, let the fake microphone play for `seconds`, press it again."""
+    by = _by()
+    button = driver.find_element(by.ID, button_id)
+    button.click()
+    wait(driver, lambda d: button.get_attribute("aria-pressed") == "true", "the recording to start")
+    time.sleep(seconds)
+    button.click()
+
+
+def media_bytes(driver, element) -> tuple[str, bytes]:
+    """(MIME type, bytes) of an <audio>/<img> element's source, read inside the page (data: or blob: URL)."""
+    url = driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch(arguments[0].src).then((r) => r.blob()).then((blob) => {
+          const reader = new FileReader();
+          reader.onload = () => done(reader.result);
+          reader.readAsDataURL(blob);
+        });""", element)
+    head, b64 = url.split(",", 1)
+    return head.removeprefix("data:").split(";")[0], base64.b64decode(b64)
+
+
+def extension(mime: str) -> str:
+    assert any(k in mime for k in ("webm", "ogg", "mp4")), f"MediaRecorder made {mime!r}"
+    return "webm" if "webm" in mime else "ogg" if "ogg" in mime else "m4a"
+
+
+def test_microphone_recording_in_chat(page, healthy, shots, spoken_wav):
+    """Chromium records the fake microphone (webm/opus); the page sends it as input_audio; the streamed answer
+    equals the API's greedy answer for the same recording and prompt."""
     by = _by()
     new_chat(page)
-    page.find_element(by.ID, "record").click()
-    wait(page, lambda d: d.find_element(by.ID, "record").get_attribute("aria-pressed") == "true", "recording")
-    time.sleep(sf.info(spoken_wav).duration)  # the fake microphone plays the whole file (looped) meanwhile
-    page.find_element(by.ID, "record").click()
+    record(page, "record", sf.info(spoken_wav).duration)
     wait(page, lambda d: d.find_elements(by.CSS_SELECTOR, "#attachments li[data-kind=audio]"), "the recording")
-    # The same recording, through `phi4mm transcribe` (in the background while the page asks the server).
-    src = page.find_element(by.CSS_SELECTOR, "#attachments audio").get_attribute("src")
-    mime, b64 = src.split(",", 1)
-    assert "webm" in mime or "ogg" in mime or "mp4" in mime, mime
-    recording = shots / ("recording." + ("webm" if "webm" in mime else "ogg" if "ogg" in mime else "m4a"))
-    recording.write_bytes(base64.b64decode(b64))
-    cli = subprocess.Popen([sys.executable, "-m", "phi4mm.cli.main", "transcribe", str(recording)], text=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    mime, audio = media_bytes(page, page.find_element(by.CSS_SELECTOR, "#attachments audio"))
     reply = send(page, ASR_PROMPT)
-    shot(page, shots, "3-microphone.png")
-    out, err = cli.communicate(timeout=START_TIMEOUT_S)
+    shot(page, shots, "3-microphone-chat.png")
     assert "msg assistant" in reply.get_attribute("class"), content(reply)
-    assert cli.returncode == 0, err
-    assert content(reply) == out.strip() and content(reply)
+    want = api_chat(healthy, [{"type": "input_audio", "input_audio": {"data": base64.b64encode(audio).decode(),
+                                                                      "format": extension(mime)}},
+                              {"type": "text", "text": ASR_PROMPT}])
+    assert content(reply) == want["choices"][0]["message"]["content"].strip() and content(reply)
     stats = reply.find_element(by.CSS_SELECTOR, ".stats").text
     assert stats.startswith("adapter speech"), stats
+
+
+def test_microphone_recording_in_the_transcribe_tab(page, shots, spoken_wav):
+    """A recording on the transcribe tab is transcribed as `phi4mm transcribe` transcribes the same file."""
+    by = _by()
+    page.find_element(by.ID, "tab-transcribe").click()
+    n = len(page.find_elements(by.CSS_SELECTOR, ".job"))
+    record(page, "transcribe-record", sf.info(spoken_wav).duration)
+    job = wait(page, lambda d: (d.find_elements(by.CSS_SELECTOR, ".job") + [None] * n)[n], "the recording's job")
+    mime, audio = media_bytes(page, job.find_element(by.TAG_NAME, "audio"))
+    recording = shots / f"recording.{extension(mime)}"
+    recording.write_bytes(audio)
+    # `phi4mm transcribe` on the same bytes, in the background while the page waits for the server.
+    cli = subprocess.Popen([sys.executable, "-m", "phi4mm.cli.main", "transcribe", str(recording)], text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait(page, lambda d: job.get_attribute("data-state") in ("done", "error"), "the recording's transcript")
+    shot(page, shots, "3-microphone-transcribe.png")
+    out, err = cli.communicate(timeout=START_TIMEOUT_S)
+    assert job.get_attribute("data-state") == "done", job.text
+    assert cli.returncode == 0, err
+    transcript = job.find_element(by.CSS_SELECTOR, ".transcript").text
+    assert " ".join(transcript.split()) == " ".join(out.split()) and out.strip()
 
 
 def drop_files(driver, target_id: str, files: list[Path]) -> None:
@@ -301,9 +344,10 @@ def _srt_seconds(stamp: str) -> float:
 def test_transcribe_tab_srt_download(page, shots):
     by = _by()
     page.find_element(by.ID, "tab-transcribe").click()
+    n = len(page.find_elements(by.CSS_SELECTOR, ".job"))
     drop_files(page, "dropzone", [EXAMPLES / "spoken.flac"])
-    job = wait(page, lambda d: d.find_elements(by.CSS_SELECTOR, ".job[data-state=done], .job[data-state=error]"),
-               "the transcription")[-1]
+    job = wait(page, lambda d: (d.find_elements(by.CSS_SELECTOR, ".job") + [None] * n)[n], "the dropped file's job")
+    wait(page, lambda d: job.get_attribute("data-state") in ("done", "error"), "the transcription")
     shot(page, shots, "4-transcribe.png")
     assert job.get_attribute("data-state") == "done", job.text
     transcript = job.find_element(by.CSS_SELECTOR, ".transcript").text.strip()
@@ -346,3 +390,35 @@ def test_errors_are_readable_and_the_page_keeps_working(page, shots):
     assert reply and page.execute_script("return sessionStorage.getItem('phi4mm.apiKey')") == KEY
     assert page.find_element(by.ID, "banner").get_attribute("hidden") is not None  # no unexpected script error
     shot(page, shots, "5-recovered.png")
+
+
+def test_markdown_from_the_model_is_never_html(page):
+    """Model text goes through the page's renderer: markup in it stays text, markdown becomes elements."""
+    html = page.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        import('/ui/markdown.js').then(({renderMarkdown}) => {
+          const box = document.createElement('div');
+          box.append(renderMarkdown(arguments[0]));
+          done(box.innerHTML);
+        });""", '<img src=x onerror="window.pwned=1"> **bold** [x](javascript:alert(1))\n\n```js\n<b>code</b>\n```')
+    assert "<img" not in html and "&lt;img src=x" in html, html
+    assert "<strong>bold</strong>" in html and "href" not in html, html
+    assert '<pre><span class="lang">js</span><code>&lt;b&gt;code&lt;/b&gt;</code></pre>' in html, html
+    assert page.execute_script("return window.pwned") is None
+
+
+def test_phone_width_and_dark_theme(page, shots):
+    by = _by()
+    page.find_element(by.ID, "tab-chat").click()
+    page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 1,
+                                                                 "mobile": True})
+    page.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    try:
+        shot(page, shots, "6-phone-dark.png")
+        assert page.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"), \
+            "the page scrolls sideways on a 390 px wide screen"
+        background = page.execute_script("return getComputedStyle(document.body).backgroundColor")
+        assert sum(map(int, re.findall(r"\d+", background)[:3])) < 3 * 64, background  # a dark background
+    finally:
+        page.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        page.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})

@@ -4,16 +4,15 @@
 
 import { ApiError, dataURL, model, request, sseEvents } from "./api.js";
 import { renderMarkdown } from "./markdown.js";
+import { recordButton } from "./recorder.js";
 
 const ADAPTER_HEADER = "x-phi4mm-adapter";
-// What MediaRecorder should produce, best first; the server decodes all three.
-const RECORDING_TYPES = ["audio/webm;codecs=opus", "audio/ogg;codecs=opus", "audio/mp4"];
 
 const $ = (id) => document.getElementById(id);
 const history = [];
 let attachments = []; // {kind: "image" | "audio", name, mime, url (a data: URL)}
 let controller = null; // the AbortController of the reply being streamed
-let recorder = null;
+let recording = null; // the Record button's state
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -78,46 +77,6 @@ function renderAttachments() {
     li.append(mediaNode(item), el("span", "muted", item.name), remove);
     return li;
   }));
-}
-
-async function toggleRecording() {
-  const button = $("record");
-  if (recorder) {
-    recorder.stop();
-    return;
-  }
-  let stream;
-  try {
-    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
-  } catch (e) {
-    showError(`the microphone is not available (${e.name}: ${e.message}); allow it for this page, ` +
-              "or attach an audio file instead");
-    return;
-  }
-  const mimeType = RECORDING_TYPES.find((t) => MediaRecorder.isTypeSupported(t)) || "";
-  recorder = new MediaRecorder(stream, mimeType ? { mimeType } : {});
-  const chunks = [];
-  const started = Date.now();
-  const timer = setInterval(() => {
-    button.textContent = `Stop recording (${Math.round((Date.now() - started) / 1000)} s)`;
-  }, 250);
-  recorder.ondataavailable = (e) => { if (e.data.size) chunks.push(e.data); };
-  recorder.onstop = async () => {
-    clearInterval(timer);
-    stream.getTracks().forEach((t) => t.stop());
-    const type = recorder.mimeType || mimeType || "audio/webm";
-    recorder = null;
-    button.textContent = "Record";
-    button.setAttribute("aria-pressed", "false");
-    const blob = new Blob(chunks, { type });
-    const ext = type.includes("mp4") ? "m4a" : type.includes("ogg") ? "ogg" : "webm";
-    attachments.push({ kind: "audio", name: `recording.${ext}`, mime: type, url: await dataURL(blob) });
-    renderAttachments();
-    $("prompt").focus();
-  };
-  recorder.start();
-  button.setAttribute("aria-pressed", "true");
-  button.textContent = "Stop recording (0 s)";
 }
 
 // ------------------------------------------------------------------------------------------------ messages
@@ -317,7 +276,7 @@ function describe({ adapter, t0, first, end, usage, finish, streamed }) {
 async function send(event) {
   event?.preventDefault();
   if (controller) return;
-  if (recorder) {
+  if (recording.active()) {
     showError("stop the recording first (the Record button), then send");
     return;
   }
@@ -373,11 +332,10 @@ export function initChat() {
     await addFiles([...e.target.files]);
     e.target.value = "";
   });
-  $("record").addEventListener("click", toggleRecording);
-  if (!window.MediaRecorder || !navigator.mediaDevices) {
-    $("record").disabled = true;
-    $("record").title = "this browser (or a page not served over https/localhost) cannot record";
-  }
+  recording = recordButton($("record"), async (file) => {
+    await addFiles([file]);
+    $("prompt").focus();
+  }, showError);
   $("prompt").addEventListener("paste", (e) => {
     const files = [...(e.clipboardData?.files || [])];
     if (files.length) {

@@ -3,6 +3,7 @@
 // rendering of it (response_format), fetched once per format when first asked for.
 
 import { model, upload } from "./api.js";
+import { recordButton } from "./recorder.js";
 
 const $ = (id) => document.getElementById(id);
 // Download formats: the button's label -> [response_format, file extension, MIME type].
@@ -39,8 +40,11 @@ class Job {
     this.progress.setAttribute("aria-label", `Progress of ${file.name}`);
     this.transcript = el("p", "transcript");
     this.buttons = el("div", "row");
-    this.li.append(el("h3", "", `${file.name} (${this.task})`), this.progress, this.status, this.transcript,
-                   this.buttons);
+    const player = el("audio");
+    player.controls = true;
+    player.src = URL.createObjectURL(file); // listen to what is being transcribed (a recording, say)
+    this.li.append(el("h3", "", `${file.name} (${this.task})`), player, this.progress, this.status,
+                   this.transcript, this.buttons);
     $("jobs").append(this.li);
   }
 
@@ -146,6 +150,11 @@ export function initTranscribe() {
     e.preventDefault();
     zone.classList.remove("dragging");
     start([...e.dataTransfer.files]);
+  });
+  recordButton($("transcribe-record"), (file) => start([file]), (message) => {
+    const li = el("li", "job error", message);
+    li.setAttribute("role", "alert");
+    $("jobs").append(li);
   });
   $("task").addEventListener("change", () => {
     const translate = $("task").value === "translate";
