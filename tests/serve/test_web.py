@@ -210,15 +210,29 @@ def api_chat(server: str, content_parts) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ tests
-def test_page_is_served_without_the_key_and_off_with_no_ui(healthy):
-    server = healthy
-    assert httpx.get(server + "/").status_code == 200
-    assert httpx.get(server + "/ui/chat.js").headers["content-type"].startswith(("text/javascript",
-                                                                                 "application/javascript"))
-    assert httpx.get(server + "/v1/models").status_code == 401  # the API still needs the key
-    from phi4mm.cli.args import parser
-    assert parser().parse_args(["serve", "--no-ui"]).ui is False
-    assert parser().parse_args(["serve"]).ui is True
+def test_page_is_served_without_the_key(healthy):
+    assert httpx.get(healthy + "/").status_code == 200
+    js = httpx.get(healthy + "/ui/chat.js")
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    assert httpx.get(healthy + "/v1/models").status_code == 401  # the API still needs the key
+
+
+def test_no_ui_leaves_the_api_only(monkeypatch):
+    import phi4mm.serve.app as app_module
+    from phi4mm.cli.main import main
+    seen = {}
+    monkeypatch.setattr(app_module, "serve", lambda *args, **kw: seen.update(kw))
+    assert main(["serve", "--no-ui"]) == 0 and seen["ui"] is False
+    assert main(["serve"]) == 0 and seen["ui"] is True
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from phi4mm.serve.ui import mount_ui
+    bare, with_ui = FastAPI(), FastAPI()
+    mount_ui(with_ui)
+    assert TestClient(bare).get("/").status_code == 404
+    assert TestClient(with_ui).get("/").status_code == 200
+    assert TestClient(with_ui).get("/ui/style.css").headers["content-type"].startswith("text/css")
 
 
 def test_tool_call_card(page, shots):
@@ -412,7 +426,8 @@ def test_phone_width_and_dark_theme(page, shots):
     page.find_element(by.ID, "tab-chat").click()
     page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 1,
                                                                  "mobile": True})
-    page.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    dark = [{"name": "prefers-color-scheme", "value": "dark"}]
+    page.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": dark})
     try:
         shot(page, shots, "6-phone-dark.png")
         assert page.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"), \

@@ -60,7 +60,8 @@ export async function errorMessage(response) {
     // not JSON
   }
   const snippet = text.trim().slice(0, 300);
-  return `HTTP ${response.status}${response.statusText ? " " + response.statusText : ""}${snippet ? ": " + snippet : ""}`;
+  const status = `HTTP ${response.status}${response.statusText ? " " + response.statusText : ""}`;
+  return snippet ? `${status}: ${snippet}` : status;
 }
 
 /**

@@ -266,7 +266,9 @@ async function reply() {
 function describe({ adapter, t0, first, end, usage, finish, streamed }) {
   const parts = [`adapter ${adapter || "unknown"}`];
   const n = usage?.completion_tokens;
-  if (streamed && first !== null && n > 1 && end > first) parts.push(`${((n - 1) / ((end - first) / 1000)).toFixed(1)} tokens/s`);
+  if (streamed && first !== null && n > 1 && end > first) {
+    parts.push(`${((n - 1) / ((end - first) / 1000)).toFixed(1)} tokens/s`);
+  }
   if (first !== null) parts.push(`first token ${((first - t0) / 1000).toFixed(2)} s`);
   if (n !== undefined) parts.push(`${n} tokens`);
   if (finish) parts.push(`(${finish})`);
@@ -289,7 +291,8 @@ async function send(event) {
       parts.push({ type: "image_url", image_url: { url: item.url } });
     } else {
       // OpenAI's input_audio: base64 of the file's bytes and its format.
-      parts.push({ type: "input_audio", input_audio: { data: item.url.split(",", 2)[1], format: formatOf(item.name, item.mime) } });
+      const data = item.url.slice(item.url.indexOf(",") + 1);
+      parts.push({ type: "input_audio", input_audio: { data, format: formatOf(item.name, item.mime) } });
     }
   }
   if (text) parts.push({ type: "text", text });

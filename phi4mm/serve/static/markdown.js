@@ -9,7 +9,12 @@ const BULLET = /^\s*[-*+]\s+(.*)$/;
 const NUMBERED = /^\s*\d+[.)]\s+(.*)$/;
 const QUOTE = /^\s*>\s?(.*)$/;
 // Inline spans, tried left to right: `code`, **bold**, *italic* / _italic_, [text](http(s)://url).
-const INLINE = /(`+)([\s\S]*?[^`])\1(?!`)|\*\*([\s\S]+?)\*\*|__([\s\S]+?)__|\*([^*\s][^*]*?)\*|\b_([^_\s][^_]*?)_\b|\[([^\]]+)\]\((https?:\/\/[^\s)]+)\)/g;
+const INLINE = new RegExp([
+  /(`+)([\s\S]*?[^`])\1(?!`)/.source, // `code` (groups 1, 2)
+  /\*\*([\s\S]+?)\*\*/.source, /__([\s\S]+?)__/.source, // bold (3, 4)
+  /\*([^*\s][^*]*?)\*/.source, /\b_([^_\s][^_]*?)_\b/.source, // italic (5, 6)
+  /\[([^\]]+)\]\((https?:\/\/[^\s)]+)\)/.source, // a link (7, 8): http(s) only
+].join("|"), "g");
 
 function el(tag, ...children) {
   const node = document.createElement(tag);
