@@ -38,6 +38,9 @@ function askKey(reason) {
       }
     }, { once: true });
   });
+  // Enter in the box submits with "ok" (the form's only submit button); Cancel and Escape close without a key.
+  document.getElementById("key-cancel").onclick = () => dialog.close("cancel");
+  dialog.returnValue = "";
   dialog.showModal();
   input.focus();
   return pendingKey;
