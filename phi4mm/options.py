@@ -48,6 +48,7 @@ class ServeOptions:
     default_max_tokens: int | None = None  # None: what remains of the context
     transcription_max_tokens: int = 448
     segment_seconds: float = 30.0
+    ui: bool = True  # the web page for chat and transcription at `/` (`--no-ui` turns it off)
 
     def but(self, **changes) -> ServeOptions:
         return replace(self, **changes)

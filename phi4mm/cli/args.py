@@ -237,6 +237,8 @@ def parser() -> Parser:
     sv.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image/audio URLs")
     sv.add_argument("--allow-local-files", action="store_true", help="let requests name file:// paths on this "
                     "machine")
+    sv.add_argument("--no-ui", dest="ui", action="store_false", help="do not serve the web page for chat and "
+                    "transcription at / (the API only)")
     merge_arg(sv)
     vl = sv.add_argument_group("vLLM's flags", "honoured where they mean something here; the others are "
                                "accepted with a start-up line saying why they change nothing")

@@ -94,7 +94,7 @@ def serve(args: Any, options: Any) -> int:
     app = create_app(model, engine, model_name=names[0], aliases=(*names[1:], "phi4mm"), api_key=args.api_key,
                      max_waiting=args.max_waiting, allow_remote_media=args.allow_remote_media,
                      allow_local_files=args.allow_local_files, max_body_bytes=args.max_body_bytes,
-                     mm_limits=args.mm_limits)
+                     mm_limits=args.mm_limits, ui=args.ui)
     host = f"[{args.host}]" if ":" in args.host else args.host
     for line in banner(model, engine, app.state.server.names, f"http://{host}:{args.port}"):
         _say(line)

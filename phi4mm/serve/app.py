@@ -71,6 +71,7 @@ from phi4mm.serve.schemas import (
     sse,
     usage,
 )
+from phi4mm.serve.ui import ADAPTER_HEADER, mount_ui
 
 AUDIO_RATE = 16000  # the loaders resample everything to 16 kHz
 CUE_SECONDS = 15.0  # longest transcription cue (subtitle-sized), whatever segment_seconds allows
@@ -195,9 +196,10 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
                allow_remote_media: bool = False, allow_local_files: bool = False, max_body_bytes: int = 64 << 20,
                default_max_tokens: int | None = None, transcription_max_tokens: int = 448,
                segment_seconds: float = 30.0, merge_adapter: str | None = None,
-               mm_limits: dict[str, int] | None = None) -> FastAPI:
+               mm_limits: dict[str, int] | None = None, ui: bool = True) -> FastAPI:
     """The FastAPI app. `engine` defaults to `Engine(model, num_blocks, max_batch=..., max_waiting=...,
-    merge_adapter=...)`. mm_limits: the most images / audio clips per request ({"image": 3})."""
+    merge_adapter=...)`. mm_limits: the most images / audio clips per request ({"image": 3}). ui: serve the web
+    page at `/`."""
     engine = engine or Engine(model, num_blocks=num_blocks, max_batch=max_batch, max_waiting=max_waiting,
                               merge_adapter=merge_adapter)
     policy = MediaPolicy(allow_remote_media=allow_remote_media, allow_local_files=allow_local_files,
@@ -209,6 +211,8 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=srv.metrics)
     app.router.add_event_handler("shutdown", srv.engine.shutdown)
     _install_error_handlers(app)
+    if ui:
+        mount_ui(app)
 
     @app.get("/health")
     async def health() -> Response:
@@ -255,8 +259,9 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
         streams = await srv.start(prep, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": req.model}
+        adapter = {ADAPTER_HEADER: prep.adapter or "none"}  # a header: OpenAI clients ignore it
         if req.stream:
-            return _sse(_chat_stream(srv, streams, req, head, offered, t0), streams)
+            return _sse(_chat_stream(srv, streams, req, head, offered, t0), streams, adapter)
         choices = await srv.collect(streams, request, t0)
         out = []
         for i, c in enumerate(choices):
@@ -272,7 +277,8 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
             out.append({"index": i, "message": msg, "finish_reason": reason,
                         "logprobs": chat_logprobs(c.logprobs, srv.token_bytes) if logprobs is not None else None})
         return JSONResponse({**head, "choices": out,
-                             "usage": usage(choices[0].prompt_tokens, sum(c.generated for c in choices))})
+                             "usage": usage(choices[0].prompt_tokens, sum(c.generated for c in choices))},
+                            headers=adapter)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
@@ -387,8 +393,9 @@ class _SSEResponse(StreamingResponse):
     """Streams while listening for the client hanging up: a disconnect cancels the requests at once (whatever
     the ASGI version), instead of when the next token fails to send."""
 
-    def __init__(self, body: AsyncIterator[str], streams: list[RequestStream]):
-        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, body: AsyncIterator[str], streams: list[RequestStream], headers: dict | None = None):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", **(headers or {})})
         self._streams = streams
 
     async def __call__(self, scope, receive, send) -> None:
@@ -409,8 +416,8 @@ class _SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-def _sse(body: AsyncIterator[str], streams: list[RequestStream]) -> Response:
-    return _SSEResponse(body, streams)
+def _sse(body: AsyncIterator[str], streams: list[RequestStream], headers: dict | None = None) -> Response:
+    return _SSEResponse(body, streams, headers)
 
 
 async def _chat_stream(srv: _Server, streams: list[RequestStream], req: ChatRequest, head: dict,
@@ -538,7 +545,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           device: str = "cpu", dtype: str | None = None, max_batch: int = 64, max_waiting: int = 1024,
           allow_remote_media: bool = False, allow_local_files: bool = False, num_blocks: int | None = None,
-          max_body_bytes: int = 64 << 20, model_name: str | None = None, merge_adapter: str | None = None) -> None:
+          max_body_bytes: int = 64 << 20, model_name: str | None = None, merge_adapter: str | None = None,
+          ui: bool = True) -> None:
     """Load the checkpoint and serve it until interrupted."""
     from pathlib import Path
 
@@ -555,5 +563,5 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     app = create_app(model, engine, model_name=model_name or Path(model_dir).resolve().name, api_key=api_key,
                      num_blocks=num_blocks, max_batch=max_batch, max_waiting=max_waiting,
                      allow_remote_media=allow_remote_media, allow_local_files=allow_local_files,
-                     max_body_bytes=max_body_bytes, merge_adapter=merge_adapter)
+                     max_body_bytes=max_body_bytes, merge_adapter=merge_adapter, ui=ui)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -17,6 +17,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from phi4mm.serve.ui import public_path
+
 # Latency buckets in seconds: sub-millisecond CPU steps up to minute-long transcriptions.
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_GAP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5)
@@ -93,7 +95,8 @@ class Gate:
             self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
 
     def _check_key(self, scope: dict) -> tuple | None:
-        if self.api_key is None or scope["path"] in _OPEN_PATHS:
+        if self.api_key is None or scope["path"] in _OPEN_PATHS or public_path(scope["path"]):
+            # The web page's own files load without the key: the page then asks the user for it.
             return None
         headers = dict(scope["headers"])
         auth = headers.get(b"authorization", b"").decode("latin-1")
