@@ -310,7 +310,8 @@ def peer(args, reqs: list[Req]) -> dict:
             failed.append(f"{r.kind}: {type(e).__name__}: {e}"[:300])
     wall = time.perf_counter() - t0
     row = {"requests": done, "failed": len(failed), "wall_s": round(wall, 2), "req_per_s": round(done / wall, 3),
-           "output_tok_s": round(toks / wall, 1), "latency_ms_p50": pct(ttfts, 50), "transformers": transformers.__version__}
+           "output_tok_s": round(toks / wall, 1), "latency_ms_p50": pct(ttfts, 50),
+           "transformers": transformers.__version__}
     if failed:
         row["void"] = f"{len(failed)} request(s) failed, first: {failed[0]}"
     return row
