@@ -33,7 +33,9 @@ if triton is not None:
 MIN_DOT = 16  # tl.dot needs 16 rows at least: a segment of one row is padded (masked) up to it
 MAX_SPLIT = 16  # input-dimension splits of the shrink at most (the expand re-reads every split)
 # Tile sizes, rows per tile by batch size. Shrink: rows x rank x input; expand: rows x output x rank.
-CONFIG = {"shrink_n": 32, "shrink_k": 128, "expand_n": 64, "expand_k": 32, "num_warps": 4, "num_stages": 2}
+# Past MIN_DOT rows the expand takes wider output tiles: each tile re-reads its rows' rank-space values.
+CONFIG = {"shrink_n": 32, "shrink_k": 128, "expand_n": 64, "expand_n_wide": 128, "expand_k": 32, "num_warps": 4,
+          "num_stages": 2}
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,16 @@ class RowAdapters:
 
 def segments(ids: torch.Tensor, slots: int) -> RowAdapters:
     """ids (M,) with values in [-1, slots) -> RowAdapters. Fixed shapes, no host sync: capturable."""
-    key = torch.where(ids < 0, slots, ids)  # rows without adapter sort last
-    order = torch.sort(key, stable=True).indices.to(torch.int32)  # (M,)
-    counts = torch.bincount(key, minlength=slots + 1)[:slots]  # (S,)
-    starts = torch.cumsum(counts, 0) - counts  # (S,)
-    return RowAdapters(ids, order, counts.to(torch.int32), starts.to(torch.int32))
+    # A counting sort in elementwise ops: torch.bincount reads its maximum back to the host and cannot be
+    # captured, and a sort is more than this needs.
+    key = torch.where(ids < 0, slots, ids)  # (M,) rows without adapter sort last
+    onehot = (key[:, None] == torch.arange(slots + 1, device=ids.device)).to(torch.int32)  # (M, S + 1)
+    counts = onehot.sum(0)  # (S + 1,)
+    starts = torch.cumsum(counts, 0) - counts  # (S + 1,)
+    within = (torch.cumsum(onehot, 0) * onehot).sum(1) - 1  # (M,) rank of each row inside its segment
+    pos = starts[key] + within  # (M,) where each row goes in the sorted order
+    order = torch.empty_like(pos).scatter_(0, pos, torch.arange(key.shape[0], device=ids.device, dtype=pos.dtype))
+    return RowAdapters(ids, order.to(torch.int32), counts[:slots].to(torch.int32), starts[:slots].to(torch.int32))
 
 
 @dataclass
@@ -139,10 +146,13 @@ def apply(y: torch.Tensor, x: torch.Tensor, table: AdapterTable, rows: RowAdapte
     cfg = dict(CONFIG, **(config or {}))
     bm, R = _row_tile(M), table.max_rank
     m_tiles = -(-M // bm)
-    # Split the input dimension until a lone segment fills the GPU (TARGET_PROGRAMS), whole k-tiles per split.
+    expand_n = cfg["expand_n"] if M <= MIN_DOT else cfg["expand_n_wide"]
+    # Split the input dimension until a lone segment fills the GPU (TARGET_PROGRAMS), whole k-tiles per split;
+    # but every expand tile re-reads its rows' partial sums, split x rows x rank x 4 bytes: keep that within
+    # twice its share of B (expand_n x rank x 2 bytes), so many rows get few splits.
     k_tiles = -(-K // cfg["shrink_k"])
     r_tiles = -(-R // cfg["shrink_n"])
-    split = max(1, min(MAX_SPLIT, k_tiles, kernels.TARGET_PROGRAMS // (m_tiles * r_tiles)))
+    split = max(1, min(MAX_SPLIT, k_tiles, kernels.TARGET_PROGRAMS // (m_tiles * r_tiles), expand_n // min(M, bm)))
     k_split = -(-k_tiles // split) * cfg["shrink_k"]
     split = -(-K // k_split)
     partial = torch.empty(split, M, R, dtype=torch.float32, device=x.device)  # (split, M, R)
@@ -152,9 +162,9 @@ def apply(y: torch.Tensor, x: torch.Tensor, table: AdapterTable, rows: RowAdapte
         x, table.a_ptrs, table.ranks, rows.order, rows.counts, rows.starts, partial, M, K, x.stride(0), R,
         bm, cfg["shrink_n"], cfg["shrink_k"], k_split, split, prec,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _expand_kernel[(m_tiles, -(-N // cfg["expand_n"]), S)](
+    _expand_kernel[(m_tiles, -(-N // expand_n), S)](
         y, partial, table.b_ptrs, table.ranks, table.scale_t, rows.order, rows.counts, rows.starts, M, N,
-        y.stride(0), R, bm, cfg["expand_n"], cfg["expand_k"], split, prec, table.aligned,
+        y.stride(0), R, bm, expand_n, cfg["expand_k"], split, prec, table.aligned,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
