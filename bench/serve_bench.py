@@ -212,7 +212,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     if args.model:
         cmd += ["--model", args.model]
     log("starting: " + " ".join(cmd[1:]))
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(args.server_log, "w"))
+    with open(args.server_log, "w") as err:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
     import httpx
     deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
@@ -242,7 +243,7 @@ def offline(args, reqs: list[Req]) -> dict:
     eng.warmup()
     preps = []
     for r in reqs:
-        flat, images, audios = flatten_content(r.messages())
+        flat, _, _ = flatten_content(r.messages())  # the media go in as the bytes the HTTP requests carry
         preps.append(m.prepare(flat, [r.image] if r.image else None, [r.audio] if r.audio else None))
     # Warm-up on one request of each kind (media encoders, graph buckets), as the server had its earlier rates.
     warm = [next(i for i, r in enumerate(reqs) if r.kind == k) for k in ("text", "audio", "image")

@@ -39,7 +39,7 @@ def kernel_checks(device: str) -> bool:
     # bf16 on CUDA only: Triton's interpreter gets bf16 dot products wrong. bf16 is checked against the fp64
     # products within bf16 rounding of the output (the kernels sum in another order than cuBLAS).
     for dtype in (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,):
-        def tol(want: torch.Tensor) -> float:
+        def tol(want: torch.Tensor, dtype: torch.dtype = dtype) -> float:
             return 1e-5 if dtype == torch.float32 else 2 ** -7 * want.abs().max().item()
 
         K, N, ranks, scales = 600, 200, (40, 24, 64), [2.0, 0.25, 1.5]
