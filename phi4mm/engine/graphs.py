@@ -2,8 +2,10 @@
 
 A decode step launches hundreds of kernels; from Python that costs far more than the GPU work at small
 batch. Here a pure-decode batch (one new token per sequence) runs with fixed shapes: the batch is padded to a
-bucket (1, 2, 4, ... rows), every block table to a bucket of blocks, adapters are applied through masks (or
-not at all when every row shares one), and all inputs live in persistent buffers filled by one copy. The same
+bucket (1, 2, 4, ... rows), every block table to a bucket of blocks, adapters are applied by the segmented LoRA
+kernels (one shrink and one expand per linear whatever the mix, so one graph per bucket serves every mix; a
+batch all on one merged adapter reads its merged weights instead), and all inputs live in persistent buffers
+filled by one copy. The same
 code runs eagerly (CPU, tests) or captured and replayed (CUDA). Padding rows write their keys into a reserved
 scratch block and their outputs are ignored. The decode layer loop uses the fused kernels of kernels.py.
 
@@ -110,6 +112,9 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int, tuple[str, ...], bool], _Graph] = {}
         self._pool_handle = None
         self.steps = 0  # decode steps served by this path
+        first = net.layers[0].self_attn.qkv_proj
+        self.adapter_names = tuple(sorted(first.lora_A))  # slot order of the segmented kernels
+        self._merged = first.merged  # adapter name -> merged weight (merge_adapter): read at each step
 
     def fits(self, num_rows: int, max_blocks: int) -> bool:
         return num_rows <= self.max_rows and max_blocks <= self.pool.num_blocks
@@ -158,11 +163,9 @@ class DecodeGraphs:
         x = net.embed_tokens(g.tokens)  # (R, hidden)
         plan = AdapterPlan()
         if g.uniform:
-            plan = AdapterPlan.build(g.names[0])
+            plan = AdapterPlan.build(g.names[0])  # its merged weights: one GEMM per linear
         elif g.names:
-            which = torch.arange(len(g.names), device=x.device)[:, None]  # (A, 1)
-            masks = (g.adapter_ids[None, :] == which).to(x.dtype)  # (A, R)
-            plan = AdapterPlan.from_masks(list(g.names), masks.view(len(g.names), -1, 1, 1))  # (A, R, 1, 1)
+            plan = AdapterPlan.for_rows(g.names, g.adapter_ids)  # rows sorted by adapter once, for every layer
         cos, sin = net.rope.cos_sin(g.positions, g.longs != 0, x.dtype)  # (R, 1, 1, rd)
         cos, sin = cos.view(x.shape[0], -1), sin.view(x.shape[0], -1)  # (R, rd)
         eps = net.cfg.text.rms_norm_eps
@@ -189,8 +192,11 @@ class DecodeGraphs:
         self.steps += 1
         rows = _bucket(n, 1)
         blocks = self._blocks_bucket(max(len(t) for t in tables))
-        names = tuple(sorted({a for a in adapters if a is not None}))
-        uniform = len(names) == 1 and all(a == names[0] for a in adapters)
+        present = {a for a in adapters if a is not None}
+        # Three kinds of graph per bucket: no adapter; every row on one adapter that has merged weights; any
+        # other mix (all loaded adapters as slots, the segmented kernels pick each row's).
+        uniform = len(present) == 1 and None not in adapters and next(iter(present)) in self._merged
+        names = tuple(present) if uniform else self.adapter_names if present else ()
         key = (rows, blocks, names, uniform)
         g = self.graphs.get(key)
         if g is None:

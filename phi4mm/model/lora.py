@@ -4,6 +4,9 @@
 (A, B) pair per adapter ("vision", r=256 and "speech", r=320 in the published model). The base weight is never
 modified: a request names its adapter, and a batch may mix rows with different adapters (or none).
 
+Segmented path (`AdapterPlan.for_rows`, decode with CUDA graphs): one adapter slot per row, every linear applies
+all rows' adapters with one shrink and one expand kernel (lora_kernels.py), whatever the mix of adapters.
+
 Optional fast path (`merge_adapter`): a copy `W + scale * B @ A` of each weight for one adapter, used by a
 forward whose whole batch runs that adapter (its plan is `((name, None),)`); every other plan is unchanged.
 """
@@ -16,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from phi4mm.config import LoraConfig
+from phi4mm.model import lora_kernels
+from phi4mm.model.lora_kernels import AdapterTable, RowAdapters
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,16 @@ class AdapterPlan:
     # Masked plan (CUDA graphs: shapes must not depend on which rows use which adapter): each group's tensor
     # is a (B, T, 1) 0/1 mask and every adapter present runs on every row, masked.
     masked: bool = False
+    # Segmented plan: `rows` gives each row of the flattened (B*T) batch a slot in `names` (-1: none); every
+    # linear applies them with one kernel pair (lora_kernels.apply). Inference only: no dropout.
+    names: tuple[str, ...] = ()
+    rows: RowAdapters | None = None
+
+    @staticmethod
+    def for_rows(names: tuple[str, ...], ids: torch.Tensor) -> AdapterPlan:
+        """ids (B*T,) long on the device: index into `names` per row, -1 for none. Sorting the rows by adapter
+        happens here, once per forward, with fixed shapes (safe inside a CUDA graph)."""
+        return AdapterPlan(names=tuple(names), rows=lora_kernels.segments(ids, len(names)))
 
     @staticmethod
     def build(adapters: str | list[str | None] | None, device: torch.device | str = "cpu") -> AdapterPlan:
@@ -88,6 +103,26 @@ class LoraLinear(nn.Module):
         # adapter name -> W + scale * B @ A. A plain dict, not parameters or buffers: state_dict(), the weight
         # loader and `.to()` never see it (merge after the model is on its device and dtype).
         self.merged: dict[str, torch.Tensor] = {}
+        self._tables: dict[tuple[str, ...], AdapterTable] = {}  # the segmented kernels' view of the adapters
+
+    def table(self, names: tuple[str, ...]) -> AdapterTable:
+        """The adapters `names` in slot order as the segmented kernels read them (pointers, ranks, scales),
+        rebuilt when a parameter was replaced (loading, `.to()`, add_adapter). Build it before a CUDA graph
+        captures (a warm-up forward does): the graph keeps reading this table's device tensors."""
+        missing = [n for n in names if n not in self.lora_A]
+        if missing:
+            raise KeyError(f"adapter {missing[0]!r} is not loaded (loaded: {sorted(self.lora_A)})")
+        a = [self.lora_A[n] for n in names]  # the parameters themselves: the torch fallback keeps gradients
+        b = [self.lora_B[n] for n in names]
+        scales = [self.scale[n] for n in names]
+        t = self._tables.get(names)
+        if t is None or t.key != AdapterTable.pointer_key(a, b) or t.scales != scales:
+            fresh = AdapterTable.build(a, b, scales)
+            if t is not None and t.max_rank == fresh.max_rank and t.device_tensors_fit(fresh):
+                t.refill(fresh)  # same device tensors: a captured graph reads the new pointers
+            else:
+                t = self._tables[names] = fresh
+        return t
 
     def add_adapter(self, name: str, cfg: LoraConfig) -> None:
         """Create a new adapter (training); B starts at zero so the model is unchanged until it trains."""
@@ -135,6 +170,10 @@ class LoraLinear(nn.Module):
             if merged is not None:
                 return F.linear(x, merged)
         y = F.linear(x, self.weight)
+        if plan.rows is not None:
+            flat = lora_kernels.apply(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.table(plan.names),
+                                      plan.rows)  # (B*T, out)
+            return flat.view(y.shape)
         for name, rows in plan.groups:
             if name not in self.lora_A:
                 raise KeyError(f"adapter {name!r} is not loaded (loaded: {sorted(self.lora_A)})")

@@ -1,6 +1,12 @@
-"""The merged-adapter fast path of LoraLinear: equal to base + LoRA (up to rounding) where it applies, unused
-everywhere else, invisible to state_dict() and the base weight."""
+"""LoraLinear's fast paths: the merged adapter (equal to base + LoRA up to rounding where it applies, unused
+everywhere else, invisible to state_dict() and the base weight) and the segmented kernels (each row its own
+adapter, equal to the plain products)."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +16,7 @@ from phi4mm.config import LoraConfig
 from phi4mm.model.lora import AdapterPlan, LoraLinear, merge_adapter, unmerge_adapters
 
 IN, OUT = 24, 40
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _lora() -> LoraLinear:
@@ -95,3 +102,47 @@ def test_add_adapter_drops_a_stale_merge():
     lin.merge("speech")
     lin.add_adapter("speech", LoraConfig(r=2, lora_alpha=2))  # retrained from scratch: B = 0
     assert "speech" not in lin.merged
+
+
+def test_segmented_plan_equals_grouped_plan():
+    """The per-row plan (the decode graphs' plan: one slot per row, -1 none) gives the grouped plan's output;
+    here through the torch version, the kernels are checked in test_segmented_kernels_match_plain_products."""
+    lin, x = _lora(), torch.randn(4, 1, IN)
+    names = ("speech", "vision")
+    adapters = ["vision", None, "speech", "vision"]
+    ids = torch.tensor([names.index(a) if a else -1 for a in adapters])
+    with torch.inference_mode():
+        got = lin(x, AdapterPlan.for_rows(names, ids))
+        want = lin(x, AdapterPlan.build(adapters))
+        assert torch.equal(got[1], lin(x)[1])  # the row without adapter: base weight only
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    rows = AdapterPlan.for_rows(names, ids).rows
+    assert rows.order.tolist() == [2, 0, 3, 1] and rows.counts.tolist() == [1, 2] and rows.starts.tolist() == [0, 1]
+
+
+def test_adapter_table_follows_replaced_parameters():
+    """The kernels read adapters through device pointers: a parameter replaced (a reload, `.to()`) must not
+    leave the table pointing at the old memory, and the table's device tensors stay the same (CUDA graphs)."""
+    lin = _lora()
+    t = lin.table(("speech", "vision"))
+    ptrs = t.a_ptrs
+    with torch.no_grad():
+        lin.lora_A["speech"].data = lin.lora_A["speech"].data.clone()
+    t2 = lin.table(("speech", "vision"))
+    assert t2 is t and t2.a_ptrs is ptrs and t.a_ptrs[0].item() == lin.lora_A["speech"].data_ptr()
+    lin.to(torch.float64)
+    assert lin.table(("speech", "vision")).b_ptrs[1].item() == lin.lora_B["vision"].data_ptr()
+    with pytest.raises(KeyError, match="'nope' is not loaded"):
+        lin.table(("nope",))
+
+
+def test_segmented_kernels_match_plain_products():
+    """The Triton kernels under the interpreter (a child process: TRITON_INTERPRET must be set before Triton is
+    imported) against the plain products: mixed rows, ranks and scales, rows without adapter untouched."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "tests/model/lora_check.py"), "cpu"], env=env, check=False,
+                       capture_output=True, text=True, timeout=600)
+    print(r.stdout, r.stderr[-3000:])
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "FAIL" not in r.stdout and r.stdout.count("ok ") == 10
