@@ -10,6 +10,7 @@ separate and is proven equal to this loop.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -24,10 +25,19 @@ from phi4mm.model.decoder import KVCache
 from phi4mm.model.encode import encode_media
 from phi4mm.model.lora import AdapterPlan
 from phi4mm.model.network import Phi4MM
+from phi4mm.model.quant import (
+    LoadTimeQuantizer,
+    Plan,
+    QuantizationError,
+    check_method,
+    convert,
+    device_note,
+)
 from phi4mm.model.weights import (
     CheckpointError,
     load_weights,
     lora_configs_from_folders,
+    prequantized_plan,
 )
 from phi4mm.sampling import SamplingBatch, SamplingParams, mask_padded_vocab, sample
 
@@ -47,17 +57,21 @@ def _dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-         adapters: bool = True) -> Model:
+         adapters: bool = True, quantization: str | None = None) -> Model:
     """Load a checkpoint directory: the official layout, the transformers-native one, or Phi-4-mini.
 
     adapters=False skips the LoRA adapters (text-only use of a multimodal checkpoint's decoder).
-    Raises ConfigError / CheckpointError (ValueError subclasses) with a message naming the file at fault.
+    quantization: "fp8" or "int4" quantizes the decoder's linears while loading (docs/quantization.md); a
+    checkpoint written by `phi4mm quantize` is loaded quantized without it.
+    Raises ConfigError / CheckpointError / QuantizationError (ValueError subclasses) with a message naming
+    the file at fault, or what to use instead.
     """
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; pass the checkpoint folder (holding config.json)")
     device = torch.device(device)
     dt = _dtype(dtype, device)
+    check_method(quantization)
     cfg = ModelConfig.from_dir(path)
     if cfg.layout == "phi4_multimodal" and adapters:
         cfg.loras = lora_configs_from_folders(path)
@@ -75,9 +89,24 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     with torch.device("meta"):
         net = Phi4MM(cfg)
     t0 = time.perf_counter()
-    load_weights(net, path, cfg.layout, str(device), dt, skip_lora=not adapters)
+    stored = prequantized_plan(net, path, cfg.layout)
+    if stored is not None and stored.modules:
+        if quantization is not None and {quantization} != stored.methods:
+            raise QuantizationError(f"{path} is already quantized to {'/'.join(sorted(stored.methods))}; load it "
+                                    f"without quantization=, or quantize the unquantized checkpoint to {quantization}")
+        convert(net, stored)
+        quantization = next(iter(stored.methods))
+    quantizer = None
+    if quantization is not None:
+        note = device_note(quantization, device)
+        if note:
+            warnings.warn(note, stacklevel=2)
+        if stored is None or not stored.modules:
+            quantizer = LoadTimeQuantizer(Plan.decoder(net, quantization))
+    load_weights(net, path, cfg.layout, str(device), dt, skip_lora=not adapters, quantizer=quantizer)
     net.eval()
     model = Model(net, cfg, tok, device, dt)
+    model.quantization = quantization
     if adapters and (path / f"{TEXT_ADAPTER}-lora" / "adapter_config.json").is_file():
         # A text fine-tune saved beside the checkpoint (`phi4mm train --stage text` writes text-lora/): loaded
         # strictly, and text-only prompts then run through it (processor.prepare).
@@ -94,6 +123,7 @@ class Model:
                  dtype: torch.dtype):
         self.net, self.config, self.tokenizer, self.device, self.dtype = net, cfg, tokenizer, device, dtype
         self.load_seconds = 0.0
+        self.quantization: str | None = None  # "fp8" / "int4": the decoder's linears are stored quantized
 
     @cached_property
     def decodable(self) -> int:

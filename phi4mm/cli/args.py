@@ -9,6 +9,7 @@ from pathlib import Path
 
 EXAMPLES = """examples:
   phi4mm make-checkpoint ./tiny --size tiny --layout official
+  phi4mm quantize ./Phi-4-multimodal-instruct ./phi4mm-int4 --method int4 --device cuda
   phi4mm chat --model ./tiny "Describe the image." --image cat.jpg
   phi4mm chat --model ./tiny                       # interactive (on a terminal)
   phi4mm transcribe --model ./tiny talk.flac --format srt
@@ -76,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default=device, help=f"cpu, cuda, cuda:1, ... (default {device})")
         sp.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, "
                         "fp32 on CPU)")
+        sp.add_argument("--quantization", choices=["fp8", "int4"], default=None, help="quantize the decoder's "
+                        "linears while loading: less memory, faster decoding on a GPU (docs/quantization.md)")
 
     def ray_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--replicas", type=int, default=None, help="run N model replicas on Ray (pip install "
@@ -97,6 +100,14 @@ def parser() -> argparse.ArgumentParser:
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     mk.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda: seconds at full size)")
+
+    qz = sub.add_parser("quantize", help="write a pre-quantized (fp8/int4) copy of a checkpoint",
+                        description="Quantize the decoder's linears of checkpoint IN into OUT, in compressed-tensors' "
+                        "format (phi4mm, vLLM and transformers load it); everything else is copied.")
+    qz.add_argument("src", type=Path, metavar="IN")
+    qz.add_argument("out", type=Path, metavar="OUT")
+    qz.add_argument("--method", choices=["fp8", "int4"], required=True)
+    qz.add_argument("--device", default="cpu", help="where the arithmetic runs (cuda: seconds at full size)")
 
     ch = sub.add_parser("chat", help="chat: one-shot with a prompt, interactive without one",
                         description="Chat with the model. With a prompt: answer it and exit. Without one on a "

@@ -30,7 +30,7 @@ class UserError(ValueError):
 def _load(args):
     """Load --model (the embedded micro model when none was given) with --device / --dtype."""
     import phi4mm
-    return phi4mm.load(args.model, device=args.device, dtype=args.dtype)
+    return phi4mm.load(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
 
 
 def _engine(model, max_batch: int = 64, max_waiting: int = 1024, merge_adapter: str | None = None):
@@ -301,6 +301,9 @@ def _serve(args) -> int:
         raise UserError(f"the server is not available in this build ({e})") from e
     if args.replicas is not None:
         _positive("replicas", args.replicas)
+        if args.quantization:
+            raise UserError("--quantization does not reach Ray replicas yet; write a quantized checkpoint with "
+                            "`phi4mm quantize` and serve that")
         from phi4mm.serve.replicas import serve_forever
         serve_forever(args.model, args.replicas, gpus_per_replica=args.gpus_per_replica, host=args.host,
                       port=args.port, device=args.device, dtype=args.dtype, api_key=args.api_key,
@@ -310,7 +313,7 @@ def _serve(args) -> int:
         return 0
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype,
           max_batch=args.max_batch, max_waiting=args.max_waiting, allow_remote_media=args.allow_remote_media,
-          allow_local_files=args.allow_local_files, merge_adapter=args.merge_adapter)
+          allow_local_files=args.allow_local_files, merge_adapter=args.merge_adapter, quantization=args.quantization)
     return 0
 
 
@@ -324,7 +327,7 @@ def _batch(args) -> int:
     r = run_batch(args.model, args.data, args.out, defaults=defaults, replicas=args.replicas,
                   gpus_per_replica=args.gpus_per_replica, batch_size=args.batch_size, device=args.device,
                   dtype=args.dtype, max_batch=args.max_batch, merge_adapter=args.merge_adapter,
-                  ray_address=args.ray_address)
+                  ray_address=args.ray_address, quantization=args.quantization)
     print(f"{r['lines']} lines, {r['errors']} errors -> {r['out']}")
     return 0
 
@@ -337,7 +340,7 @@ def _eval(args) -> int:
         if not d.is_file():
             raise UserError(f"{d} is not a file; pass JSONL test sets")
     from phi4mm.tasks.evaluate import evaluate, load_model
-    model = load_model(args.model, args.device, args.dtype, args.text_adapter)
+    model = load_model(args.model, args.device, args.dtype, args.text_adapter, args.quantization)
     results = {}
     for d in args.data:
         r = evaluate(args.model, d, args.metric, max_tokens=args.max_tokens, text_adapter=args.text_adapter,
@@ -460,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
             out = make_checkpoint(args.out, args.size, args.layout, args.seed, getattr(torch, args.dtype),
                                   device=args.device)
             print(f"wrote {args.size} {args.layout} checkpoint to {out}")
+            return 0
+        if args.cmd == "quantize":
+            from phi4mm.tasks.quantize import quantize_checkpoint
+            r = quantize_checkpoint(args.src, args.out, args.method, args.device)
+            print(f"quantized {r['quantized']} linears to {r['method']} in {r['seconds']:.1f} s: "
+                  f"{r['bytes_before'] / 2**30:.2f} -> {r['bytes_after'] / 2**30:.2f} GiB of shards; wrote {r['out']}")
             return 0
         if getattr(args, "model", "") is None and args.cmd != "train":
             from phi4mm.micro.recipe import default_model_dir

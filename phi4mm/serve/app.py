@@ -481,14 +481,15 @@ def _install_error_handlers(app: FastAPI) -> None:
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           device: str = "cpu", dtype: str | None = None, max_batch: int = 64, max_waiting: int = 1024,
           allow_remote_media: bool = False, allow_local_files: bool = False, num_blocks: int | None = None,
-          max_body_bytes: int = 64 << 20, model_name: str | None = None, merge_adapter: str | None = None) -> None:
-    """Load the checkpoint and serve it until interrupted."""
+          max_body_bytes: int = 64 << 20, model_name: str | None = None, merge_adapter: str | None = None,
+          quantization: str | None = None) -> None:
+    """Load the checkpoint (quantization: "fp8"/"int4" at load, see phi4mm.load) and serve it until interrupted."""
     from pathlib import Path
 
     import uvicorn
 
     import phi4mm
-    model = phi4mm.load(model_dir, device=device, dtype=dtype)
+    model = phi4mm.load(model_dir, device=device, dtype=dtype, quantization=quantization)
     engine = None
     if model.device.type == "cuda":
         # Compile the kernels and capture the first graphs now, not on the first user's request.
