@@ -11,9 +11,9 @@ The numbers, kept as compressed-tensors stores them so a checkpoint written here
   divisor 7 (not 7.5) wastes the -8 level but makes re-quantizing a dequantized weight give the same bytes.
   Packed eight a int32 (`weight_packed`, (out, in/8)): element i in bits 4i..4i+3, stored as q + 8.
 
-Compute: on CUDA, `quant_kernels.qmm` reads the packed weight and dequantizes in registers (decode sizes and
-int4 at every size); fp8 with many rows on compute capability >= 8.9 quantizes the activations per token and
-runs `torch._scaled_mm` on the fp8 tensor cores. Elsewhere (CPU, autograd, older GPUs for fp8) the weight is
+Compute: on CUDA, `quant_kernels.qmm` reads the quantized weight and dequantizes in registers (decode sizes);
+from DENSE_MIN_ROWS rows (prefill) fp8 quantizes the activations per token and runs `torch._scaled_mm` on the
+fp8 tensor cores (compute capability >= 8.9), int4 dequantizes the weight once and runs a bf16 GEMM. Elsewhere (CPU, autograd, older GPUs for fp8) the weight is
 dequantized to the activation dtype and multiplied: slow, but the same numbers.
 """
 from __future__ import annotations
@@ -40,7 +40,9 @@ INT4_OFFSET = 8  # stored nibble = q + 8
 MIN_GROUP = 16  # a smaller K-block cannot feed a tensor-core dot product
 SCALE_DTYPE = torch.bfloat16  # scales are rounded to bf16 (as compressed-tensors stores them for bf16 models)
 FP8_MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada, Hopper and later
-SCALED_MM_MIN_ROWS = 256  # from here fp8 x fp8 tensor-core GEMMs beat dequantizing in the kernel (prefill)
+# From this many rows (prefill) a dense tensor-core GEMM beats dequantizing inside the kernel: fp8 runs
+# torch._scaled_mm with per-token activation scales, int4 dequantizes the weight once and runs cuBLAS.
+DENSE_MIN_ROWS = 256
 TINY = torch.finfo(torch.float32).tiny  # an all-zero row/group gets this scale instead of 0 (no 0/0)
 QUANT_LEAVES = ("weight", "weight_packed", "weight_scale", "weight_shape")  # stored names under a linear
 
@@ -212,12 +214,14 @@ class QuantLoraLinear(LoraLinear):
         if self.method == "fp8":
             if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < FP8_MIN_CAPABILITY:
                 return F.linear(x, self.dense_weight().to(x.dtype))  # no fp8 in hardware: weight-only upcast
-            if x.shape[0] >= SCALED_MM_MIN_ROWS and x.shape[0] % 16 == 0 and x.device.type == "cuda" \
+            if x.shape[0] >= DENSE_MIN_ROWS and x.shape[0] % 16 == 0 and x.device.type == "cuda" \
                     and x.dtype == torch.bfloat16:
                 return _scaled_mm_fp8(x, self.weight, self.weight_scale)
             return quant_kernels.qmm(x, self.weight, self.weight_scale, False, self.group, self.out_features)
-        return quant_kernels.qmm(x, self.weight_packed.view(torch.uint8), self.weight_scale, True, self.group,
-                                 self.out_features)
+        packed = self.weight_packed.view(torch.uint8)  # (out, in/2): the int32 words' bytes
+        if x.shape[0] >= DENSE_MIN_ROWS:  # prefill: dequantize once (a transient), then a cuBLAS GEMM
+            return F.linear(x, quant_kernels.dequantize_int4(packed, self.weight_scale, self.group, x.dtype))
+        return quant_kernels.qmm(x, packed, self.weight_scale, True, self.group, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.method}, group={self.group}"
