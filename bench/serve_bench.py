@@ -236,8 +236,8 @@ def offline(args, reqs: list[Req]) -> dict:
     import phi4mm
     from phi4mm.engine.engine import Engine
     from phi4mm.inputs.chat import flatten_content
-    from phi4mm.sampling import SamplingParams
     from phi4mm.micro.recipe import default_model_dir
+    from phi4mm.sampling import SamplingParams
     m = phi4mm.load(args.model or default_model_dir(), device=args.device)
     eng = Engine(m, max_batch=args.max_batch, max_waiting=max(1024, 2 * len(reqs)))
     eng.warmup()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -26,10 +27,19 @@ from phi4mm.model.decoder import KVCache
 from phi4mm.model.encode import encode_media
 from phi4mm.model.lora import AdapterPlan
 from phi4mm.model.network import Phi4MM
+from phi4mm.model.quant import (
+    LoadTimeQuantizer,
+    Plan,
+    QuantizationError,
+    check_method,
+    convert,
+    device_note,
+)
 from phi4mm.model.weights import (
     CheckpointError,
     load_weights,
     lora_configs_from_folders,
+    prequantized_plan,
 )
 from phi4mm.sampling import (
     SamplingBatch,
@@ -134,17 +144,20 @@ def resolve_model(model: str | Path) -> Path:
 
 
 def load(path: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | str | None = None,
-         adapters: bool = True) -> Model:
+         adapters: bool = True, quantization: str | None = None) -> Model:
     """Load a checkpoint: a folder (the official layout, the transformers-native one, or Phi-4-mini) or a Hugging
     Face id such as "microsoft/Phi-4-multimodal-instruct" (cache first, else downloaded).
 
     device "auto": CUDA, else Apple MPS, else CPU. adapters=False skips the LoRA adapters (text-only use of a
-    multimodal checkpoint's decoder).
-    Raises ConfigError / CheckpointError (ValueError subclasses) with a message naming the file at fault.
+    multimodal checkpoint's decoder). quantization: "fp8" or "int4" quantizes the decoder's linears while
+    loading (docs/quantization.md); a checkpoint written by `phi4mm quantize` is loaded quantized without it.
+    Raises ConfigError / CheckpointError / QuantizationError (ValueError subclasses) with a message naming
+    the file at fault, or what to use instead.
     """
     path = resolve_model(path)
     device = pick_device(device)
     dt = _dtype(dtype, device)
+    check_method(quantization)
     cfg = ModelConfig.from_dir(path)
     if cfg.layout == "phi4_multimodal" and adapters:
         cfg.loras = lora_configs_from_folders(path)
@@ -162,9 +175,24 @@ def load(path: str | Path, device: str | torch.device = "auto", dtype: torch.dty
     with torch.device("meta"):
         net = Phi4MM(cfg)
     t0 = time.perf_counter()
-    load_weights(net, path, cfg.layout, str(device), dt, skip_lora=not adapters)
+    stored = prequantized_plan(net, path, cfg.layout)
+    if stored is not None and stored.modules:
+        if quantization is not None and {quantization} != stored.methods:
+            raise QuantizationError(f"{path} is already quantized to {'/'.join(sorted(stored.methods))}; load it "
+                                    f"without quantization=, or quantize the unquantized checkpoint to {quantization}")
+        convert(net, stored)
+        quantization = next(iter(stored.methods))
+    quantizer = None
+    if quantization is not None:
+        note = device_note(quantization, device)
+        if note:
+            warnings.warn(note, stacklevel=2)
+        if stored is None or not stored.modules:
+            quantizer = LoadTimeQuantizer(Plan.decoder(net, quantization))
+    load_weights(net, path, cfg.layout, str(device), dt, skip_lora=not adapters, quantizer=quantizer)
     net.eval()
     model = Model(net, cfg, tok, device, dt)
+    model.quantization = quantization
     if adapters and (path / f"{TEXT_ADAPTER}-lora" / "adapter_config.json").is_file():
         # A text fine-tune saved beside the checkpoint (`phi4mm train --stage text` writes text-lora/): loaded
         # strictly, and text-only prompts then run through it (processor.prepare).
@@ -195,6 +223,7 @@ class Model:
     def sampling_params(self, **given: Any) -> SamplingParams:
         """SamplingParams from the checkpoint's defaults, overridden by the fields given (None: not given)."""
         return SamplingParams(**{**self.sampling_defaults, **{k: v for k, v in given.items() if v is not None}})
+        self.quantization: str | None = None  # "fp8" / "int4": the decoder's linears are stored quantized
 
     @cached_property
     def decodable(self) -> int:

@@ -14,6 +14,7 @@ from phi4mm import __version__
 
 EXAMPLES = """examples:
   phi4mm make-checkpoint ./tiny --size tiny --layout official
+  phi4mm quantize ./Phi-4-multimodal-instruct ./phi4mm-int4 --method int4 --device cuda
   phi4mm chat --model ./tiny "Describe the image." --image cat.jpg
   phi4mm chat --model ./tiny                       # interactive (on a terminal)
   phi4mm transcribe --model ./tiny talk.flac --format srt
@@ -121,6 +122,8 @@ def parser() -> Parser:
                         "cuda, cuda:1, mps")
         sp.add_argument("--dtype", default="auto", help="auto (default: bfloat16 on a GPU, float32 on a CPU), "
                         "bfloat16, float16 or float32")
+        sp.add_argument("--quantization", choices=["fp8", "int4"], default=None, help="quantize the decoder's "
+                        "linears while loading: less memory, faster decoding on a GPU (docs/quantization.md)")
         if not engine:
             return
         sp.add_argument("--max-model-len", type=int, default=None, help="context per sequence, prompt and reply "
@@ -159,6 +162,14 @@ def parser() -> Parser:
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     mk.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda: seconds at full size)")
+
+    qz = sub.add_parser("quantize", help="write a pre-quantized (fp8/int4) copy of a checkpoint",
+                        description="Quantize the decoder's linears of checkpoint IN into OUT, in compressed-tensors' "
+                        "format (phi4mm, vLLM and transformers load it); everything else is copied.")
+    qz.add_argument("src", type=Path, metavar="IN")
+    qz.add_argument("out", type=Path, metavar="OUT")
+    qz.add_argument("--method", choices=["fp8", "int4"], required=True)
+    qz.add_argument("--device", default="cpu", help="where the arithmetic runs (cuda: seconds at full size)")
 
     ch = sub.add_parser("chat", help="chat: one-shot with a prompt, interactive without one",
                         description="Chat with the model. With a prompt: answer it and exit. Without one on a "

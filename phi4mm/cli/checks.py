@@ -191,7 +191,7 @@ def check(args: Any) -> None:
         if args.replicas is not None:
             need_extra("ray", what="phi4mm batch --replicas")
     elif args.cmd == "chat":
-        for f in args.image + args.audio:
+        for f in args.image + args.video + [a for a in args.audio if a != "-"]:  # "-": stdin
             if not Path(f).is_file():
                 raise UserError(f"{f}: no such file")
         args.tool_list = read_tools(args.tools) if args.tools is not None else None

@@ -3,7 +3,7 @@
 Subcommands: chat (one-shot or interactive: repl.py), transcribe / translate (files, folders, globs ->
 txt/srt/vtt/json), serve (the OpenAI-compatible server with vLLM's flags: serving.py, or Ray Serve replicas),
 batch (a JSONL file of prompts, here or on Ray Data replicas), eval (scores on JSONL sets), bench (offline engine
-throughput), train (a recipe stage), make-checkpoint (random weights). The arguments are in args.py and every
+throughput), train (a recipe stage), make-checkpoint (random weights), quantize (an fp8/int4 copy). The arguments are in args.py and every
 check that needs no model in checks.py: both run before torch is imported, so a mistake is answered at once.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _batch(args: Any) -> int:
     r = run_batch(args.model, args.data, args.out, defaults=defaults, replicas=args.replicas,
                   gpus_per_replica=args.gpus_per_replica, batch_size=args.batch_size, device=args.device,
                   dtype=args.dtype, max_batch=args.max_batch, merge_adapter=args.merge_adapter,
-                  ray_address=args.ray_address)
+                  ray_address=args.ray_address, quantization=args.quantization)
     print(f"{r['lines']} lines, {r['errors']} errors -> {r['out']}")
     return 0
 
@@ -80,7 +80,7 @@ def _batch(args: Any) -> int:
 def _eval(args: Any) -> int:
     from phi4mm.tasks.evaluate import evaluate
     from phi4mm.tasks.evaluate import load_model as load_eval_model
-    model = load_eval_model(args.model, args.device, args.dtype, args.text_adapter)
+    model = load_eval_model(args.model, args.device, args.dtype, args.text_adapter, args.quantization)
     results = {}
     for d in args.data:
         r = evaluate(args.model, d, args.metric, max_tokens=args.max_tokens, text_adapter=args.text_adapter,
@@ -221,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
             out = make_checkpoint(args.out, args.size, args.layout, args.seed, getattr(torch, args.dtype),
                                   device=args.device)
             print(f"wrote {args.size} {args.layout} checkpoint to {out}")
+            return 0
+        if args.cmd == "quantize":
+            from phi4mm.tasks.quantize import quantize_checkpoint
+            r = quantize_checkpoint(args.src, args.out, args.method, args.device)
+            print(f"quantized {r['quantized']} linears to {r['method']} in {r['seconds']:.1f} s: "
+                  f"{r['bytes_before'] / 2**30:.2f} -> {r['bytes_after'] / 2**30:.2f} GiB of shards; wrote {r['out']}")
             return 0
         _resolve(args)
         return HANDLERS[args.cmd](args)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from phi4mm.cli.checks import UserError
+
 # vLLM flag -> (its argparse dest, why it changes nothing here).
 IGNORED = {
     "--trust-remote-code": ("trust_remote_code", "phi4mm runs its own implementation; no code from the "
@@ -74,6 +76,9 @@ def serve(args: Any, options: Any) -> int:
     for line in ignored_flags(args):
         _say(line)
     if args.replicas is not None:
+        if args.quantization:
+            raise UserError("--quantization does not reach Ray replicas yet; write a quantized checkpoint with "
+                            "`phi4mm quantize` and serve that")
         from phi4mm.serve.replicas import serve_forever
         serve_forever(args.model, args.replicas, gpus_per_replica=args.gpus_per_replica, host=args.host,
                       port=args.port, device=args.device, dtype=args.dtype, api_key=args.api_key,

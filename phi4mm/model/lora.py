@@ -126,13 +126,30 @@ class LoraLinear(nn.Module):
 
     def add_adapter(self, name: str, cfg: LoraConfig) -> None:
         """Create a new adapter (training); B starts at zero so the model is unchanged until it trains."""
-        dev, dt = self.weight.device, self.weight.dtype
+        dev, dt = self.device, self.dtype
         a = torch.empty(cfg.r, self.in_features, device=dev, dtype=dt)
         nn.init.kaiming_uniform_(a, a=5 ** 0.5)  # PEFT's default init for lora_A
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, cfg.r, device=dev, dtype=dt))
         self.scale[name], self.dropout[name] = cfg.scale, cfg.dropout
         self.merged.pop(name, None)  # a merged copy of the old (A, B) would be stale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model dtype (activations and adapters); a quantized subclass stores its weight in another."""
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight (out, in) in the model dtype (a quantized subclass dequantizes it)."""
+        return self.weight
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """The base projection alone: x (..., in) -> (..., out)."""
+        return F.linear(x, self.weight)
 
     @torch.no_grad()
     def merge(self, name: str) -> int:
@@ -142,8 +159,8 @@ class LoraLinear(nn.Module):
             raise KeyError(f"adapter {name!r} is not loaded (loaded: {sorted(self.lora_A)})")
         if name in self.merged:
             return 0
-        w = self.weight.float() + self.scale[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
-        self.merged[name] = w.to(self.weight.dtype).contiguous()  # (out, in)
+        w = self.dense_weight().float() + self.scale[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
+        self.merged[name] = w.to(self.dtype).contiguous()  # (out, in)
         return self.merged[name].numel() * self.merged[name].element_size()
 
     def unmerge(self) -> None:
@@ -169,7 +186,7 @@ class LoraLinear(nn.Module):
             merged = self.merged.get(plan.groups[0][0])
             if merged is not None:
                 return F.linear(x, merged)
-        y = F.linear(x, self.weight)
+        y = self.base(x)
         if plan.rows is not None:
             flat = lora_kernels.apply(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.table(plan.names),
                                       plan.rows)  # (B*T, out)

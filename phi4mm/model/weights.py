@@ -18,11 +18,17 @@ import torch
 from safetensors import safe_open
 
 from phi4mm.config import ConfigError, ModelConfig
+from phi4mm.model.lora import LoraLinear
 from phi4mm.model.network import Phi4MM
+from phi4mm.model.quant import LoadTimeQuantizer, Plan, QuantizationError, convert
+from phi4mm.model.quant_format import read_plan
 
 MAIN = "main"  # the shards; an adapter name ("vision"/"speech") means that adapter's PEFT folder
 
 _DEC = r"(self_attn\.(?:qkv|o)_proj|mlp\.(?:gate_up|down)_proj)"
+# A decoder linear's base tensors: `weight`, or a quantized one's (compressed-tensors names, quant_format.py).
+_BASE = r"\.(weight|weight_packed|weight_scale|weight_shape)"
+QUANT_DTYPES = (torch.float8_e4m3fn, torch.int32, torch.int64)  # stored as they are, never cast
 IMAGE_PREFIX = "model.embed_tokens_extend.image_embed."
 AUDIO_PREFIX = "model.embed_tokens_extend.audio_embed."
 _TEXT_COMMON = [
@@ -38,7 +44,7 @@ PEFT_RULE = (r"layers\.(\d+)\." + _DEC + r"\.lora_([AB])\.\w+", r"base_model.mod
 RENAMES: dict[str, list[tuple[str, str]]] = {
     # Official directory: PEFT injected in place (base_layer, lora_A.vision...), original tower names.
     "phi4mm": _TEXT_COMMON + [
-        (r"layers\.(\d+)\." + _DEC + r"\.weight", r"model.layers.\1.\2.base_layer.weight"),
+        (r"layers\.(\d+)\." + _DEC + _BASE, r"model.layers.\1.\2.base_layer.\3"),
         (r"layers\.(\d+)\." + _DEC + r"\.lora_([AB])\.(\w+)", r"model.layers.\1.\2.lora_\3.\4.weight"),
         (r"vision\.img_projection_up\.(\w+)", IMAGE_PREFIX + r"img_projection.0.\1"),
         (r"vision\.img_projection_down\.(\w+)", IMAGE_PREFIX + r"img_projection.2.\1"),
@@ -55,9 +61,9 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
     ] + _HF_TOWERS,
     # transformers-native: plain linears in the shards, adapters only in the PEFT folders.
     "phi4_multimodal": _TEXT_COMMON + [
-        (r"layers\.(\d+)\." + _DEC + r"\.weight", r"model.layers.\1.\2.weight"),
+        (r"layers\.(\d+)\." + _DEC + _BASE, r"model.layers.\1.\2.\3"),
     ] + _HF_TOWERS,
-    "phi3": _TEXT_COMMON + [(r"layers\.(\d+)\." + _DEC + r"\.weight", r"model.layers.\1.\2.weight")],
+    "phi3": _TEXT_COMMON + [(r"layers\.(\d+)\." + _DEC + _BASE, r"model.layers.\1.\2.\3")],
 }
 
 
@@ -98,7 +104,7 @@ def name_table(model: Phi4MM, layout: str) -> dict[str, tuple[str, str]]:
     return table
 
 
-def _shard_files(path: Path) -> list[Path]:
+def shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -138,15 +144,17 @@ def _open(p: Path, device: str):
 
 
 def load_weights(model: Phi4MM, path: Path, layout: str, device: str, dtype: torch.dtype,
-                 skip_lora: bool = False) -> None:
+                 skip_lora: bool = False, quantizer: LoadTimeQuantizer | None = None) -> None:
     """Fill every parameter of the meta-built `model` from the checkpoint at `path`, strictly.
 
     skip_lora: the model was built without adapters; stored LoRA tensors are dropped on purpose.
+    quantizer: quantize these dense decoder weights as they are read (`quantization=` at load); a checkpoint
+    that is already quantized needs none: `prequantized_plan` + `quant.convert` give the model its layout.
     """
     table = name_table(model, layout)
     expected = model.state_dict()
     drop = [re.compile(p) for p in dropped(model.cfg)]
-    sources: dict[str, list[Path]] = {MAIN: _shard_files(path)}
+    sources: dict[str, list[Path]] = {MAIN: shard_files(path)}
     for src in sorted({s for s, _ in table.values()} - {MAIN}):
         sources[src] = [_adapter_file(path, src)]
     # stored name -> our name, per source; PEFT prefixes vary, so adapter keys are matched without prefix.
@@ -155,6 +163,7 @@ def load_weights(model: Phi4MM, path: Path, layout: str, device: str, dtype: tor
         key = _strip_peft(stored) if src != MAIN else stored
         wanted[src][key] = ours
     state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     for src, files in sources.items():
         for p in files:
             with _open(p, device) as f:
@@ -169,6 +178,11 @@ def load_weights(model: Phi4MM, path: Path, layout: str, device: str, dtype: tor
                         if src == MAIN and re.search(r"\.lora_[AB]\.", stored) and layout == "phi4mm":
                             raise CheckpointError(f"{p.name}: tensor {stored!r} belongs to an adapter that "
                                                   "config.json does not declare (vision_lora/speech_lora)")
+                        if re.search(r"\.weight_(packed|scale|shape|zero_point)$|\.input_scale$", stored):
+                            raise CheckpointError(f"{p}: quantized tensor {stored!r} is not a decoder linear "
+                                                  "that config.json's quantization_config targets; phi4mm "
+                                                  "quantizes only the decoder's linears (qkv, o, gate_up, "
+                                                  "down), symmetric, without static activation scales")
                         raise CheckpointError(f"{p}: unexpected tensor {stored!r}: this file does not match a "
                                               f"{layout!r} checkpoint with this config.json")
                     want = expected[ours]
@@ -177,14 +191,51 @@ def load_weights(model: Phi4MM, path: Path, layout: str, device: str, dtype: tor
                         raise CheckpointError(f"{p.name}: tensor {stored!r} has shape {shape}, but config.json "
                                               f"implies {tuple(want.shape)}; the config and weights disagree")
                     t = f.get_tensor(stored)
-                    state[ours] = t.to(dtype) if t.is_floating_point() else t
-    missing = [ours for ours in table if ours not in state]
+                    seen.add(ours)
+                    if want.dtype in QUANT_DTYPES:
+                        _check_quantized(model, p, stored, ours, t, want.dtype)
+                        state[ours] = t
+                    elif quantizer is not None and quantizer.wants(ours):
+                        state.update(quantizer.take(ours, t.to(dtype), dtype))  # the dense copy is dropped here
+                    else:
+                        state[ours] = t.to(dtype) if t.is_floating_point() else t
+    missing = [ours for ours in table if ours not in seen]
     if missing:
         src, stored = table[missing[0]]
         where = "the shards" if src == MAIN else f"{src}-lora/adapter_model.safetensors"
         raise CheckpointError(f"tensor {stored!r} is missing from {where} ({len(missing)} missing in all); "
                               "the checkpoint is incomplete or a shard is truncated: re-download it")
+    if quantizer is not None:
+        convert(model, quantizer.plan)  # meta modules take the quantized layout the state now has
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def _check_quantized(model: Phi4MM, p: Path, stored: str, ours: str, t: torch.Tensor, want: torch.dtype) -> None:
+    """A stored quantized tensor has the dtype its format fixes, and `weight_shape` the layer's shape."""
+    if t.dtype != want:
+        raise CheckpointError(f"{p.name}: tensor {stored!r} is {t.dtype}, but config.json's quantization_config "
+                              f"makes it {want}; the config and weights disagree")
+    if ours.endswith(".weight_shape"):
+        layer = model.get_submodule(ours.rpartition(".")[0])
+        if t.tolist() != [layer.out_features, layer.in_features]:
+            raise CheckpointError(f"{p.name}: tensor {stored!r} says the weight is {t.tolist()}, but config.json "
+                                  f"implies {[layer.out_features, layer.in_features]}; the config and weights "
+                                  "disagree")
+
+
+def prequantized_plan(model: Phi4MM, path: Path, layout: str) -> Plan | None:
+    """What config.json's quantization_config quantizes (None: nothing), checked against what phi4mm runs."""
+    f = path / "config.json"
+    try:
+        config = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{f} cannot be read as JSON ({e})") from None
+    stored = {n: rename_key(f"{n}.weight", RENAMES[layout]).rpartition(".")[0]
+              for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    try:
+        return read_plan(config, stored, str(f))
+    except QuantizationError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _strip_peft(key: str) -> str:
