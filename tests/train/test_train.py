@@ -359,6 +359,7 @@ def _longest(base: Path, pairs: tuple[tuple[str, str], ...]) -> int:
                for q, a in pairs)
 
 
+@pytest.mark.slow  # two spawned ranks, each importing torch and loading the model
 def test_two_process_ddp_gives_the_single_process_losses(base, tmp_path):
     """torchrun's path on CPU (gloo): 2 ranks x 1 micro-batch == 1 process x grad_accum 2, step for step."""
     data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
@@ -373,6 +374,7 @@ def test_two_process_ddp_gives_the_single_process_losses(base, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow  # two spawned ranks, each importing torch and loading the model
 def test_two_process_fsdp_gives_the_single_process_losses_and_weights(base, tmp_path):
     """FSDP2 (fully_shard) on CPU (gloo), stage decoder (the decoder's own weights train, sharded over 2 ranks):
     the losses and the exported weights equal one process with grad_accum 2."""
@@ -404,6 +406,7 @@ def test_two_process_fsdp_gives_the_single_process_losses_and_weights(base, tmp_
             assert excess <= 0, f"{name} {k}: {excess:.2e} past the rounding bound"
 
 
+@pytest.mark.slow  # two spawned ranks, each importing torch and loading the model
 def test_fsdp_with_bf16_frozen_weights_and_fp32_lora_masters(base, tmp_path):
     """A LoRA stage at dtype bfloat16 under FSDP: each layer's group holds bf16 frozen weights and fp32 LoRA
     masters, which FSDP2 gathers in bf16 (its mixed-precision policy); losses and adapter equal one process."""
@@ -419,6 +422,7 @@ def test_fsdp_with_bf16_frozen_weights_and_fp32_lora_masters(base, tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
 
 
+@pytest.mark.slow  # two spawned ranks, each importing torch and loading the model
 def test_fsdp_checkpoints_resume_the_uninterrupted_run(base, tmp_path):
     """Each rank writes its shards (torch.distributed.checkpoint); a resumed 2-rank run reproduces the losses and
     weights of the uninterrupted one. A process without FSDP refuses such a checkpoint, naming the flag."""
