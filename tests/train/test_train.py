@@ -28,8 +28,8 @@ from phi4mm.train.trainer import STAGES, setup_stage, train, trainable_names
 
 DATA = Path(__file__).parents[1] / "data"
 EMBED = "model.embed_tokens.weight"
-TEXT = [("Say hi.", "Hi there."), ("Name a colour.", "Blue."), ("Two plus two?", "Four."),
-        ("Capital of France?", "Paris.")]
+TEXT = (("Say hi.", "Hi there."), ("Name a colour.", "Blue."), ("Two plus two?", "Four."),
+        ("Capital of France?", "Paris."))
 ASR = [("espeak_weather.flac", "the weather is fine"), ("flite_quick_brown_fox.flac", "the quick brown fox")]
 IMAGES = [("astronaut_192.jpg", "An astronaut."), ("coffee_300x200.jpg", "A cup of coffee.")]
 
@@ -364,7 +364,7 @@ def test_two_process_ddp_gives_the_single_process_losses(base, tmp_path):
     """torchrun's path on CPU (gloo): 2 ranks x 1 micro-batch == 1 process x grad_accum 2, step for step."""
     data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
     # One conversation per micro-batch (2 never fit): 4 per epoch, so both ranks get 2, nothing is trimmed.
-    kw = {"max_steps": 4, "lr": 1e-2, "lora_rank": 4, "batch_tokens": _longest(base, tuple(TEXT)) + 8, "progress": False}
+    kw = {"max_steps": 4, "lr": 1e-2, "lora_rank": 4, "batch_tokens": _longest(base, TEXT) + 8, "progress": False}
     with _rank_threads():
         one = train(base, data, "text", tmp_path / "one", grad_accum=2, **kw)
     ddp = _two_ranks((base, data, "text", tmp_path / "ddp"), kw)
@@ -379,7 +379,7 @@ def test_two_process_fsdp_gives_the_single_process_losses_and_weights(base, tmp_
     """FSDP2 (fully_shard) on CPU (gloo), stage decoder (the decoder's own weights train, sharded over 2 ranks):
     the losses and the exported weights equal one process with grad_accum 2."""
     data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
-    kw = {"max_steps": 3, "lr": 1e-3, "batch_tokens": _longest(base, tuple(TEXT)) + 8, "progress": False, "save_every": 0}
+    kw = {"max_steps": 3, "lr": 1e-3, "batch_tokens": _longest(base, TEXT) + 8, "progress": False, "save_every": 0}
     with _rank_threads():
         one = train(base, data, "decoder", tmp_path / "one", grad_accum=2, **kw)
     rows = _two_ranks((base, data, "decoder", tmp_path / "fsdp"), dict(kw, fsdp=True))
@@ -411,7 +411,7 @@ def test_fsdp_with_bf16_frozen_weights_and_fp32_lora_masters(base, tmp_path):
     """A LoRA stage at dtype bfloat16 under FSDP: each layer's group holds bf16 frozen weights and fp32 LoRA
     masters, which FSDP2 gathers in bf16 (its mixed-precision policy); losses and adapter equal one process."""
     data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
-    kw = {"max_steps": 3, "lr": 1e-2, "lora_rank": 4, "batch_tokens": _longest(base, tuple(TEXT)) + 8, "progress": False,
+    kw = {"max_steps": 3, "lr": 1e-2, "lora_rank": 4, "batch_tokens": _longest(base, TEXT) + 8, "progress": False,
           "save_every": 0, "dtype": "bfloat16"}
     with _rank_threads():
         one = train(base, data, "text", tmp_path / "one", grad_accum=2, **kw)
@@ -427,7 +427,7 @@ def test_fsdp_checkpoints_resume_the_uninterrupted_run(base, tmp_path):
     """Each rank writes its shards (torch.distributed.checkpoint); a resumed 2-rank run reproduces the losses and
     weights of the uninterrupted one. A process without FSDP refuses such a checkpoint, naming the flag."""
     data = _write(tmp_path / "text.jsonl", [_chat(q, a) for q, a in TEXT])
-    kw = {"max_steps": 4, "lr": 1e-3, "batch_tokens": _longest(base, tuple(TEXT)) + 8, "progress": False, "fsdp": True}
+    kw = {"max_steps": 4, "lr": 1e-3, "batch_tokens": _longest(base, TEXT) + 8, "progress": False, "fsdp": True}
     full = _two_ranks((base, data, "decoder", tmp_path / "a"), dict(kw, save_every=2))
     assert (tmp_path / "a" / "checkpoint-2" / "sharded").is_dir()
     (tmp_path / "b").mkdir()
