@@ -134,10 +134,32 @@ if triton is not None:
             tl.store(KOUT + (row * KV + head - H) * D + i, y, mask=m)
 
     @triton.jit
+    def _attend_tile(q, KC, VC, BT, row, kvh, t0, stop, acc, l_i, m_i, qk_scale, bt_stride,
+                     KV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PREC: tl.constexpr):
+        """The keys t0 .. t0 + BLOCK_N - 1 (those before `stop`, at least one) folded into the running softmax
+        (acc, l_i, m_i) of the query heads q (G_PAD, D) -> the updated (acc, l_i, m_i)."""
+        d = tl.arange(0, D)
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < stop
+        blk = tl.load(BT + row * bt_stride + t // BS, mask=valid, other=0)
+        off = ((blk * BS + t % BS) * KV + kvh)[:, None] * D + d[None, :]  # (BLOCK_N, D) in the pool
+        k = tl.load(KC + off, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (G_PAD, BLOCK_N), log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile holds at least one valid key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        v = tl.load(VC + off, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        return acc, l_i, m_new
+
+    @triton.jit
     def _paged_decode_kernel(Q, KC, VC, BT, LENS, OUT, ACC, MAX, SUM, qk_scale, bt_stride,
                              H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                              D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr,
-                             NPARTS: tl.constexpr, PREC: tl.constexpr):
+                             NPARTS: tl.constexpr, PREC: tl.constexpr, CONST_BOUNDS: tl.constexpr):
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)
@@ -151,21 +173,19 @@ if triton is not None:
         acc = tl.zeros([G_PAD, D], tl.float32)
         start = part * PART
         stop = tl.minimum(start + PART, seq_len)
-        for t0 in range(start, stop, BLOCK_N):
-            t = t0 + tl.arange(0, BLOCK_N)
-            valid = t < stop
-            blk = tl.load(BT + row * bt_stride + t // BS, mask=valid, other=0)
-            off = ((blk * BS + t % BS) * KV + kvh)[:, None] * D + d[None, :]  # (BLOCK_N, D) in the pool
-            k = tl.load(KC + off, mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (G_PAD, BLOCK_N), log2 units
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds at least one valid key
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            v = tl.load(VC + off, mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
+        if CONST_BOUNDS:
+            # Under Triton's interpreter a loop bound read at run time (stop, and start from the program id)
+            # becomes a Python int through int() of a one-element array, which Triton 3.6's interpreter does
+            # without squeezing and NumPy 2.4 refuses (TypeError). The interpreter walks the partition's whole
+            # span instead, skipping the tiles past the row's end: the same tiles, the same arithmetic.
+            for i in range(0, PART, BLOCK_N):
+                if start + i < stop:
+                    acc, l_i, m_i = _attend_tile(q, KC, VC, BT, row, kvh, start + i, stop, acc, l_i, m_i, qk_scale,
+                                                 bt_stride, KV, D, BS, BLOCK_N, PREC)
+        else:
+            for t0 in range(start, stop, BLOCK_N):
+                acc, l_i, m_i = _attend_tile(q, KC, VC, BT, row, kvh, t0, stop, acc, l_i, m_i, qk_scale,
+                                             bt_stride, KV, D, BS, BLOCK_N, PREC)
         gm = g < G
         if NPARTS == 1:
             out = acc / l_i[:, None]
@@ -293,7 +313,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         sm = torch.empty(R, H, parts, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(R, KV, parts)](q, k_cache, v_cache, block_tables, seq_lens, out, acc, mx, sm, qk_scale,
                                          block_tables.stride(0), H, KV, G, max(MIN_DOT, _p2(G)), D, bs, block_n,
-                                         part, parts, "ieee" if q.dtype == torch.float32 else "tf32",
+                                         part, parts, "ieee" if q.dtype == torch.float32 else "tf32", INTERPRET,
                                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if parts > 1:
         _merge_parts_kernel[(R * H,)](acc, mx, sm, out, D, parts, max(2, _p2(parts)), num_warps=4)

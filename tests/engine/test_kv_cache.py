@@ -17,7 +17,8 @@ from phi4mm.model.lora import NO_ADAPTER, AdapterPlan
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 VOCAB_HI = 199000  # plain text ids (below the special and placeholder tokens)
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 
 
 @pytest.fixture(scope="module", params=DEVICES)
@@ -307,8 +308,6 @@ def test_pool_exhaustion_leaks_nothing(cpu_model):
 
 def test_mixed_adapters_in_one_packed_row(model):
     """Per-sequence adapters in the packed row (token-span plan) equal each sequence's dense forward."""
-    if not hasattr(AdapterPlan, "for_spans"):
-        pytest.skip("AdapterPlan.for_spans (token-span adapter plans) is not in phi4mm/lora.py yet")
     net = model.net
     pool = make_pool(model, 32, 4)
     adapters = [None, "speech", "vision"]

@@ -73,7 +73,11 @@ def test_chat_messages_with_openai_parts(model):
                            images=[scene(300, 200)], audios=[(tone(1.5, rate=48000)[0], 48000)])
     assert prep.input_ids == direct.input_ids
     assert prep.adapter == "vision" and prep.audios.num_tokens == [19]
-    assert isinstance(model.generate(messages, max_new_tokens=3), str)
+    # Generating from the messages answers as generating from the equivalent prompt, and the text reply is the
+    # decoding of those ids.
+    ids = model.generate_ids(direct, max_new_tokens=3)
+    assert 1 <= len(ids) <= 3 and model.generate_ids(messages, max_new_tokens=3) == ids
+    assert model.generate(messages, max_new_tokens=3) == model.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_tools_in_system_turn(model):

@@ -69,7 +69,13 @@ def test_fresh_checkpoint_loads_and_places_media_by_name(micro_tok, fresh):
     prep = m.prepare("<|user|><|audio_1|>Transcribe the audio clip into text.<|end|><|assistant|>",
                      audios=[(wav, 16000)])
     assert prep.input_ids.count(m.config.audio_token_id) == prep.audios.num_tokens[0]
-    assert len(m.generate("<|user|>hello<|end|><|assistant|>", max_new_tokens=4)) >= 0
+    # Greedy generation runs end to end: 1-4 ids that the tokenizer can decode (no padding row), and the text
+    # reply is their decoding without special tokens.
+    prompt = "<|user|>hello<|end|><|assistant|>"
+    ids = m.generate_ids(prompt, max_new_tokens=4)
+    assert 1 <= len(ids) <= 4 and all(0 <= i < m.decodable for i in ids)
+    assert len(ids) == 4 or ids[-1] in m.tokenizer.eos_token_ids
+    assert m.generate(prompt, max_new_tokens=4) == m.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_padded_embedding_rows_are_never_sampled(fresh):

@@ -230,6 +230,7 @@ def test_two_images_of_different_sizes_in_one_batch(hf_model, ours, processor):
 
 # ---- devices ------------------------------------------------------------------------------------------------
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(ours, processor):
     """CUDA SDPA (masked and unmasked crops) equals the CPU result in fp32, and bf16 stays close."""

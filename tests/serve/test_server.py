@@ -259,14 +259,17 @@ def long_clip(seconds: float = 36.0) -> bytes:
 
 def test_transcriptions_and_translations_every_format(client):
     clip = (DATA / "flite_quick_brown_fox.flac").read_bytes()
-    for fmt in ("json", "text", "srt", "vtt", "verbose_json"):
-        r = client.audio.transcriptions.create(model="speech", file=("fox.flac", clip), response_format=fmt)
-        if fmt == "json":
-            assert isinstance(r.text, str)
-        elif fmt == "verbose_json":
-            assert r.duration == pytest.approx(4.9, abs=0.1) and len(r.segments) == 1
-        else:
-            assert isinstance(r, str) and (fmt != "vtt" or r.startswith("WEBVTT"))
+    got = {fmt: client.audio.transcriptions.create(model="speech", file=("fox.flac", clip), response_format=fmt)
+           for fmt in ("json", "text", "srt", "vtt", "verbose_json")}
+    verbose = got["verbose_json"]
+    assert verbose.duration == pytest.approx(4.9, abs=0.1) and len(verbose.segments) == 1
+    # Every format carries the one transcript: the plain text, the JSON's, and the one cue of the subtitles.
+    text = got["json"].text
+    assert got["text"].strip() == text == verbose.text == verbose.segments[0].text
+    words = text.replace("-->", "->").split()  # a cue's payload: the text with no "-->" and no blank line
+    srt, vtt = got["srt"].strip().splitlines(), got["vtt"].strip().splitlines()
+    assert vtt[:2] == ["WEBVTT", ""][:len(vtt)] and " ".join(vtt[3:]).split() == words
+    assert " ".join(srt[2:]).split() == words and (srt[:1] == ["1"] if words else srt == [])
     t = client.audio.translations.create(model="speech", file=("fox.flac", clip), response_format="verbose_json")
     assert t.duration == pytest.approx(4.9, abs=0.1) and len(t.segments) == 1
     r = client.audio.transcriptions.create(model="speech", file=("long.flac", long_clip()),

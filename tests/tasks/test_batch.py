@@ -140,6 +140,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow  # a Ray cluster and two replicas, each loading the model
 def test_batch_on_ray_replicas_equals_the_batch_here(ray_cluster, tiny_official, prompts, local, tmp_path):
     out = tmp_path / "ray.jsonl"
     r = run_batch(tiny_official, prompts, out, defaults=SamplingParams(max_tokens=6), replicas=2, batch_size=2)
@@ -156,6 +157,7 @@ def _port() -> int:
     return port
 
 
+@pytest.mark.slow  # a Ray cluster and two replicas, each loading the model
 def test_server_replicas_on_ray_serve(ray_cluster, tiny_official):
     import openai
     from openai import OpenAI
