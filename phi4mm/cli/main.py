@@ -18,6 +18,7 @@ from pathlib import Path
 
 from phi4mm.cli.args import AUDIO_EXTENSIONS, TRANSCRIBE_FORMATS
 from phi4mm.cli.args import parser as _parser
+from phi4mm.options import ServeOptions
 
 NO_MODEL = "train needs --model DIR, the checkpoint to fine-tune (or --recipe micro to train the micro model)"
 
@@ -295,6 +296,7 @@ def _serve(args) -> int:
     _positive("max-waiting", args.max_waiting)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535; got {args.port}")
+    options = _guard_options(args)
     try:
         from phi4mm.serve.app import serve
     except ImportError as e:
@@ -310,8 +312,30 @@ def _serve(args) -> int:
         return 0
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype,
           max_batch=args.max_batch, max_waiting=args.max_waiting, allow_remote_media=args.allow_remote_media,
-          allow_local_files=args.allow_local_files, merge_adapter=args.merge_adapter)
+          allow_local_files=args.allow_local_files, merge_adapter=args.merge_adapter, options=options)
     return 0
+
+
+def _guard_options(args) -> ServeOptions:
+    """ServeOptions from the `serve` limit flags (args.guard_args), each checked here: exit 2 on a bad one."""
+    limits = {name: getattr(args, name) for name in (
+        "max_prompt_chars", "max_messages", "max_tools", "max_images", "max_audio_seconds",
+        "max_transcription_seconds", "max_media_bytes", "max_sequences", "max_schema_chars")}
+    for name, value in limits.items():
+        if not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0; got {value}")
+    if args.drain_timeout < 0:
+        raise UserError(f"--drain-timeout must be >= 0 seconds; got {args.drain_timeout}")
+    media_dir = args.allowed_media_dir
+    if media_dir is not None and not Path(media_dir).is_dir():
+        raise UserError(f"--allowed-media-dir {media_dir} is not a directory")
+    if args.allow_local_files and media_dir is None:
+        raise UserError("--allow-local-files needs --allowed-media-dir DIR: local media are read only under one "
+                        "directory")
+    origins = tuple(o.strip().rstrip("/") for o in args.allowed_origins.split(",") if o.strip())
+    return ServeOptions(allowed_media_dir=media_dir, allowed_origins=origins,
+                        raw_completion_prompts=args.raw_completion_prompts, drain_timeout_s=args.drain_timeout,
+                        **limits)
 
 
 def _batch(args) -> int:
