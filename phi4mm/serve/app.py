@@ -220,12 +220,17 @@ def draining_server(app: FastAPI, opts: ServeOptions, log_level: str = "info") -
     import uvicorn
 
     srv: Server = app.state.server
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def remember_loop() -> None:
+        loops.append(asyncio.get_running_loop())
+
+    app.router.add_event_handler("startup", remember_loop)
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if not self.should_exit:
-                loop = asyncio.get_event_loop()
-                loop.call_soon_threadsafe(loop.call_later, opts.drain_timeout_s, srv.expire_drain)
+            if not self.should_exit and loops:  # a signal handler: hand the timer to the server's loop
+                loops[0].call_soon_threadsafe(loops[0].call_later, opts.drain_timeout_s, srv.expire_drain)
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=log_level,

@@ -331,3 +331,39 @@ def test_unknown_paths_share_one_metrics_label(live):
     assert "random-" not in text and 'path="other"' in text
     assert 'path="/v1/chat/completions"' in text
     assert "phi4mm_kv_blocks_free" in text
+
+
+def test_shutdown_drain_deadline_ends_open_streams_with_an_error(tiny_official):
+    import signal
+
+    from phi4mm.serve.app import draining_server
+    model = phi4mm.load(tiny_official)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    opts = ServeOptions(port=port, drain_timeout_s=1.0, read_timeout_s=2.0)
+    server = draining_server(create_app(model, num_blocks=NUM_BLOCKS, options=opts), opts, log_level="critical")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    # a silent connection is closed at the header deadline
+    idle = socket.create_connection(("127.0.0.1", port))
+    idle.settimeout(10)
+    t0 = time.monotonic()
+    assert idle.recv(1) == b"" and time.monotonic() - t0 < 8
+    lines = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as http:
+        with http.stream("POST", "/v1/chat/completions",
+                         json=chat_body("Talk for a long time.", max_tokens=3000, stream=True)) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 6:
+                    server.handle_exit(signal.SIGTERM, None)
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert "shutting down" in events[-1]["error"]["message"] and "data: [DONE]" in lines[-2:]
+    thread.join(15)
+    assert not thread.is_alive()
