@@ -202,7 +202,8 @@ class Soak:
                 return None  # the client gave up: that is the point
             return None
         if action == "bad":
-            r = h.post(f"{self.base}/v1/chat/completions", content=rng.choice(BAD),
+            body = rng.choice(BAD).replace(b'"soak"', json.dumps(self.model_name).encode())
+            r = h.post(f"{self.base}/v1/chat/completions", content=body,
                        headers={"Content-Type": "application/json"})
             return r.status_code
         path, body = rng.choice(KILL)
