@@ -308,7 +308,7 @@ def _serve(args) -> int:
                       port=args.port, device=args.device, dtype=args.dtype, api_key=args.api_key,
                       max_batch=args.max_batch, max_waiting=args.max_waiting,
                       allow_remote_media=args.allow_remote_media, allow_local_files=args.allow_local_files,
-                      merge_adapter=args.merge_adapter, ray_address=args.ray_address)
+                      merge_adapter=args.merge_adapter, ray_address=args.ray_address, options=options)
         return 0
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype,
           max_batch=args.max_batch, max_waiting=args.max_waiting, allow_remote_media=args.allow_remote_media,
