@@ -14,7 +14,12 @@ from typing import Any
 
 from phi4mm.config import ModelConfig
 from phi4mm.inputs.audio import AudioInputs, load_audio, preprocess_audios
-from phi4mm.inputs.chat import Segment, flatten_content, prepare_messages, render_segments
+from phi4mm.inputs.chat import (
+    Segment,
+    flatten_content,
+    prepare_messages,
+    render_segments,
+)
 from phi4mm.inputs.image import ImageInputs, load_image, preprocess_images
 from phi4mm.inputs.tokenizer import Tokenizer
 

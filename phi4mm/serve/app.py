@@ -43,7 +43,13 @@ from phi4mm.options import ServeOptions
 from phi4mm.serve.gate import LOOPBACK_HOSTS, DeadlineH11Protocol, Gate
 from phi4mm.serve.media import MediaPolicy
 from phi4mm.serve.routes import audio_task, chat_completions, completions
-from phi4mm.serve.schemas import APIError, ChatRequest, CompletionRequest, error_body, writable
+from phi4mm.serve.schemas import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    error_body,
+    writable,
+)
 from phi4mm.serve.server import Server
 
 INPUT_ERRORS = (ChatError, InputError, ImageError, AudioError, TokenizerError)  # their messages say what to fix

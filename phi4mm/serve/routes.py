@@ -129,7 +129,13 @@ def _check_form(language: str | None, prompt: str | None, temperature: float) ->
 
 async def audio_task(srv: Server, task: str, request: Request, file: UploadFile, model: str, response_format: str,
                      language: str | None, prompt: str | None, temperature: float) -> Response:
-    from phi4mm.tasks.transcribe import FORMATS, Segment, format_segments, split_audio, transcription_prompt
+    from phi4mm.tasks.transcribe import (
+        FORMATS,
+        Segment,
+        format_segments,
+        split_audio,
+        transcription_prompt,
+    )
     t0 = time.perf_counter()
     srv.check_model(model)
     if response_format not in FORMATS:

@@ -14,7 +14,15 @@ from fastapi.responses import StreamingResponse
 from phi4mm.engine.async_engine import RequestStream, merge
 from phi4mm.engine.engine import StepOutput
 from phi4mm.inputs.tools import ContentDelta, ToolCallStreamParser
-from phi4mm.serve.schemas import APIError, ChatRequest, CompletionRequest, chat_logprobs, completion_logprobs, sse, usage
+from phi4mm.serve.schemas import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    sse,
+    usage,
+)
 from phi4mm.serve.server import Choice, Server
 
 

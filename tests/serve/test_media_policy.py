@@ -14,7 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from phi4mm.serve.media import MAX_REDIRECTS, MediaPolicy, is_public_address, resolve_media
+from phi4mm.serve.media import (
+    MAX_REDIRECTS,
+    MediaPolicy,
+    is_public_address,
+    resolve_media,
+)
 from phi4mm.serve.schemas import APIError
 
 SECRET = b"TOP-SECRET-BODY"
