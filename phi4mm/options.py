@@ -49,6 +49,24 @@ class ServeOptions:
     transcription_max_tokens: int = 448
     segment_seconds: float = 30.0
     ui: bool = True  # the web page for chat and transcription at `/` (`--no-ui` turns it off)
+    # Per-request caps, checked from cheap measures (characters, counts, bytes) before any tokenizing or
+    # decoding, so one request cannot hold the tokenizer or the towers for minutes. Each refusal is a 400.
+    max_prompt_chars: int = 400_000  # text of all messages / prompts, tools and schema together
+    max_messages: int = 512
+    max_images: int = 8  # images per request
+    max_audio_seconds: float = 600.0  # all audio clips of one chat request together
+    max_transcription_seconds: float = 1800.0  # one upload to /v1/audio/*, split into segments
+    max_media_bytes: int = 20 << 20  # one image or audio payload (inline, fetched or read)
+    max_sequences: int = 64  # n x prompts of one request
+    max_schema_chars: int = 32_000  # response_format json_schema, as JSON text
+    max_tools: int = 128
+    raw_completion_prompts: bool = False  # /v1/completions reads <|user|>, <|end|>... as special tokens
+    allowed_media_dir: str | None = None  # local media files are read only under this directory
+    remote_media_timeout_s: float = 15.0  # total deadline of one remote fetch, redirects included
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (Origin header)
+    drain_timeout_s: float = 30.0  # on SIGTERM: time given to open requests before they end with an error
+    timeout_keep_alive_s: int = 5  # idle keep-alive connections are closed after this
+    read_timeout_s: float = 30.0  # the headers, then the body, of a request must each arrive within this
 
     def but(self, **changes) -> ServeOptions:
         return replace(self, **changes)

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from phi4mm import __version__
+from phi4mm.options import ServeOptions
 
 EXAMPLES = """examples:
   phi4mm make-checkpoint ./tiny --size tiny --layout official
@@ -246,11 +247,12 @@ def parser() -> Parser:
     sv.add_argument("--max-body-bytes", type=int, default=64 << 20, help="largest request body (default 64 MiB)")
     ray_args(sv)
     sv.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image/audio URLs")
-    sv.add_argument("--allow-local-files", action="store_true", help="let requests name file:// paths on this "
-                    "machine")
+    sv.add_argument("--allow-local-files", action="store_true", help="let requests name files on this machine; "
+                    "needs --allowed-media-dir")
     sv.add_argument("--no-ui", dest="ui", action="store_false", help="do not serve the web page for chat and "
                     "transcription at / (the API only)")
     merge_arg(sv)
+    guard_args(sv)
     vl = sv.add_argument_group("vLLM's flags", "honoured where they mean something here; the others are "
                                "accepted with a start-up line saying why they change nothing")
     vl.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=DIR", help="PEFT adapter folders to "
@@ -337,3 +339,27 @@ def parser() -> Parser:
                     "state over the processes (FSDP2) instead of copying them to each (DDP), for stages that train "
                     "large parts; its checkpoints are sharded (each rank writes its part)")
     return p
+
+
+def guard_args(sv: argparse.ArgumentParser) -> None:
+    """`serve` limits for hostile or heavy traffic (ServeOptions; each refusal is an HTTP 400 naming the flag)."""
+    d = ServeOptions()
+    g = sv.add_argument_group("request limits and safety")
+    g.add_argument("--allowed-media-dir", default=None, metavar="DIR", help="read local image/audio files named "
+                   "in requests only under DIR (default: no local files)")
+    g.add_argument("--allowed-origins", default="", metavar="ORIGINS", help="comma-separated web origins allowed "
+                   "to call the API from a browser, e.g. https://app.example.com ('*': any; default: none)")
+    g.add_argument("--raw-completion-prompts", action="store_true", help="read <|user|>, <|end|>... in "
+                   "/v1/completions prompts as special tokens (trusted clients; default: plain text)")
+    for flag, kind, default, what in (
+            ("--max-prompt-chars", int, d.max_prompt_chars, "characters of text per request"),
+            ("--max-messages", int, d.max_messages, "messages per chat request"),
+            ("--max-tools", int, d.max_tools, "tools per chat request"),
+            ("--max-images", int, d.max_images, "images per request"),
+            ("--max-audio-seconds", float, d.max_audio_seconds, "seconds of audio per chat request"),
+            ("--max-transcription-seconds", float, d.max_transcription_seconds, "seconds per audio upload"),
+            ("--max-media-bytes", int, d.max_media_bytes, "bytes per image or audio item"),
+            ("--max-sequences", int, d.max_sequences, "n x prompts per request"),
+            ("--max-schema-chars", int, d.max_schema_chars, "characters of a response_format json_schema"),
+            ("--drain-timeout", float, d.drain_timeout_s, "seconds open requests get after SIGTERM")):
+        g.add_argument(flag, type=kind, default=default, metavar="N", help=f"{what} (default {default})")

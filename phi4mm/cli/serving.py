@@ -71,8 +71,35 @@ def banner(model: Any, engine: Any, names: list[str], url: str) -> list[str]:
             f"serving at {url} (OpenAI API under /v1; Ctrl-C stops)"]
 
 
+def guard_options(args: Any) -> Any:
+    """ServeOptions from the `serve` limit and safety flags (args.guard_args), each checked: exit 2 on a bad one."""
+    from pathlib import Path
+
+    from phi4mm.options import ServeOptions
+    limits = {name: getattr(args, name) for name in (
+        "max_prompt_chars", "max_messages", "max_tools", "max_images", "max_audio_seconds",
+        "max_transcription_seconds", "max_media_bytes", "max_sequences", "max_schema_chars")}
+    for name, value in limits.items():
+        if not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0; got {value}")
+    if args.drain_timeout < 0:
+        raise UserError(f"--drain-timeout must be >= 0 seconds; got {args.drain_timeout}")
+    media_dir = args.allowed_media_dir
+    if media_dir is not None and not Path(media_dir).is_dir():
+        raise UserError(f"--allowed-media-dir {media_dir} is not a directory")
+    if args.allow_local_files and media_dir is None:
+        raise UserError("--allow-local-files needs --allowed-media-dir DIR: local media are read only under one "
+                        "directory")
+    origins = tuple(o.strip().rstrip("/") for o in args.allowed_origins.split(",") if o.strip())
+    return ServeOptions(host=args.host, port=args.port, api_key=args.api_key, allowed_media_dir=media_dir,
+                        allowed_origins=origins, raw_completion_prompts=args.raw_completion_prompts,
+                        drain_timeout_s=args.drain_timeout, allow_remote_media=args.allow_remote_media,
+                        max_body_bytes=args.max_body_bytes, ui=args.ui, **limits)
+
+
 def serve(args: Any, options: Any) -> int:
     from phi4mm.cli.common import load_model, make_engine
+    serve_options = guard_options(args)
     for line in ignored_flags(args):
         _say(line)
     if args.replicas is not None:
@@ -84,11 +111,9 @@ def serve(args: Any, options: Any) -> int:
                       port=args.port, device=args.device, dtype=args.dtype, api_key=args.api_key,
                       max_batch=args.max_batch, max_waiting=args.max_waiting,
                       allow_remote_media=args.allow_remote_media, allow_local_files=args.allow_local_files,
-                      merge_adapter=args.merge_adapter, ray_address=args.ray_address)
+                      merge_adapter=args.merge_adapter, ray_address=args.ray_address, options=serve_options)
         return 0
-    import uvicorn
-
-    from phi4mm.serve.app import create_app
+    from phi4mm.serve.app import create_app, run_server
     model = load_model(args)
     load_adapters(model, args.lora_folders, args.max_lora_rank)
     engine = make_engine(model, options)
@@ -99,9 +124,9 @@ def serve(args: Any, options: Any) -> int:
     app = create_app(model, engine, model_name=names[0], aliases=(*names[1:], "phi4mm"), api_key=args.api_key,
                      max_waiting=args.max_waiting, allow_remote_media=args.allow_remote_media,
                      allow_local_files=args.allow_local_files, max_body_bytes=args.max_body_bytes,
-                     mm_limits=args.mm_limits, ui=args.ui)
+                     mm_limits=args.mm_limits, ui=args.ui, options=serve_options)
     host = f"[{args.host}]" if ":" in args.host else args.host
     for line in banner(model, engine, app.state.server.names, f"http://{host}:{args.port}"):
         _say(line)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    run_server(app, serve_options)
     return 0

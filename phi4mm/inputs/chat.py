@@ -19,6 +19,10 @@ Choices the template leaves open (documented here because the model card does no
 - Images and audio become `<|image_N|>` / `<|audio_N|>` placeholders, numbered from 1 in order of appearance
   across the whole conversation (the original processor matches them in order and ignores N).
 - A video (`video_url` / `video` part) takes one image number here; `prepare` expands it into its frames.
+- The "developer" role (newer OpenAI clients send it for instructions) renders as "system".
+- `render_segments` gives the same prompt in pieces, telling the template's own text (role tokens, `<|end|>`,
+  media placeholders) from what the client wrote (message text, tool JSON), so a tokenizer can keep the
+  client's `<|assistant|>` or `<|endoftext10|>` plain text instead of special tokens.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import json
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
+ROLE_ALIASES = {"developer": "system"}
 EOS_TOKEN = "<|endoftext|>"
 
 # Part types that carry an image / audio, and where each keeps its payload. The payload is handed on
@@ -70,25 +75,40 @@ def flatten_content(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
     in order of appearance: the k-th image anywhere in the conversation becomes `<|image_k|>`. Messages are
     shallow-copied; other keys (tool_calls, name, tools...) are kept.
     """
+    out, _, images, audios = _flatten(messages)
+    return out, images, audios
+
+
+Segment = tuple[str, bool]  # (text, is_markup): markup is the template's own text, the rest the client's
+
+
+def _flatten(messages: list[dict[str, Any]]
+             ) -> tuple[list[dict[str, Any]], list[list[Segment]], list[Any], list[Any]]:
+    """flatten_content, plus each message's content as segments (placeholders are markup)."""
     if not isinstance(messages, list):
         raise ChatError(f"messages must be a list of dicts, got {type(messages).__name__}")
     images: list[Any] = []
     audios: list[Any] = []
     out: list[dict[str, Any]] = []
+    segments: list[list[Segment]] = []
     for m, msg in enumerate(messages):
         where = f"messages[{m}]"
         if not isinstance(msg, dict):
             raise ChatError(f"{where} must be a dict with 'role' and 'content', got {type(msg).__name__}")
         role = msg.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
-            raise ChatError(f"{where} has role {role!r}; Phi-4 knows only {ROLES}")
+            raise ChatError(f"{where} has role {repr(role)[:40]}; Phi-4 knows only {ROLES} (and 'developer', "
+                            "read as 'system')")
         content = msg.get("content")
+        segs: list[Segment] = []
         if isinstance(content, list):
             pieces: list[str] = []
             for p, part in enumerate(content):
                 pwhere = f"{where}.content[{p}]"
                 if isinstance(part, str):  # a bare string part is plain text
                     pieces.append(part)
+                    segs.append((part, False))
                     continue
                 if not isinstance(part, dict) or "type" not in part:
                     raise ChatError(f"{pwhere} must be a dict with a 'type' field, got {part!r:.80}")
@@ -98,20 +118,24 @@ def flatten_content(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
                     if not isinstance(text, str):
                         raise ChatError(f"{pwhere}: a 'text' part needs a str 'text' field, got {text!r:.80}")
                     pieces.append(text)
+                    segs.append((text, False))
                 elif kind in _IMAGE_PARTS:
                     images.append(_payload(part, _IMAGE_PARTS[kind], pwhere))
                     pieces.append(f"<|image_{len(images)}|>")
+                    segs.append((pieces[-1], True))
                 elif kind in _VIDEO_PARTS:
                     holder = part.get(_VIDEO_PARTS[kind])
                     opts = {k: v for k, v in (holder if isinstance(holder, dict) else part).items()
                             if k in _VIDEO_OPTIONS}
                     images.append({"video": _payload(part, _VIDEO_PARTS[kind], pwhere), **opts})
                     pieces.append(f"<|image_{len(images)}|>")
+                    segs.append((pieces[-1], True))
                 elif kind in _AUDIO_PARTS:
                     audios.append(_payload(part, _AUDIO_PARTS[kind], pwhere))
                     pieces.append(f"<|audio_{len(audios)}|>")
+                    segs.append((pieces[-1], True))
                 else:
-                    raise ChatError(f"{pwhere} has unknown type {kind!r}; use one of 'text', "
+                    raise ChatError(f"{pwhere} has unknown type {str(kind)[:40]!r}; use one of 'text', "
                                     f"{', '.join(repr(k) for k in [*_IMAGE_PARTS, *_AUDIO_PARTS, *_VIDEO_PARTS])}")
             content = "".join(pieces)
         elif content is None:
@@ -120,8 +144,11 @@ def flatten_content(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
                 raise ChatError(f"{where} ({role}) has no content; give a str or a list of parts")
         elif not isinstance(content, str):
             raise ChatError(f"{where}.content must be a str or a list of parts, got {type(content).__name__}")
-        out.append({**msg, "content": content})
-    return out, images, audios
+        else:
+            segs.append((content, False))
+        out.append({**msg, "role": role, "content": content})
+        segments.append(segs)
+    return out, segments, images, audios
 
 
 def _tool_spec(tool: Any, i: int) -> Any:
@@ -132,7 +159,7 @@ def _tool_spec(tool: Any, i: int) -> Any:
     return tool
 
 
-def _render_tool_calls(calls: Any, where: str) -> str:
+def _render_tool_calls(calls: Any, where: str) -> list[Segment]:
     if not isinstance(calls, list):
         raise ChatError(f"{where}.tool_calls must be a list, got {type(calls).__name__}")
     rendered = []
@@ -148,7 +175,7 @@ def _render_tool_calls(calls: Any, where: str) -> str:
             except json.JSONDecodeError:
                 pass  # keep the string; better a faithful odd prompt than a refusal
         rendered.append({"name": fn["name"], "arguments": args})
-    return f"<|tool_call|>{_dumps(rendered)}<|/tool_call|>"
+    return [("<|tool_call|>", True), (_dumps(rendered), False), ("<|/tool_call|>", True)]
 
 
 def render_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
@@ -157,7 +184,14 @@ def render_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | 
 
     List-of-parts contents are flattened with `flatten_content` (use it directly to get the media).
     """
-    msgs, _, _ = flatten_content(messages)
+    return "".join(text for text, _ in render_segments(messages, tools, add_generation_prompt, eos_token))
+
+
+def render_segments(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, eos_token: str = EOS_TOKEN) -> list[Segment]:
+    """`render_prompt`'s text as (piece, is_markup) segments; markup pieces are the template's tokens and the
+    media placeholders, the others are text the client wrote."""
+    msgs, segs, _, _ = _flatten(messages)
     if tools is not None:
         if not isinstance(tools, list):
             raise ChatError(f"tools must be a list of function descriptions, got {type(tools).__name__}")
@@ -165,25 +199,30 @@ def render_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | 
         sys_at = next((i for i, m in enumerate(msgs) if m["role"] == "system"), None)
         if sys_at is None:
             msgs.insert(0, {"role": "system", "content": "", "tools": spec})
+            segs.insert(0, [])
         elif msgs[sys_at].get("tools") is not None:
             raise ChatError("tools were given both as render_prompt(tools=...) and in the system message; "
                             "pass them once")
         else:
             msgs[sys_at] = {**msgs[sys_at], "tools": spec}
-    parts: list[str] = []
+    parts: list[Segment] = []
     for m, msg in enumerate(msgs):
-        role, content = msg["role"], msg["content"] or ""
+        role = msg["role"]
+        parts += [(f"<|{role}|>", True), *segs[m]]
         if role == "assistant" and msg.get("tool_calls"):
-            content += _render_tool_calls(msg["tool_calls"], f"messages[{m}]")
+            parts += _render_tool_calls(msg["tool_calls"], f"messages[{m}]")
         msg_tools = msg.get("tools")
         if role == "system" and msg_tools is not None:
-            if not isinstance(msg_tools, str):  # the template concatenates a string; accept a list too
+            if isinstance(msg_tools, list):  # the template concatenates a string; accept a list too
                 msg_tools = _dumps([_tool_spec(t, i) for i, t in enumerate(msg_tools)])
-            parts.append(f"<|{role}|>{content}<|tool|>{msg_tools}<|/tool|><|end|>")
+            elif not isinstance(msg_tools, str):
+                raise ChatError(f"messages[{m}].tools must be a list of function descriptions (or their JSON "
+                                f"text), got {type(msg_tools).__name__}")
+            parts += [("<|tool|>", True), (msg_tools, False), ("<|/tool|><|end|>", True)]
         else:
-            parts.append(f"<|{role}|>{content}<|end|>")
-    parts.append("<|assistant|>" if add_generation_prompt else eos_token)
-    return "".join(parts)
+            parts.append(("<|end|>", True))
+    parts.append(("<|assistant|>" if add_generation_prompt else eos_token, True))
+    return parts
 
 
 def prepare_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,

@@ -285,6 +285,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self._bytes: list[bytes] | None = None  # id -> raw bytes, built on first streaming use
         self._special_ids: frozenset[int] | None = None
+        self._plain: _HFTokenizer | None = None  # the same BPE without added tokens (encode_plain)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -317,6 +318,22 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """`encode`, but every added token's text (`<|end|>`, `<|endoftext10|>`...) is read as plain characters:
+        for text a client wrote, which must not open a turn or stand for an image."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode_plain expects a str, got {type(text).__name__}")
+        if self._plain is None:
+            plain = _HFTokenizer(self._tok.model)  # shares the BPE tables; no added tokens
+            plain.normalizer, plain.pre_tokenizer = self._tok.normalizer, self._tok.pre_tokenizer
+            self._plain = plain
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    @property
+    def rstrip_tokens(self) -> tuple[str, ...]:
+        """Added tokens that swallow the whitespace after them."""
+        return tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.rstrip)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

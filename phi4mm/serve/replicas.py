@@ -41,7 +41,8 @@ def start(model_dir: str | Path, replicas: int = 2, *, gpus_per_replica: float =
           host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", dtype: str | None = None,
           api_key: str | None = None, max_batch: int = 64, max_waiting: int = 1024, num_blocks: int | None = None,
           allow_remote_media: bool = False, allow_local_files: bool = False, merge_adapter: str | None = None,
-          model_name: str | None = None, ray_address: str | None = None, app_name: str = "phi4mm") -> str:
+          model_name: str | None = None, ray_address: str | None = None, app_name: str = "phi4mm",
+          options: Any = None) -> str:
     """Deploy `replicas` servers of `model_dir` on Ray Serve at http://host:port and return that URL once every
     replica has loaded. `serve.shutdown()` (or `stop()`) takes them down."""
     if replicas < 1:
@@ -55,7 +56,7 @@ def start(model_dir: str | Path, replicas: int = 2, *, gpus_per_replica: float =
         num_blocks = cpu_kv_blocks(device)
     app_kwargs = dict(model_name=model_name or Path(model_dir).name, api_key=api_key, num_blocks=num_blocks,
                       max_batch=max_batch, max_waiting=max_waiting, allow_remote_media=allow_remote_media,
-                      allow_local_files=allow_local_files, merge_adapter=merge_adapter)
+                      allow_local_files=allow_local_files, merge_adapter=merge_adapter, options=options)
     deployment = serve.deployment(serve.ingress()(Replica), name="phi4mm", num_replicas=replicas,
                                   max_ongoing_requests=max_batch + max_waiting,
                                   ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica})

@@ -158,7 +158,8 @@ def test_transformers_style_media_parts():
 @pytest.mark.parametrize("messages, match", [
     ("not a list", "must be a list"),
     (["not a dict"], r"messages\[0\] must be a dict"),
-    ([{"role": "developer", "content": "x"}], "role 'developer'"),
+    ([{"role": "wizard", "content": "x"}], "role 'wizard'"),
+    ([{"role": "system", "content": "x", "tools": 5}], "tools must be a list"),
     ([{"content": "x"}], "role None"),
     ([{"role": "user", "content": 42}], "must be a str or a list of parts"),
     ([{"role": "user", "content": None}], "has no content"),
@@ -183,3 +184,8 @@ def test_bad_tools_and_calls():
         render_prompt([*msgs, {"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}])
     with pytest.raises(ChatError, match="tool_calls must be a list"):
         render_prompt([*msgs, {"role": "assistant", "content": "", "tool_calls": {"name": "f"}}])
+
+
+def test_developer_role_renders_as_system():
+    assert render_prompt([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]) == \
+        "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>"

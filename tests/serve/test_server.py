@@ -29,6 +29,7 @@ import phi4mm
 from phi4mm.engine.engine import EngineBusy, StepOutput
 from phi4mm.inputs.audio import load_audio
 from phi4mm.inputs.prepare import Prepared
+from phi4mm.options import ServeOptions
 from phi4mm.serve.app import create_app
 
 DATA = Path(__file__).parents[1] / "data"
@@ -64,8 +65,9 @@ def model(tiny_official):
 
 @pytest.fixture(scope="module")
 def live(model):
+    # raw completion prompts: the model-card format on /v1/completions, compared with chat below
     app = create_app(model, num_blocks=NUM_BLOCKS, max_batch=16, api_key=KEY, max_body_bytes=4 << 20,
-                     transcription_max_tokens=4)
+                     transcription_max_tokens=4, options=ServeOptions(raw_completion_prompts=True, max_prompt_chars=800_000))
     with serve(app) as port:
         yield app, port
 
@@ -239,8 +241,9 @@ def test_engine_busy_and_internal_error_then_recovery(scripted):
     with pytest.raises(openai.RateLimitError):
         chat(client, "x")
     eng.script = "RAISE"
-    with pytest.raises(openai.InternalServerError, match="scripted failure"):
+    with pytest.raises(openai.InternalServerError, match="engine failed") as e:
         chat(client, "x")
+    assert "scripted" not in str(e.value)  # no internal text leaks
     eng.script = "fine again"
     assert chat(client, "x").choices[0].message.content == "fine again"
 
@@ -290,11 +293,12 @@ def test_client_mistakes_are_typed_4xx(live, client):
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]}],
          openai.BadRequestError, "allow-remote-media"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(DATA / "coffee_300x200.jpg")}}]}],
-         openai.BadRequestError, "allow-local-files"),
+         openai.BadRequestError, "allowed-media-dir"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}}]}],
          openai.BadRequestError, "image"),
         ([{"role": "user", "content": [{"type": "video", "video": "x"}]}], openai.BadRequestError, "unknown type"),
         ([{"role": "user", "content": "word " * 140_000}], openai.BadRequestError, "context"),
+        ([{"role": "user", "content": "word " * 170_000}], openai.BadRequestError, "max-prompt-chars"),
     ]
     for messages, exc, words in bad:
         with pytest.raises(exc, match=words) as e:

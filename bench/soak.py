@@ -1,0 +1,293 @@
+"""Soak test of the HTTP server on loopback: N clients for T minutes with hang-ups, malformed requests and the
+requests that once broke other requests mixed into normal traffic.
+
+    python bench/soak.py                                  # the embedded micro model, 16 clients, 2 minutes
+    python bench/soak.py --model DIR --clients 32 --minutes 10 --out bench/results/soak.json
+
+The server runs as `phi4mm serve` in a subprocess on 127.0.0.1 (nothing else is reachable: no host option).
+Each client draws its next action from a seeded generator: a greedy chat (streamed or not, text or image), a
+greedy completion, a transcription, a hang-up (a stream closed after a few chunks, or a non-streamed request
+abandoned after a moment), a malformed request, or a kill case. Greedy answers are compared with the same
+request sent alone before the run: any difference is a "mixed answer". Reported: requests, responses by
+status, mixed answers, client-side errors, server RSS over time, and whether /metrics agrees with the clients
+(request totals; no request left running or waiting; the KV cache back to its idle size). Bounded: at most
+64 clients and 30 minutes, every HTTP call with a timeout.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+MAX_CLIENTS, MAX_MINUTES = 64, 30.0
+CALL_TIMEOUT_S = 120.0
+RSS_EVERY_S = 5.0
+PROMPTS = ["Tell me about the sea.", "What is two plus two?", "Name three colours.", "Describe a cat.",
+           "Write a haiku about rain.", "What is the capital of France?", "Count to five.", "Say hello."]
+ACTIONS = {"chat": 30, "chat_stream": 20, "image": 6, "completion": 8, "transcription": 4, "hangup_stream": 10,
+           "hangup_wait": 6, "bad": 10, "kill": 6}
+
+
+def image_part() -> dict:
+    data = base64.b64encode((DATA / "coffee_300x200.jpg").read_bytes()).decode()
+    return {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + data}}
+
+
+def chat_body(content, max_tokens: int = 16, **kw) -> dict:
+    return {"model": "soak", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, **kw}
+
+
+KILL = [("/v1/chat/completions", chat_body("x", top_k=2**63)), ("/v1/chat/completions", chat_body("x", min_tokens=2**63)),
+        ("/v1/completions", {"model": "soak", "prompt": [200010, 200010, 5], "max_tokens": 2}),
+        ("/v1/completions", {"model": "soak", "prompt": "<|endoftext10|><|endoftext11|>", "max_tokens": 2})]
+BAD = [b"{not json", b'{"model": "soak", "messages": 5}', b'{"model": "soak", "messages": [{"role": "x"}]}',
+       json.dumps(chat_body("\ud800")).encode(), json.dumps(chat_body("hi", n=999)).encode(),
+       json.dumps(chat_body("hi", tool_choice={"type": "function", "function": "f"}, tools=[{"name": "f"}])).encode(),
+       json.dumps({**chat_body("hi"), "messages": [{"role": "system", "content": "s", "tools": 5}]}).encode()]
+
+
+def start_server(model: str | None, clients: int) -> tuple[subprocess.Popen, int]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    cmd = [sys.executable, "-m", "phi4mm.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--max-batch", str(max(clients, 8))]
+    if model:
+        cmd += ["--model", model]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}")
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not come up within 300 s")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Soak:
+    def __init__(self, port: int, model_name: str, seed: int):
+        self.base, self.model_name, self.seed = f"http://127.0.0.1:{port}", model_name, seed
+        self.lock = threading.Lock()
+        self.statuses: Counter = Counter()
+        self.actions: Counter = Counter()
+        self.client_errors: Counter = Counter()
+        self.mixed: list[dict] = []
+        self.greedy_checked = 0
+        self.sent = 0
+        self.reference: dict[str, str] = {}
+        self.img = image_part()
+        self.clip = (DATA / "flite_quick_brown_fox.flac").read_bytes()
+
+    # ------------------------------------------------------------------ requests
+    def body(self, b: dict) -> dict:
+        return {**b, "model": self.model_name}
+
+    def chat(self, h: httpx.Client, content, stream: bool) -> tuple[int, str | None]:
+        body = self.body(chat_body(content, stream=stream))
+        if not stream:
+            r = h.post(f"{self.base}/v1/chat/completions", json=body)
+            return r.status_code, r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else None
+        text = ""
+        with h.stream("POST", f"{self.base}/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                return r.status_code, None
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    msg = json.loads(line[6:])
+                    if "error" in msg:
+                        return 599, None  # an error event mid-stream (counted apart from HTTP statuses)
+                    text += "".join(c["delta"].get("content") or "" for c in msg["choices"])
+        return 200, text
+
+    def completion(self, h: httpx.Client, prompt: str) -> tuple[int, str | None]:
+        r = h.post(f"{self.base}/v1/completions", json=self.body({"prompt": prompt, "max_tokens": 16,
+                                                                   "temperature": 0}))
+        return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else None
+
+    def transcription(self, h: httpx.Client) -> tuple[int, str | None]:
+        r = h.post(f"{self.base}/v1/audio/transcriptions", files={"file": ("fox.flac", self.clip)},
+                   data={"model": self.model_name})
+        return r.status_code, r.json()["text"] if r.status_code == 200 else None
+
+    def greedy(self, h: httpx.Client, key: str, stream: bool = False) -> tuple[int, str | None]:
+        kind, _, prompt = key.partition(":")
+        if kind == "chat":
+            return self.chat(h, prompt, stream)
+        if kind == "image":
+            return self.chat(h, [self.img, {"type": "text", "text": prompt}], stream)
+        if kind == "completion":
+            return self.completion(h, prompt)
+        return self.transcription(h)
+
+    def references(self) -> None:
+        keys = [f"chat:{p}" for p in PROMPTS] + [f"image:{p}" for p in PROMPTS[:2]] + \
+            [f"completion:{p}" for p in PROMPTS[:4]] + ["transcription:fox"]
+        with httpx.Client(timeout=CALL_TIMEOUT_S) as h:
+            for k in keys:
+                status, text = self.greedy(h, k)
+                if status != 200:
+                    raise SystemExit(f"reference request {k} failed with HTTP {status}")
+                self.reference[k] = text
+
+    # ------------------------------------------------------------------ clients
+    def client(self, i: int, stop_at: float) -> None:
+        rng = random.Random(self.seed * 1000 + i)
+        names, weights = list(ACTIONS), list(ACTIONS.values())
+        with httpx.Client(timeout=CALL_TIMEOUT_S) as h:
+            while time.monotonic() < stop_at:
+                action = rng.choices(names, weights)[0]
+                try:
+                    status = self.act(h, action, rng)
+                except (httpx.HTTPError, OSError, ValueError) as e:
+                    status = None
+                    with self.lock:
+                        self.client_errors[f"{action}: {type(e).__name__}"] += 1
+                with self.lock:
+                    self.sent += 1
+                    self.actions[action] += 1
+                    if status is not None:
+                        self.statuses[status] += 1
+
+    def act(self, h: httpx.Client, action: str, rng: random.Random) -> int | None:
+        if action in ("chat", "chat_stream", "image", "completion", "transcription"):
+            kind = "chat" if action == "chat_stream" else action
+            key = rng.choice([k for k in self.reference if k.startswith(kind + ":")])
+            status, text = self.greedy(h, key, stream=action == "chat_stream")
+            if status == 200:
+                with self.lock:
+                    self.greedy_checked += 1
+                    if text != self.reference[key]:
+                        self.mixed.append({"request": key, "alone": self.reference[key], "under_load": text})
+            return status
+        if action == "hangup_stream":
+            body = self.body(chat_body(rng.choice(PROMPTS), max_tokens=400, stream=True, ignore_eos=True))
+            with h.stream("POST", f"{self.base}/v1/chat/completions", json=body) as r:
+                for k, _ in enumerate(r.iter_lines()):
+                    if k >= rng.randint(1, 8):
+                        break
+                return r.status_code
+        if action == "hangup_wait":
+            body = self.body(chat_body(rng.choice(PROMPTS), max_tokens=400, ignore_eos=True))
+            try:
+                httpx.post(f"{self.base}/v1/chat/completions", json=body, timeout=rng.uniform(0.1, 1.0))
+            except httpx.TimeoutException:
+                return None  # the client gave up: that is the point
+            return None
+        if action == "bad":
+            body = rng.choice(BAD).replace(b'"soak"', json.dumps(self.model_name).encode())
+            r = h.post(f"{self.base}/v1/chat/completions", content=body,
+                       headers={"Content-Type": "application/json"})
+            return r.status_code
+        path, body = rng.choice(KILL)
+        return h.post(f"{self.base}{path}", json=self.body(body)).status_code
+
+
+def metric_sum(text: str, name: str, label: str | None = None) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (label is None or label in line):
+            m = re.match(rf"{name}(\{{[^}}]*\}})? ([0-9.e+-]+)$", line)
+            if m:
+                total += float(m.group(2))
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded micro model)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--minutes", type=float, default=2.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak_cpu.json")
+    args = ap.parse_args()
+    if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.minutes <= MAX_MINUTES:
+        ap.error(f"--clients must be 1..{MAX_CLIENTS} and --minutes in (0, {MAX_MINUTES}]")
+    proc, port = start_server(args.model, args.clients)
+    try:
+        name = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+        soak = Soak(port, name, args.seed)
+        soak.references()
+        idle_metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        free_idle = metric_sum(idle_metrics, "phi4mm_kv_blocks_free")
+        counted_before = metric_sum(idle_metrics, "phi4mm_requests_total")
+        rss: list[tuple[float, float]] = [(0.0, rss_mib(proc.pid))]
+        t0 = time.monotonic()
+        stop_at = t0 + args.minutes * 60
+        threads = [threading.Thread(target=soak.client, args=(i, stop_at), daemon=True) for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            time.sleep(RSS_EVERY_S)
+            rss.append((round(time.monotonic() - t0, 1), round(rss_mib(proc.pid), 1)))
+        for t in threads:
+            t.join(CALL_TIMEOUT_S)
+        time.sleep(2.0)  # let the abandoned requests' cancellations land
+        alive = httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        after = [soak.greedy(httpx.Client(timeout=CALL_TIMEOUT_S), k) for k in soak.reference]
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        counted = metric_sum(metrics, "phi4mm_requests_total") - counted_before
+        report = {
+            "model": args.model or "micro (embedded)", "clients": args.clients, "minutes": args.minutes,
+            "seed": args.seed, "requests": soak.sent, "actions": dict(soak.actions),
+            "responses_by_status": {str(k): v for k, v in sorted(soak.statuses.items())},
+            "server_errors_5xx": sum(v for k, v in soak.statuses.items() if 500 <= k < 599),
+            "error_events_mid_stream": soak.statuses.get(599, 0),
+            "client_side_errors": dict(soak.client_errors),
+            "greedy_answers_checked": soak.greedy_checked, "mixed_answers": len(soak.mixed),
+            "mixed_examples": soak.mixed[:5],
+            "alive_after": alive,
+            "reference_answers_unchanged_after": [t for _, t in after] == list(soak.reference.values()),
+            "rss_mib": rss, "rss_start_mib": rss[0][1], "rss_peak_mib": max(r for _, r in rss),
+            "rss_end_mib": rss_mib(proc.pid),
+            "metrics": {
+                "requests_counted_by_server": counted,
+                "requests_sent_by_clients": soak.sent + len(after) + 2,  # + the checks after the run
+                "running_after": metric_sum(metrics, "phi4mm_requests_running"),
+                "waiting_after": metric_sum(metrics, "phi4mm_requests_waiting"),
+                "kv_blocks_free_idle_before": free_idle,
+                "kv_blocks_free_idle_after": metric_sum(metrics, "phi4mm_kv_blocks_free"),
+            },
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("rss_mib", "mixed_examples")}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
