@@ -96,9 +96,9 @@ def prompts() -> list[tuple[str, str, list, list]]:
     """(kind, prompt, images, audios) for the quality measurement: > 2,000 positions in all."""
     from tests.conftest import scene, tone
     u = "<|user|>{}<|end|><|assistant|>"
-    return [("text", u.format(TEXT * 12), [], []),
+    return [("text", u.format(TEXT * 30), [], []),
             ("image", u.format("<|image_1|>Describe the picture in detail."), [scene(448, 448)], []),
-            ("audio", u.format("<|audio_1|>Transcribe the audio clip into text."), [], [tone(12.0)]),
+            ("audio", u.format("<|audio_1|>Transcribe the audio clip into text."), [], [tone(16.0)]),
             ("image+audio", u.format("<|image_1|><|audio_1|>Answer the question about the picture."),
              [scene(448, 448, 3)], [tone(6.0, seed=1)])]
 

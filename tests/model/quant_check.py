@@ -22,6 +22,7 @@ def main(device: str) -> int:
     assert kernels.available(torch.empty(0, device=device)), "Triton is not available on " + device
     g = torch.Generator().manual_seed(0)
     good = True
+    tol = 1e-5 if device == "cpu" else 2e-3  # CUDA dot products on fp32 inputs round them to tf32
     # fp32 activations: the interpreter's bf16 dot products are not trustworthy (see kernel_check.py).
     for N, K, M in ((40, 256, 1), (48, 64, 3), (24, 512, 17)):
         w = torch.randn(N, K, generator=g).to(device)
@@ -41,7 +42,7 @@ def main(device: str) -> int:
             want = x @ dense.T
             # Same products, summed in another order: fp32 rounding only.
             err = ((y - want).abs().max() / want.abs().max()).item()
-            good &= check(f"qmm {method} M={M} N={N} K={K}", err < 1e-5, f"rel err {err:.1e}")
+            good &= check(f"qmm {method} M={M} N={N} K={K}", err < tol, f"rel err {err:.1e}")
     # The layer: kernels (under inference mode) against the dequantize-then-matmul path, with adapters mixed.
     loras = {"a": LoraConfig(r=4, lora_alpha=8, dropout=0.0)}
     for method in quant.METHODS:
@@ -56,7 +57,7 @@ def main(device: str) -> int:
             fast = lin(x, plan)
         slow = lin(x, plan)  # grad mode: the plain torch path
         err = ((fast - slow).abs().max() / slow.abs().max()).item()
-        good &= check(f"QuantLoraLinear {method} kernels vs torch", err < 1e-5, f"rel err {err:.1e}")
+        good &= check(f"QuantLoraLinear {method} kernels vs torch", err < tol, f"rel err {err:.1e}")
     return 0 if good else 1
 
 
