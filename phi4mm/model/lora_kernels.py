@@ -195,10 +195,12 @@ if triton is not None:
         rows, valid = _segment_rows(ORDER, COUNTS, STARTS, slot, pid_m, BM)
         n = pid_n * BN + tl.arange(0, BN)
         nm = n < rank
-        a_ptr = tl.load(A_PTRS + slot).to(tl.pointer_type(X.dtype.element_ty))
+        # A pointer read from memory tells the compiler nothing of its alignment: without these hints every load
+        # is one 2-byte element. Parameters are allocated 256-byte aligned; whole tiles of k are contiguous.
+        a_ptr = tl.multiple_of(tl.load(A_PTRS + slot).to(tl.pointer_type(X.dtype.element_ty)), 16)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(0, K_SPLIT, BK):
-            k = s * K_SPLIT + k0 + tl.arange(0, BK)
+            k = tl.max_contiguous(tl.multiple_of(s * K_SPLIT + k0 + tl.arange(0, BK), BK), BK)
             km = k < K
             xt = tl.load(X + rows[:, None] * stride_xm + k[None, :], mask=valid[:, None] & km[None, :], other=0.0)
             at = tl.load(a_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)  # (BN, BK)
@@ -220,11 +222,11 @@ if triton is not None:
         scale = tl.load(SCALES + slot)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         nm = n < N
-        b_ptr = tl.load(B_PTRS + slot).to(tl.pointer_type(Y.dtype.element_ty))
+        b_ptr = tl.multiple_of(tl.load(B_PTRS + slot).to(tl.pointer_type(Y.dtype.element_ty)), 16)
         out = Y + rows[:, None] * stride_ym + n[None, :]
         acc = tl.load(out, mask=valid[:, None] & nm[None, :], other=0.0).to(tl.float32)
         for k0 in range(0, rank, BK):
-            k = k0 + tl.arange(0, BK)
+            k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BK), BK), BK)
             km = k < rank
             h = tl.zeros([BM, BK], dtype=tl.float32)
             for s in tl.static_range(SPLIT):  # fixed order: deterministic sums
