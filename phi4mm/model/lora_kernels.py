@@ -19,6 +19,7 @@ the expand adds `h @ B^T` to y with one rounding (as `addmm` does).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ triton = kernels.triton
 if triton is not None:
     import triton.language as tl
 
+DISABLED = os.environ.get("PHI4MM_NO_LORA_KERNELS") == "1"  # the plain masked products instead (A/B timing)
 MIN_DOT = 16  # tl.dot needs 16 rows at least: a segment of one row is padded (masked) up to it
 MAX_SPLIT = 16  # input-dimension splits of the shrink at most (the expand re-reads every split)
 # Tile sizes, rows per tile by batch size. Shrink: rows x rank x input; expand: rows x output x rank.
@@ -136,7 +138,7 @@ def apply(y: torch.Tensor, x: torch.Tensor, table: AdapterTable, rows: RowAdapte
 
     x (M, K) with unit stride along K; y (M, N) likewise. Kernels where `kernels.available` (CUDA, or CPU
     under TRITON_INTERPRET=1), else the plain products."""
-    if not kernels.available(x) or torch.is_grad_enabled() and (x.requires_grad or table.a[0].requires_grad):
+    if DISABLED or not kernels.available(x) or torch.is_grad_enabled() and (x.requires_grad or table.a[0].requires_grad):
         return apply_torch(y, x, table, rows)
     M, K = x.shape
     N = y.shape[1]
