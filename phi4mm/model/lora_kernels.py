@@ -19,6 +19,7 @@ the expand adds `h @ B^T` to y with one rounding (as `addmm` does).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ triton = kernels.triton
 if triton is not None:
     import triton.language as tl
 
+DISABLED = os.environ.get("PHI4MM_NO_LORA_KERNELS") == "1"  # the plain masked products instead (A/B timing)
 MIN_DOT = 16  # tl.dot needs 16 rows at least: a segment of one row is padded (masked) up to it
 MAX_SPLIT = 16  # input-dimension splits of the shrink at most (the expand re-reads every split)
 # Tile sizes, rows per tile by batch size. Shrink: rows x rank x input; expand: rows x output x rank.
@@ -136,7 +138,7 @@ def apply(y: torch.Tensor, x: torch.Tensor, table: AdapterTable, rows: RowAdapte
 
     x (M, K) with unit stride along K; y (M, N) likewise. Kernels where `kernels.available` (CUDA, or CPU
     under TRITON_INTERPRET=1), else the plain products."""
-    if not kernels.available(x) or torch.is_grad_enabled() and (x.requires_grad or table.a[0].requires_grad):
+    if DISABLED or not kernels.available(x) or torch.is_grad_enabled() and (x.requires_grad or table.a[0].requires_grad):
         return apply_torch(y, x, table, rows)
     M, K = x.shape
     N = y.shape[1]
@@ -195,10 +197,12 @@ if triton is not None:
         rows, valid = _segment_rows(ORDER, COUNTS, STARTS, slot, pid_m, BM)
         n = pid_n * BN + tl.arange(0, BN)
         nm = n < rank
-        a_ptr = tl.load(A_PTRS + slot).to(tl.pointer_type(X.dtype.element_ty))
+        # A pointer read from memory tells the compiler nothing of its alignment: without these hints every load
+        # is one 2-byte element. Parameters are allocated 256-byte aligned; whole tiles of k are contiguous.
+        a_ptr = tl.multiple_of(tl.load(A_PTRS + slot).to(tl.pointer_type(X.dtype.element_ty)), 16)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(0, K_SPLIT, BK):
-            k = s * K_SPLIT + k0 + tl.arange(0, BK)
+            k = tl.max_contiguous(tl.multiple_of(s * K_SPLIT + k0 + tl.arange(0, BK), BK), BK)
             km = k < K
             xt = tl.load(X + rows[:, None] * stride_xm + k[None, :], mask=valid[:, None] & km[None, :], other=0.0)
             at = tl.load(a_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)  # (BN, BK)
@@ -220,11 +224,11 @@ if triton is not None:
         scale = tl.load(SCALES + slot)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         nm = n < N
-        b_ptr = tl.load(B_PTRS + slot).to(tl.pointer_type(Y.dtype.element_ty))
+        b_ptr = tl.multiple_of(tl.load(B_PTRS + slot).to(tl.pointer_type(Y.dtype.element_ty)), 16)
         out = Y + rows[:, None] * stride_ym + n[None, :]
         acc = tl.load(out, mask=valid[:, None] & nm[None, :], other=0.0).to(tl.float32)
         for k0 in range(0, rank, BK):
-            k = k0 + tl.arange(0, BK)
+            k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BK), BK), BK)
             km = k < rank
             h = tl.zeros([BM, BK], dtype=tl.float32)
             for s in tl.static_range(SPLIT):  # fixed order: deterministic sums

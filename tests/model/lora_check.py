@@ -99,7 +99,7 @@ def linear_checks(device: str) -> bool:
         ids = torch.tensor([names.index(n) if n else -1 for n in adapters], device=device)
         with torch.inference_mode():
             got = lin(x, AdapterPlan.for_rows(names, ids))
-            want = lin(x, AdapterPlan.build(adapters))
+            want = lin(x, AdapterPlan.build(adapters, device=device))
         err = (got - want).abs().max().item()
         good &= check(f"LoraLinear segmented plan {adapters}", err <= 1e-5, f"max err {err:.2e}")
     return good
