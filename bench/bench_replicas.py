@@ -478,6 +478,7 @@ def main() -> None:
         from phi4mm.tasks.make_checkpoint import make_checkpoint
         a.model = str(make_checkpoint(work / "random-full", "full", device=a.device))
     os.environ.setdefault("PYTHONPATH", str(ROOT))
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a busy machine starts Ray's node slowly
     res = Results(Path(a.out), {
         "smoke_run": a.device == "cpu",
         "note": "CPU smoke run: proves the procedure end to end; its timings are no measurement" if a.device == "cpu"
