@@ -69,9 +69,9 @@ def make_data(work: Path, stage: str, size: str) -> Path:
 
 
 def batch_for(model, data: Path, stage: str):
+    from phi4mm.inputs.prepare import TEXT_ADAPTER
     from phi4mm.inputs.records import read_jsonl
     from phi4mm.train.data import collate, encode
-    from phi4mm.train.trainer import TEXT_ADAPTER
     recs = read_jsonl(data)[0]
     ex = [encode(model, r, TEXT_ADAPTER if stage == "text" else None) for r in recs]
     return collate(ex, model.config.text.pad_token_id)
@@ -124,7 +124,8 @@ def _frozen(params: list[torch.nn.Parameter], dt: torch.dtype) -> None:
 
 def side_ours(ckpt: str, work: str, stages: list[str], steps: int, size: str) -> dict:
     import phi4mm
-    from phi4mm.train.trainer import LossModule, setup_stage
+    from phi4mm.train.loss import LossModule
+    from phi4mm.train.stages import setup_stage
     dev, dt = ("cuda", torch.bfloat16) if size == "full" else ("cpu", torch.float32)
     model = phi4mm.load(ckpt, dev, dt)
     out = {}
@@ -154,8 +155,9 @@ def side_ours(ckpt: str, work: str, stages: list[str], steps: int, size: str) ->
 def _hf_names(m, stage: str) -> tuple[list[str], str | None]:
     """transformers' parameter names for what phi4mm's stage trains (base weights by the name table); m is a
     phi4mm model of the same checkpoint."""
+    from phi4mm.inputs.prepare import TEXT_ADAPTER
     from phi4mm.model.weights import name_table
-    from phi4mm.train.trainer import STAGES, TEXT_ADAPTER, trainable_names
+    from phi4mm.train.stages import STAGES, trainable_names
     table = name_table(m.net, m.config.layout)
     ours = trainable_names(m.net, stage)
     base = [table[n][1] for n in ours if ".lora_" not in n]

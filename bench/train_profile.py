@@ -35,7 +35,9 @@ def profile_stage(model_dir: Path, data: Path, stage: str, out: Path, device: st
     from phi4mm import api
     from phi4mm.inputs.records import read_jsonl
     from phi4mm.train.data import batch_loader, encode_all
-    from phi4mm.train.trainer import LossModule, epoch_batches, setup_stage, train
+    from phi4mm.train.loss import LossModule
+    from phi4mm.train.stages import setup_stage
+    from phi4mm.train.trainer import epoch_batches, train
     res: dict = {"stage": stage}
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model = api.load(model_dir, device, dtype)
@@ -128,7 +130,9 @@ def main() -> None:
         tokens_for = lambda st: a.batch_tokens or 16384
     else:
         from phi4mm.micro import data as micro_data
+        from phi4mm.micro import init as micro_init
         from phi4mm.micro import recipe as micro
+        from phi4mm.micro import stages as micro_stages
         d = out / "data"
         if not (d / "done").is_file():
             t = time.perf_counter()
@@ -137,8 +141,8 @@ def main() -> None:
             results["data_seconds"] = round(time.perf_counter() - t, 1)
         model_dir = out / "init"
         if not (model_dir / "config.json").is_file():
-            micro.init_checkpoint(model_dir, d)
-        stages = {st.stage: st for st in micro.RECIPE}
+            micro_init.init_checkpoint(model_dir, d)
+        stages = {st.stage: st for st in micro_stages.RECIPE}
         data_for = lambda st: micro._stage_data(d, stages[st])
         tokens_for = lambda st: a.batch_tokens or stages[st].batch_tokens
     for st in a.stages.split(","):

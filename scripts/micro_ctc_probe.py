@@ -147,14 +147,14 @@ def _variant(name: str, ckpt: str, feats_file: str, device: str, seconds: float,
 def prepare_work(work: Path, scale: float = 1.0) -> Path:
     """The recipe's micro data (train seed 0, test seed 1000) and init checkpoint in `work` (reused when there)."""
     from phi4mm.micro import data as micro_data
-    from phi4mm.micro import recipe as micro
+    from phi4mm.micro import init as micro_init
     for split, seed in (("train", 0), ("test", 1000)):
         if not (work / split / "done").is_file():
             micro_data.generate(work / split, split, seed, scale=scale, progress=False)
             (work / split / "done").write_text("")
     ckpt = work / "init"
     if not (ckpt / "config.json").is_file():
-        micro.init_checkpoint(ckpt, work / "train", 0)
+        micro_init.init_checkpoint(ckpt, work / "train", 0)
     return ckpt
 
 

@@ -65,14 +65,15 @@ def prepare(work: Path, scale: float) -> Path:
 def init_checkpoint(work: Path, vision: dict) -> Path:
     """The micro init with SigLIP's config changed by `vision` (one folder per change)."""
     from phi4mm.inputs.tokenizer import Tokenizer
+    from phi4mm.micro import init as micro_init
     from phi4mm.micro import recipe as micro
     from phi4mm.tasks.make_checkpoint import make_checkpoint
     ckpt = work / ("init" + "".join(f"-{k}{v}" for k, v in sorted(vision.items())))
     if not (ckpt / "config.json").is_file():
-        cfg = micro.micro_config(Tokenizer.from_dir(micro.MICRO_DIR))
+        cfg = micro_init.micro_config(Tokenizer.from_dir(micro.MICRO_DIR))
         cfg["vision_config"].update(vision)
         # Mel statistics do not matter to the vision tower.
-        make_checkpoint(ckpt, config=cfg, init=micro._init(torch.zeros(80), torch.ones(80), 0),
+        make_checkpoint(ckpt, config=cfg, init=micro_init.initializer(torch.zeros(80), torch.ones(80), 0),
                         tokenizer_dir=micro.MICRO_DIR, dtype=torch.float32)
     return ckpt
 

@@ -309,7 +309,7 @@ def parser() -> Parser:
                     help='JSONL, one {"messages": [...]} per line; media paths relative to it')
     tn.add_argument("out", type=Path, nargs="?", help="output checkpoint directory (with --recipe: the run folder)")
     tn.add_argument("--model", default=None, help="the base checkpoint: a folder or a Hugging Face id")
-    # train.STAGES' names, written out so `--help` needs no torch import (a test keeps the two equal).
+    # train.stages.STAGES' names, written out so `--help` needs no torch import (a test keeps the two equal).
     tn.add_argument("--stage", choices=["vision-projector", "vision-encoder", "vision-lora", "speech-encoder",
                                         "speech-lora", "vision-speech", "text", "decoder", "speech-ctc",
                                         "vision-ctc"])

@@ -1,10 +1,10 @@
 """`phi4mm serve --replicas N`: the OpenAI-compatible server as N Ray Serve replicas behind one HTTP port.
 
-Each replica is the single-process server of `server.create_app` (its own model, engine and continuous
-batching) built inside a Ray actor; Ray Serve's proxy spreads requests over the replicas and streams SSE
-responses through. Scaling, placement on nodes and restarts of a dead replica are Ray's: phi4mm adds no
-cluster layer. On several machines, start the cluster with `ray start` and pass its address; every node must
-see the model directory at the same path.
+Each replica is the single-process server of `serve.app.create_app` (its own model, engine and continuous
+batching) built inside a Ray actor, plus `GET /replica` (which process, host and GPU answered); Ray Serve's
+proxy spreads requests over the replicas and streams SSE responses through. Scaling, placement on nodes and
+restarts of a dead replica are Ray's: phi4mm adds no cluster layer. On several machines, start the cluster with
+`ray start` and pass its address; every node must see the model directory at the same path.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 from phi4mm.tasks.cluster import connect
 
 READY_TIMEOUT_S = 600.0  # loading the full model and capturing CUDA graphs takes ~1 minute per replica
+REPLICA_ROUTE = "/replica"  # GET: the answering replica's process, host, GPU and load time (replica_info)
 
 
 class Replica:
@@ -28,13 +29,39 @@ class Replica:
         import phi4mm
         from phi4mm.engine.engine import Engine
         from phi4mm.serve.app import create_app
+        load_started = time.time()
         model = phi4mm.load(self.model_dir, **self.load)
         kw = dict(self.app_kwargs)
         engine = Engine(model, num_blocks=kw.pop("num_blocks"), max_batch=kw.pop("max_batch"),
                         max_waiting=kw.pop("max_waiting"), merge_adapter=kw.pop("merge_adapter"))
         if model.device.type == "cuda":
             engine.warmup()  # compile and capture before the replica reports ready
-        return create_app(model, engine, **kw)
+        app = create_app(model, engine, **kw)
+        info = replica_info(model.device, load_started, time.time() - load_started)
+        # Which process, host and GPU answered: placement checked from inside the replica, not assumed.
+        app.add_api_route(REPLICA_ROUTE, lambda: info, methods=["GET"])
+        return app
+
+
+def replica_info(device: Any, load_started: float, load_seconds: float) -> dict[str, Any]:
+    """What this replica runs on, as seen from inside its process: `GET /replica` answers it (the Ray proxy
+    picks the replica, so repeated calls reach each of them). load_started is a Unix time, so replicas'
+    loading windows can be compared (loaded at once or one after the other)."""
+    import os
+    import socket
+
+    import ray
+    import torch
+    from ray import serve
+    gpu = uuid = None
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu, uuid = props.name, str(props.uuid)
+    return {"replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
+            "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "ray_gpu_ids": ray.get_gpu_ids(),
+            "device": str(device), "gpu": gpu, "gpu_uuid": uuid, "ray_version": ray.__version__,
+            "load_started": load_started, "load_seconds": round(load_seconds, 3)}
 
 
 def start(model_dir: str | Path, replicas: int = 2, *, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0,

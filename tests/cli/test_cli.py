@@ -72,7 +72,7 @@ def test_help(cmd):
 
 
 def test_train_offers_every_stage_the_trainer_has():
-    from phi4mm.train.trainer import STAGES
+    from phi4mm.train.stages import STAGES
     train = next(a for a in cli._parser()._subparsers._group_actions[0].choices["train"]._actions
                  if a.dest == "stage")
     assert sorted(train.choices) == sorted(STAGES)

@@ -9,7 +9,10 @@ import torch
 import phi4mm
 from phi4mm.config import ModelConfig
 from phi4mm.inputs.tokenizer import ADDED_TOKENS
+from phi4mm.micro import finish
+from phi4mm.micro import init as micro_init
 from phi4mm.micro import recipe as micro
+from phi4mm.micro import stages as micro_stages
 
 CORPUS = ["<|user|>Transcribe the audio clip into text.<|end|><|assistant|>the red dog runs<|end|><|endoftext|>",
           "<|system|>You are helpful.<|tool|>[]<|/tool|><|end|><|user|>hello<|end|><|assistant|>hi there<|end|>"] * 50
@@ -17,7 +20,7 @@ CORPUS = ["<|user|>Transcribe the audio clip into text.<|end|><|assistant|>the r
 
 @pytest.fixture(scope="module")
 def micro_tok(tmp_path_factory):
-    return micro.train_tokenizer(CORPUS, tmp_path_factory.mktemp("tok"), vocab_size=400)
+    return micro_init.train_tokenizer(CORPUS, tmp_path_factory.mktemp("tok"), vocab_size=400)
 
 
 def test_tokenizer_has_every_phi_special_token_by_name(micro_tok):
@@ -34,14 +37,14 @@ def test_tokenizer_has_every_phi_special_token_by_name(micro_tok):
 
 
 def test_micro_config_reads_as_the_official_layout(micro_tok):
-    d = micro.micro_config(micro_tok)
+    d = micro_init.micro_config(micro_tok)
     cfg = ModelConfig.from_hf(d)
-    assert cfg.layout == "phi4mm" and cfg.text.hidden_size == micro.TEXT["hidden_size"]
+    assert cfg.layout == "phi4mm" and cfg.text.hidden_size == micro_init.TEXT["hidden_size"]
     assert cfg.text.vocab_size % 64 == 0 and cfg.text.vocab_size >= micro_tok.vocab_size
     assert cfg.text.eos_token_id == [micro_tok.token_id("<|end|>"), micro_tok.token_id("<|endoftext|>")]
-    assert cfg.vision.hidden_size == micro.VISION["hidden_size"]
-    assert cfg.audio.hidden_size == micro.AUDIO["attention_dim"]
-    assert {k: (v.r, v.lora_alpha) for k, v in cfg.loras.items()} == micro.LORA
+    assert cfg.vision.hidden_size == micro_init.VISION["hidden_size"]
+    assert cfg.audio.hidden_size == micro_init.AUDIO["attention_dim"]
+    assert {k: (v.r, v.lora_alpha) for k, v in cfg.loras.items()} == micro_init.LORA
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +52,9 @@ def fresh(micro_tok, tmp_path_factory):
     """A from-scratch micro checkpoint with a 400-token BPE (its embedding table padded to 448 rows)."""
     from phi4mm.tasks.make_checkpoint import make_checkpoint
     tmp = tmp_path_factory.mktemp("fresh")
-    micro.train_tokenizer(CORPUS, tmp / "tok", vocab_size=400)
-    init = micro._init(torch.zeros(80), torch.ones(80), seed=0)
-    return make_checkpoint(tmp / "ck", config=micro.micro_config(micro_tok), init=init, tokenizer_dir=tmp / "tok",
+    micro_init.train_tokenizer(CORPUS, tmp / "tok", vocab_size=400)
+    init = micro_init.initializer(torch.zeros(80), torch.ones(80), seed=0)
+    return make_checkpoint(tmp / "ck", config=micro_init.micro_config(micro_tok), init=init, tokenizer_dir=tmp / "tok",
                            dtype=torch.float32)
 
 
@@ -122,12 +125,12 @@ def test_recipe_without_a_synthesiser_is_one_sentence(capsys, tmp_path, monkeypa
 
 
 def test_recipe_phases_run_vision_and_speech_as_branches():
-    phases = micro._phases()
-    names = [[[micro.RECIPE[n].name for n in chain] for chain in ph] for ph in phases]
+    phases = micro_stages.recipe_phases()
+    names = [[[micro_stages.RECIPE[n].name for n in chain] for chain in ph] for ph in phases]
     assert names == [[["text"], ["vision-ctc"]], [["vision-projector", "vision-encoder"], ["speech-ctc", "speech-encoder"]],
                      [["vision-lora"], ["speech-lora"]], [["vision-speech"]], [["vision-focus"]]]
     # The original recipe's order is kept inside each branch, and the stages' folders sort in that order.
-    assert [st.phase for st in micro.RECIPE] == sorted(st.phase for st in micro.RECIPE)
+    assert [st.phase for st in micro_stages.RECIPE] == sorted(st.phase for st in micro_stages.RECIPE)
 
 
 def test_branches_take_their_own_gpu_when_there_are_enough(monkeypatch):
@@ -140,15 +143,15 @@ def test_branches_take_their_own_gpu_when_there_are_enough(monkeypatch):
 
 
 def test_a_budget_never_cuts_the_text_stage_and_shares_the_rest_by_plan():
-    phases = micro._phases()
+    phases = micro_stages.recipe_phases()
     planned = [40.0, 40.0, 30.0, 300.0, 150.0, 100.0, 120.0, 90.0, 150.0, 100.0]  # seconds, RECIPE order
-    assert len(planned) == len(micro.RECIPE)
+    assert len(planned) == len(micro_stages.RECIPE)
     # 60 s left for a recipe planned at ~750 s: the decoder's text stage (and the vision CTC beside it, capped
     # by its own max_seconds) still gets its whole plan.
-    assert set(micro._phase_budgets(phases, planned, 60.0).values()) == {None}
-    assert set(micro._phase_budgets(phases[1:], planned, None).values()) == {None}  # no budget at all
+    assert set(micro_stages.phase_budgets(phases, planned, 60.0).values()) == {None}
+    assert set(micro_stages.phase_budgets(phases[1:], planned, None).values()) == {None}  # no budget at all
     # Phase 1 lasts 330 s (its longer branch) of the 330 + 120 + 150 + 100 s left planned: 47% of 300 s.
-    b = micro._phase_budgets(phases[1:], planned, 300.0)
+    b = micro_stages.phase_budgets(phases[1:], planned, 300.0)
     vision, speech = phases[1]
     assert sum(b[n] for n in vision) == pytest.approx(300.0 * 330 / 700)
     assert b[vision[1]] == pytest.approx(10 * b[vision[0]])  # each stage in proportion to its plan
@@ -156,7 +159,7 @@ def test_a_budget_never_cuts_the_text_stage_and_shares_the_rest_by_plan():
     # 141 s, not by the longer branch's factor (to 107 s).
     assert sum(b[n] for n in speech) == pytest.approx(300.0 * 330 / 700)
     assert b[speech[0]] == pytest.approx(1.5 * b[speech[1]])
-    b = micro._phase_budgets(phases[1:], planned, 600.0)  # 283 s for phase 1: the speech branch's whole plan
+    b = micro_stages.phase_budgets(phases[1:], planned, 600.0)  # 283 s for phase 1: the speech branch's whole plan
     assert [b[n] for n in speech] == pytest.approx([150.0, 100.0])
 
 def test_fresh_towers_start_as_identity_blocks_that_pass_the_input_on(micro_tok, tmp_path):
@@ -166,13 +169,13 @@ def test_fresh_towers_start_as_identity_blocks_that_pass_the_input_on(micro_tok,
     from phi4mm.tasks.make_checkpoint import make_checkpoint
     speech = torch.from_numpy(log_mel(load_audio(Path(__file__).parents[1] / "data" / "flite_quick_brown_fox.flac")))
     tok_dir = tmp_path / "tok"
-    micro.train_tokenizer(CORPUS, tok_dir, vocab_size=400)
-    init = micro._init(speech.mean(0), 1 / speech.std(0), seed=0)  # the clip's own input normalisation
-    ck = make_checkpoint(tmp_path / "ck", config=micro.micro_config(micro_tok), init=init, tokenizer_dir=tok_dir,
+    micro_init.train_tokenizer(CORPUS, tok_dir, vocab_size=400)
+    init = micro_init.initializer(speech.mean(0), 1 / speech.std(0), seed=0)  # the clip's own input normalisation
+    ck = make_checkpoint(tmp_path / "ck", config=micro_init.micro_config(micro_tok), init=init, tokenizer_dir=tok_dir,
                          dtype=torch.float32)
     net = phi4mm.load(ck).net
     params = {n: p.detach() for n, p in net.named_parameters()}
-    zero = [n for n in params if n.startswith(("vision.", "audio.")) and n.endswith(micro.ZERO_INIT)]
+    zero = [n for n in params if n.startswith(("vision.", "audio.")) and n.endswith(micro_init.ZERO_INIT)]
     siglip = len(net.vision.img_processor.encoder.layers)  # the layers up to the feature layer (-2)
     assert len(zero) == 4 * 4 + 2 * siglip  # conformer: 4 branch outputs x 4 blocks; SigLIP: 2 per layer
     assert all(float(params[n].abs().max()) == 0 for n in zero)
@@ -199,9 +202,9 @@ def test_packed_run_holds_markers_and_a_bf16_base_only(tiny_official, tmp_path):
     (run / "stages" / "phase1-merged" / "done").write_text("")
     (run / "recipe.json").write_text(json.dumps({"stages": {}}))
     with pytest.raises(ValueError, match="stopped part-way"):
-        micro.pack_resume(run, tmp_path / "pack")
+        finish.pack_resume(run, tmp_path / "pack")
     (run / "recipe.json").write_text(json.dumps({"stages": {}, "resume_base": "stages/phase1-merged"}))
-    pack = micro.pack_resume(run, tmp_path / "pack")
+    pack = finish.pack_resume(run, tmp_path / "pack")
     assert sorted(p.name for p in (pack / "stages").iterdir()) == ["00-init", "01-text", "phase1-merged"]
     assert sorted(p.name for p in (pack / "stages" / "01-text").iterdir()) == ["done", "log.jsonl", "summary.json"]
     base = pack / "stages" / "phase1-merged"
@@ -213,11 +216,11 @@ def test_packed_run_holds_markers_and_a_bf16_base_only(tiny_official, tmp_path):
 
 
 def test_extend_run_marks_the_recorded_stages_done_and_starts_from_the_model(tiny_official, tmp_path):
-    recorded = [st.name for st in micro.RECIPE if st.phase <= 3]
-    assert len(recorded) < len(micro.RECIPE)  # the recipe has stages a finished run of phases 0-3 lacks
+    recorded = [st.name for st in micro_stages.RECIPE if st.phase <= 3]
+    assert len(recorded) < len(micro_stages.RECIPE)  # the recipe has stages a finished run of phases 0-3 lacks
     summary = {"stages": {n: {"steps": i + 1} for i, n in enumerate(recorded)}, "seed": 0, "eval": {"x": 1}}
     (tmp_path / "recipe.json").write_text(json.dumps(summary))
-    run = micro.extend_run(tiny_official, tmp_path / "recipe.json", tmp_path / "run")
+    run = finish.extend_run(tiny_official, tmp_path / "recipe.json", tmp_path / "run")
     stages = run / "stages"
     for i, n in enumerate(recorded):
         folder = stages / f"{i + 1:02d}-{n}"
@@ -227,25 +230,25 @@ def test_extend_run_marks_the_recorded_stages_done_and_starts_from_the_model(tin
     a, b = phi4mm.load(tiny_official).net.state_dict(), phi4mm.load(last).net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all((stages / f"phase{k}-merged" / "done").is_file() for k in range(3))  # the two-branch phases
-    assert not (stages / f"{len(recorded) + 1:02d}-{micro.RECIPE[len(recorded)].name}").exists()
+    assert not (stages / f"{len(recorded) + 1:02d}-{micro_stages.RECIPE[len(recorded)].name}").exists()
     assert (stages / "00-init" / "done").is_file()
     assert "eval" not in json.loads((run / "recipe.json").read_text())  # scores of the old model only
     # A run of other stages, or the whole recipe already, cannot be extended.
     (tmp_path / "recipe.json").write_text(json.dumps({"stages": {"text": {}, "vision-lora": {}}}))
     with pytest.raises(ValueError, match="first part"):
-        micro.extend_run(tiny_official, tmp_path / "recipe.json", tmp_path / "run2")
-    (tmp_path / "recipe.json").write_text(json.dumps({"stages": {st.name: {} for st in micro.RECIPE}}))
+        finish.extend_run(tiny_official, tmp_path / "recipe.json", tmp_path / "run2")
+    (tmp_path / "recipe.json").write_text(json.dumps({"stages": {st.name: {} for st in micro_stages.RECIPE}}))
     with pytest.raises(ValueError, match="first part"):
-        micro.extend_run(tiny_official, tmp_path / "recipe.json", tmp_path / "run2")
+        finish.extend_run(tiny_official, tmp_path / "recipe.json", tmp_path / "run2")
     # Stopping inside a phase (vision-lora ran, speech-lora beside it did not) cannot be extended either.
-    part = [st.name for st in micro.RECIPE][:7]
+    part = [st.name for st in micro_stages.RECIPE][:7]
     (tmp_path / "recipe.json").write_text(json.dumps({"stages": {n: {} for n in part}}))
     with pytest.raises(ValueError):
-        micro.extend_run(tiny_official, tmp_path / "recipe.json", tmp_path / "run2")
+        finish.extend_run(tiny_official, tmp_path / "recipe.json", tmp_path / "run2")
 
 
 def test_encoder_stage_with_lora_also_trains_its_adapter(tiny_official):
-    from phi4mm.train.trainer import setup_stage, stage_spec
+    from phi4mm.train.stages import setup_stage, stage_spec
     m = phi4mm.load(tiny_official)
     plain = set(setup_stage(m, "vision-encoder", None))
     joint = set(setup_stage(phi4mm.load(tiny_official), "vision-encoder", None, with_lora=True))
@@ -279,7 +282,7 @@ def test_merge_takes_each_tensor_from_the_branch_that_trained_it(tiny_official, 
     a = _branch(tiny_official, tmp_path / "a", lambda ks: next((k for k in ks if "vision" in k or "lora" in k), None))
     b = _branch(tiny_official, tmp_path / "b", lambda ks: next((k for k in ks if "audio" in k), None))
     assert a and b
-    merged = micro.merge_branches(tiny_official, [tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    merged = finish.merge_branches(tiny_official, [tmp_path / "a", tmp_path / "b"], tmp_path / "m")
     for rel, k in a + b:
         src = tmp_path / ("a" if (rel, k) in a else "b")
         assert torch.equal(load_file(str(merged / rel))[k], load_file(str(src / rel))[k])
@@ -292,4 +295,4 @@ def test_merge_takes_each_tensor_from_the_branch_that_trained_it(tiny_official, 
     phi4mm.load(merged)  # still a loadable checkpoint
     _branch(tiny_official, tmp_path / "c", lambda ks: a[0][1] if a[0][1] in ks else None)
     with pytest.raises(ValueError, match="trained by both"):
-        micro.merge_branches(tiny_official, [tmp_path / "a", tmp_path / "c"], tmp_path / "m2")
+        finish.merge_branches(tiny_official, [tmp_path / "a", tmp_path / "c"], tmp_path / "m2")

@@ -15,7 +15,8 @@ import pytest
 
 import phi4mm
 from phi4mm.cli.main import main
-from phi4mm.micro.recipe import MAX_FILE_BYTES, default_model_dir
+from phi4mm.micro.finish import MAX_FILE_BYTES
+from phi4mm.micro.recipe import default_model_dir
 from phi4mm.tasks.evaluate import evaluate
 
 DATA = Path(__file__).parents[1] / "data"

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import phi4mm
+from phi4mm.inputs.prepare import TEXT_ADAPTER
 from phi4mm.inputs.records import Record
 from phi4mm.model import fused as fused_train
 from phi4mm.train.data import collate, encode
-from phi4mm.train.trainer import TEXT_ADAPTER, LossModule, setup_stage
+from phi4mm.train.loss import LossModule
+from phi4mm.train.stages import setup_stage
 
 CHATS = [("Say hi.", "Hi there, how are you today?"), ("Name three colours, please.", "Blue, red and green.")]
 

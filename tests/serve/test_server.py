@@ -145,7 +145,8 @@ def stream_text(stream) -> tuple[str, list]:
 # ---------------------------------------------------------------------------------------------- basics
 def test_models_health_metrics(live, client):
     _, port = live
-    assert {m.id for m in client.models.list()} == {"phi-4-multimodal-instruct", "phi4mm", "speech", "vision"}
+    assert {m.id for m in client.models.list()} == {"phi-4-multimodal-instruct", "phi4mm", "speech", "vision",
+                                                    "microsoft/Phi-4-multimodal-instruct"}
     assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
     chat(client, "warm up the counters")
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text

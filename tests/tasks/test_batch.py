@@ -6,10 +6,14 @@ places the actors); both Ray cases share one cluster to pay its start-up (~10 s)
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -140,7 +144,7 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.mark.slow  # a Ray cluster and two replicas, each loading the model
+@pytest.mark.slow  # a Ray cluster and replicas, each loading the model
 def test_batch_on_ray_replicas_equals_the_batch_here(ray_cluster, tiny_official, prompts, local, tmp_path):
     out = tmp_path / "ray.jsonl"
     r = run_batch(tiny_official, prompts, out, defaults=SamplingParams(max_tokens=6), replicas=2, batch_size=2)
@@ -157,14 +161,23 @@ def _port() -> int:
     return port
 
 
-@pytest.mark.slow  # a Ray cluster and two replicas, each loading the model
-def test_server_replicas_on_ray_serve(ray_cluster, tiny_official):
-    import openai
-    from openai import OpenAI
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_official):
+    """Two server replicas of the tiny checkpoint on Ray Serve (API key "k"), shared by the serving tests."""
     from ray import serve
 
     from phi4mm.serve import replicas
     url = replicas.start(tiny_official, 2, port=_port(), api_key="k", max_batch=4, max_waiting=8, num_blocks=128)
+    yield url
+    serve.delete("phi4mm")
+
+
+@pytest.mark.slow  # a Ray cluster and replicas, each loading the model
+def test_server_replicas_on_ray_serve(served, tiny_official):
+    import openai
+    from openai import OpenAI
+    from ray import serve
+    url = served
     st = serve.status().applications["phi4mm"].deployments["phi4mm"]
     assert st.replica_states.get("RUNNING") == 2
     client = OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=60)
@@ -180,4 +193,76 @@ def test_server_replicas_on_ray_serve(ray_cluster, tiny_official):
         OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
     with urllib.request.urlopen(f"{url}/health", timeout=30) as r:
         assert json.loads(r.read()) == {"status": "ok"}
-    serve.delete("phi4mm")
+
+
+AUTH = {"Authorization": "Bearer k"}
+
+
+def _replicas_answering(url: str, n: int, exclude: frozenset[int] = frozenset(), seconds: float = 180.0) -> list:
+    """`GET /replica` until n different replica processes (none of them in exclude) have answered."""
+    import httpx
+    seen: dict[int, dict] = {}
+    deadline = time.monotonic() + seconds
+    while len(seen) < n and time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/replica", headers=AUTH, timeout=10)
+            if r.status_code == 200 and r.json()["pid"] not in exclude:
+                seen.setdefault(r.json()["pid"], r.json())
+        except httpx.TransportError:  # the proxy itself is restarting: ask again
+            pass
+        time.sleep(0.05)
+    return list(seen.values())
+
+
+def _ask(url: str, k: int) -> dict:
+    """One streamed chat request, sent again only after a connection error before any answer arrived (the
+    openai client's retry: it re-sends a request, never a stream it has started reading). How many attempts
+    it took, how many streamed an answer, whether one stream ended with [DONE], the last error seen."""
+    import httpx
+    body = {"model": "phi4mm", "messages": [{"role": "user", "content": f"Count to {k}."}], "max_tokens": 24,
+            "ignore_eos": True, "temperature": 0, "stream": True}
+    rec = {"attempts": 0, "answers": 0, "complete": False, "error": None}
+    for _ in range(3):
+        rec["attempts"] += 1
+        answered = False
+        try:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as r:
+                if r.status_code != 200:
+                    rec["error"] = f"HTTP {r.status_code}"
+                    return rec
+                for line in r.iter_lines():
+                    if not answered and line.startswith("data: {") and '"content":"' in line.replace(" ", ""):
+                        answered = True
+                        rec["answers"] += 1
+                    rec["complete"] = rec["complete"] or line == "data: [DONE]"
+        except httpx.TransportError as e:
+            rec["error"] = type(e).__name__
+            if not answered:
+                continue
+        return rec
+    return rec
+
+
+@pytest.mark.slow  # a Ray cluster and replicas, each loading the model
+def test_a_killed_replica_is_replaced_and_later_requests_reach_the_live_one(served):
+    """A replica's process killed (SIGKILL) while requests stream on both: every request ends (none hangs);
+    each answer that completes is whole and given once; requests sent after the kill all complete once (Ray
+    routes around the dead process); Ray starts a new replica process in its place."""
+    infos = _replicas_answering(served, 2)
+    assert len(infos) == 2 and all(i["device"] == "cpu" and i["gpu"] is None for i in infos)  # seen from inside
+    victim = infos[0]["pid"]
+    assert b"ServeReplica" in Path(f"/proc/{victim}/cmdline").read_bytes()  # the replica's own process, here
+    with ThreadPoolExecutor(8) as pool:
+        during = [pool.submit(_ask, served, k) for k in range(8)]
+        time.sleep(0.5)  # the first requests are streaming on both replicas
+        os.kill(victim, signal.SIGKILL)
+        during = [f.result() for f in during]
+        after = list(pool.map(lambda k: _ask(served, k), range(8, 16)))
+    assert all(r["answers"] <= 1 for r in during + after), during + after  # none answered twice
+    # A request on the killed process may fail, but visibly (an HTTP error or a cut stream), never half-done.
+    assert all(r["complete"] or r["error"] for r in during), during
+    assert any(r["complete"] for r in during), during  # the live replica went on serving
+    assert all(r["complete"] and r["answers"] == 1 for r in after), after
+    back = _replicas_answering(served, 2, exclude=frozenset({victim}))
+    assert len(back) == 2, f"only {len(back)} replica(s) answer after the kill"
+    assert all(_ask(served, k)["complete"] for k in range(16, 18))  # and the service is whole again

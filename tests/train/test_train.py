@@ -24,7 +24,8 @@ from phi4mm.model.adapters import load_adapter
 from phi4mm.model.network import Phi4MM
 from phi4mm.model.weights import load_weights, lora_configs_from_folders
 from phi4mm.train.data import IGNORE, assistant_labels, make_batches
-from phi4mm.train.trainer import STAGES, setup_stage, train, trainable_names
+from phi4mm.train.stages import STAGES, setup_stage, trainable_names
+from phi4mm.train.trainer import train
 
 DATA = Path(__file__).parents[1] / "data"
 EMBED = "model.embed_tokens.weight"
@@ -499,7 +500,7 @@ def test_batched_towers_equal_per_sample(base, tmp_path):
     audio projector its own call) gives the loss of running every sample alone."""
     from phi4mm.inputs.records import read_jsonl
     from phi4mm.train.data import collate, encode, with_media
-    from phi4mm.train.trainer import LossModule
+    from phi4mm.train.loss import LossModule
     model = phi4mm.load(base)
     model.net.requires_grad_(False)
     from tests.conftest import scene
