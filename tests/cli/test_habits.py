@@ -229,3 +229,18 @@ def test_chat_with_tools_prints_the_parsed_call_once(capsys):
                      "--max-tokens", "30"]) == 0
     out = capsys.readouterr().out
     assert "tool_call" not in out and "play_music" not in out and out.strip()
+
+
+def test_batch_reports_tool_calls_as_the_server_does(tmp_path, capsys):
+    tools = json.loads((ROOT / "examples" / "tools.json").read_text())
+    data, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    lines = [{"messages": [{"role": "user", "content": "I want to listen to Coldplay."}], "tools": tools},
+             {"messages": [{"role": "user", "content": "What is the capital of France?"}], "tools": tools}]
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert cli.main(["batch", str(data), str(out), "--max-tokens", "60", "--device", "cpu"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows[0]["finish_reason"] == "tool_calls"
+    assert [c["function"]["name"] for c in rows[0]["tool_calls"]] == ["play_music"]
+    offered = {t["function"]["name"] for t in tools}
+    assert all(c["function"]["name"] in offered for c in rows[1]["tool_calls"])  # never a tool nobody offered
+    assert rows[1]["finish_reason"] == ("tool_calls" if rows[1]["tool_calls"] else "stop")
