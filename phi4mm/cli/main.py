@@ -146,7 +146,8 @@ def _check_readable(paths: list[Path]) -> None:
         try:
             sf.info(str(p))
         except Exception as e:  # libsndfile raises several types; all mean the same to the user
-            raise UserError(f"audio file {p}: could not decode ({e}); supported containers are wav, flac, "
+            why = getattr(e, "error_string", None) or e  # libsndfile's words, without soundfile's file repr
+            raise UserError(f"audio file {p}: could not decode ({why}); supported containers are wav, flac, "
                             "ogg (vorbis/opus), mp3, aiff") from e
 
 

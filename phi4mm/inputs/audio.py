@@ -194,7 +194,9 @@ def _from_file(f: io.IOBase, sampling_rate: int | None, max_seconds: float, name
         raise
     except (RuntimeError, TypeError, ValueError, EOFError) as e:  # sf.LibsndfileError is a RuntimeError
         raise AudioError(
-            f"{name}: could not decode ({e}); supported containers are wav, flac, ogg (vorbis/opus), mp3, aiff"
+            # libsndfile's own words, not soundfile's message (it embeds the Python file object's repr)
+            f"{name}: could not decode ({getattr(e, 'error_string', None) or e}); supported containers are wav, "
+            "flac, ogg (vorbis/opus), mp3, aiff"
         ) from e
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]  # (n,)
     return _finish(mono, rate, max_seconds, name)

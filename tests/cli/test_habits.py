@@ -244,3 +244,14 @@ def test_batch_reports_tool_calls_as_the_server_does(tmp_path, capsys):
     offered = {t["function"]["name"] for t in tools}
     assert all(c["function"]["name"] in offered for c in rows[1]["tool_calls"])  # never a tool nobody offered
     assert rows[1]["finish_reason"] == ("tool_calls" if rows[1]["tool_calls"] else "stop")
+
+
+def test_messages_show_no_python_reprs(capsys, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not audio")
+    line = one_sentence(in_process(capsys, "transcribe", notes), "notes.txt", "could not decode")
+    assert "<_io" not in line and "BufferedReader" not in line
+    from phi4mm.inputs.audio import AudioError, load_audio
+    with pytest.raises(AudioError) as e:
+        load_audio(notes)
+    assert "<_io" not in str(e.value)
