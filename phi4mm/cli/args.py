@@ -86,7 +86,7 @@ MODEL_HELP = ("a checkpoint folder or a Hugging Face id such as microsoft/Phi-4-
 class Parser(argparse.ArgumentParser):
     """An unknown flag is reported with the usage of the subcommand it was given to, not the top level's."""
 
-    def parse_args(self, args=None, namespace=None):  # noqa: D102 (argparse's own signature)
+    def parse_args(self, args=None, namespace=None):
         ns, extra = self.parse_known_args(args, namespace)
         if extra:
             sub = self.subcommands.get(getattr(ns, "cmd", None), self) if hasattr(self, "subcommands") else self

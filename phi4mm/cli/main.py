@@ -18,7 +18,7 @@ from typing import Any
 
 from phi4mm.cli.args import AUDIO_EXTENSIONS, TRANSCRIBE_FORMATS
 from phi4mm.cli.args import parser as _parser
-from phi4mm.cli.checks import UserError, check, positive
+from phi4mm.cli.checks import UserError, check
 
 MICRO_NAME = "phi4mm-micro"  # the embedded model's name when served
 NO_MODEL = "train needs --model, the checkpoint to fine-tune (or --recipe micro to train the micro model)"
@@ -40,12 +40,18 @@ def engine_options(args: Any, **changes: Any) -> Any:
     return EngineOptions().but(**{k: v for k, v in {**given, **changes}.items() if v is not None})
 
 
-def make_engine(model: Any, options: Any) -> Any:
-    """An Engine on `model` run as `options` says."""
+def engine_takes_options() -> bool:
+    """Whether Engine(model, options=EngineOptions(...)) is how this engine is built."""
     import inspect
 
+    from phi4mm.engine.engine import Engine
+    return "options" in inspect.signature(Engine).parameters
+
+
+def make_engine(model: Any, options: Any) -> Any:
+    """An Engine on `model` run as `options` says."""
     from phi4mm.engine.engine import Engine, cpu_kv_blocks
-    if "options" in inspect.signature(Engine).parameters:
+    if engine_takes_options():
         return Engine(model, options=options)
     # An engine that predates EngineOptions takes its fields one by one (max_model_len and the memory share
     # are then the engine's own defaults).
@@ -219,18 +225,20 @@ def _batch(args: Any) -> int:
     r = run_batch(args.model, args.data, args.out, defaults=defaults, replicas=args.replicas,
                   gpus_per_replica=args.gpus_per_replica, batch_size=args.batch_size, device=args.device,
                   dtype=args.dtype, max_batch=args.max_batch, merge_adapter=args.merge_adapter,
-                  ray_address=args.ray_address)
+                  ray_address=args.ray_address, options=engine_options(args) if engine_takes_options() else None)
     print(f"{r['lines']} lines, {r['errors']} errors -> {r['out']}")
     return 0
 
 
 def _eval(args: Any) -> int:
-    from phi4mm.tasks.evaluate import evaluate, load_model as load_eval_model
+    from phi4mm.tasks.evaluate import evaluate
+    from phi4mm.tasks.evaluate import load_model as load_eval_model
     model = load_eval_model(args.model, args.device, args.dtype, args.text_adapter)
+    engine = make_engine(model, engine_options(args))
     results = {}
     for d in args.data:
         r = evaluate(args.model, d, args.metric, max_tokens=args.max_tokens, text_adapter=args.text_adapter,
-                     limit=args.limit, model=model, progress=True)
+                     limit=args.limit, model=model, progress=True, engine=engine)
         results[str(d)] = r
         if args.predictions is not None:
             one = len(args.data) == 1 and args.predictions.suffix == ".jsonl"

@@ -12,11 +12,11 @@ from typing import Any
 
 # vLLM flag -> (its argparse dest, why it changes nothing here).
 IGNORED = {
-    "--trust-remote-code": ("trust_remote_code", "phi4mm runs its own implementation; no code from the "
-                            "checkpoint is executed"),
+    "--trust-remote-code": ("trust_remote_code", ("phi4mm runs its own implementation; no code from the "
+                                                  "checkpoint is executed")),
     "--enable-lora": ("enable_lora", "adapters are always enabled"),
-    "--max-loras": ("max_loras", "every loaded adapter stays resident; requests of different adapters share "
-                    "batches"),
+    "--max-loras": ("max_loras", ("every loaded adapter stays resident; requests of different adapters share "
+                                  "batches")),
     "--lora-extra-vocab-size": ("lora_extra_vocab_size", "the adapters add no tokens"),
     "--max-seq-len-to-capture": ("max_seq_len_to_capture", "decode graphs are captured for every length"),
     "--disable-log-requests": ("disable_log_requests", "requests are not logged"),
@@ -45,7 +45,8 @@ def load_adapters(model: Any, folders: dict, max_rank: int | None) -> list[str]:
     from phi4mm.model.adapters import load_adapter
     base = Path(model.path) if model.path is not None else None
     for name, folder in folders.items():
-        if base is not None and name in model.config.loras and Path(folder).resolve() == (base / f"{name}-lora").resolve():
+        own = base is not None and Path(folder).resolve() == (base / f"{name}-lora").resolve()
+        if own and name in model.config.loras:
             continue  # the checkpoint's own adapter, loaded already
         load_adapter(model, folder, name)
     if max_rank is not None:

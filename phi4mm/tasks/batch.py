@@ -100,10 +100,13 @@ class BatchReplica:
     """One model and one engine: a Ray Data actor (`map_batches`), or the whole job on one machine."""
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str | None = None, max_batch: int = 64,
-                 merge_adapter: str | None = None):
+                 merge_adapter: str | None = None, options: Any = None):
         import phi4mm
         from phi4mm.engine.engine import Engine, cpu_kv_blocks
         self.model = phi4mm.load(model_dir, device=device, dtype=dtype)
+        if options is not None:  # EngineOptions (the command line's engine flags) say it all
+            self.engine = Engine(self.model, options=options)
+            return
         self.engine = Engine(self.model, num_blocks=cpu_kv_blocks(self.model.device), max_batch=max_batch,
                              merge_adapter=merge_adapter)
 
@@ -123,12 +126,13 @@ def run_batch(model_dir: str | Path, data: str | Path, out: str | Path, *, defau
               batch_size: int = 64,
               device: str = "cpu", dtype: str | None = None, max_batch: int = 64,
               merge_adapter: str | None = None, ray_address: str | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, options: Any = None) -> dict:
     """Generate a reply for every line of `data` and write them to `out` (JSONL, input order).
 
     replicas=None runs here on one engine; replicas=N runs on a Ray cluster (`ray_address`, default: the one
     `ray start` made on this machine, else a local one) with N model replicas of `gpus_per_replica` GPUs and
-    `cpus_per_replica` CPUs each, fed `batch_size` lines at a time. Returns {"lines", "errors", "out"}.
+    `cpus_per_replica` CPUs each, fed `batch_size` lines at a time. options: EngineOptions for every engine
+    (then max_batch and merge_adapter are its fields). Returns {"lines", "errors", "out"}.
     """
     defaults = (defaults or SamplingParams()).validate()
     rows = read_prompts(data, defaults)
@@ -137,19 +141,20 @@ def run_batch(model_dir: str | Path, data: str | Path, out: str | Path, *, defau
         raise ValueError(f"out {out} is the input file; write the results to a new file")
     if replicas is None:
         import torch
-        rep = BatchReplica(str(model_dir), device, dtype, max_batch, merge_adapter)
+        rep = BatchReplica(str(model_dir), device, dtype, max_batch, merge_adapter, options)
         with torch.inference_mode():
             results = generate_rows(rep.model, rep.engine, rows, progress=progress)
     else:
         results = _on_ray(str(model_dir), rows, replicas, gpus_per_replica, cpus_per_replica, batch_size, device,
-                          dtype, max_batch, merge_adapter, ray_address)
+                          dtype, max_batch, merge_adapter, ray_address, options)
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out, results)
     return {"lines": len(results), "errors": sum(r["error"] is not None for r in results), "out": str(out)}
 
 
 def _on_ray(model_dir: str, rows: list[dict], replicas: int, gpus: float, cpus: float, batch_size: int, device: str,
-            dtype: str | None, max_batch: int, merge_adapter: str | None, address: str | None) -> list[dict]:
+            dtype: str | None, max_batch: int, merge_adapter: str | None, address: str | None,
+            options: Any = None) -> list[dict]:
     from phi4mm.tasks.cluster import connect
     if replicas < 1 or batch_size < 1:
         raise ValueError(f"replicas and batch_size must be >= 1; got {replicas} and {batch_size}")
@@ -157,7 +162,8 @@ def _on_ray(model_dir: str, rows: list[dict], replicas: int, gpus: float, cpus: 
     try:
         ds = ray.data.from_items(rows).map_batches(
             BatchReplica, fn_constructor_kwargs=dict(model_dir=model_dir, device=device, dtype=dtype,
-                                                     max_batch=max_batch, merge_adapter=merge_adapter),
+                                                     max_batch=max_batch, merge_adapter=merge_adapter,
+                                                     options=options),
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=replicas), num_gpus=gpus or None,
             num_cpus=cpus, batch_format="numpy")
         results = [json.loads(r["result"]) for r in ds.iter_rows()]

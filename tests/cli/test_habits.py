@@ -22,7 +22,7 @@ HUB_ID = "microsoft/Phi-4-multimodal-instruct"
 
 def phi4mm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "phi4mm", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                          check=False, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def one_sentence(rc_err: tuple[int, str], *words: str) -> str:
@@ -48,7 +48,7 @@ def test_an_argument_error_answers_before_torch_is_imported():
     # and in-process: checking the arguments imports nothing heavy
     code = ("import sys; from phi4mm.cli import main; rc = main.main(['serve', '--port', '0']);"
             "print(rc, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split()
     assert out == ["2", "False"]
 
