@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parent.parent / "phi4mm"
 # Lower layers never import higher ones (docs/architecture.md draws them). Same-rank packages do not import
 # each other, except where a pair is listed in SIDEWAYS.
 RANK = {"config": 0, "options": 0, "sampling": 0, "model": 1, "inputs": 2, "api": 3, "engine": 4, "tasks": 5, "train": 5,
-        "serve": 6, "micro": 6, "cli": 7}
+        "serve": 6, "micro": 6, "cli": 7, "__main__": 8}
 SIDEWAYS: set[tuple[str, str]] = set()
 MAX_LINES = 500
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from phi4mm import __version__
+import phi4mm
 
 EXAMPLES = """examples:
   phi4mm make-checkpoint ./tiny --size tiny --layout official
@@ -98,7 +98,7 @@ def parser() -> Parser:
     raw = argparse.RawDescriptionHelpFormatter
     p = Parser(prog="phi4mm", description="Run Phi-4-multimodal-instruct: text, image and audio in, text out.",
                epilog=EXAMPLES, formatter_class=raw)
-    p.add_argument("--version", action="version", version=f"phi4mm {__version__}")
+    p.add_argument("--version", action="version", version=f"phi4mm {phi4mm.__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser)
     p.subcommands = sub.choices
 

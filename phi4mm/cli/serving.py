@@ -71,7 +71,7 @@ def banner(model: Any, engine: Any, names: list[str], url: str) -> list[str]:
 
 
 def serve(args: Any, options: Any) -> int:
-    from phi4mm.cli.main import load_model, make_engine
+    from phi4mm.cli.common import load_model, make_engine
     for line in ignored_flags(args):
         _say(line)
     if args.replicas is not None:

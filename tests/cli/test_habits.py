@@ -195,7 +195,7 @@ class InterruptOnce:
 
 def test_ctrl_c_stops_the_answer_not_the_session(monkeypatch, capsys):
     import phi4mm
-    from phi4mm.cli.main import engine_options, make_engine
+    from phi4mm.cli.common import engine_options, make_engine
     from phi4mm.cli.repl import Conversation, repl
     from phi4mm.micro.recipe import default_model_dir
     from phi4mm.sampling import SamplingParams
