@@ -127,16 +127,17 @@ def resolve_model(model: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.constants import HF_HUB_CACHE
+        from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:
         raise ConfigError(f"{name} is not a folder; to fetch it from the Hugging Face hub, pip install "
                           "huggingface_hub") from None
     try:
         return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not cached (LocalEntryNotFoundError, or an incomplete entry): try the hub
+    except (LocalEntryNotFoundError, OSError, ValueError):  # not cached, or an incomplete entry: try the hub
         pass
     try:
         return Path(snapshot_download(name))  # tqdm bars on stderr, one per file
-    except Exception as e:  # offline, unknown repository, gated, disk full: all end here, said in one sentence
+    except Exception as e:  # noqa: BLE001 - offline, unknown, gated, disk full: each said in one sentence
         why = " ".join(str(e).split())[:200] or type(e).__name__
         raise ConfigError(f"{name} is not a folder, not in the Hugging Face cache ({HF_HUB_CACHE}), and could not "
                           f"be downloaded ({type(e).__name__}: {why}); check the name and the network, or pass a "

@@ -163,7 +163,8 @@ def check_serve(args: Any) -> None:
 
 
 def check_train(args: Any) -> None:
-    out = args.out if args.recipe is None else (args.out or args.data)
+    # A recipe's run folder is meant to be reused: a second run continues where the first stopped.
+    out = args.out if args.recipe is None else None
     if out is None or args.resume or args.overwrite:
         return
     out = Path(out)

@@ -48,7 +48,7 @@ def read_jsonl(path: str | Path, skip_bad: bool = False, need_answer: bool = Tru
             except (json.JSONDecodeError, ValueError) as e:
                 msg = f"{path}:{n}: {e}"
                 if not skip_bad:
-                    raise DataError(f"{msg}; fix the line, or pass skip_bad=True to skip bad lines") from None
+                    raise DataError(f"{msg}; fix the line, or skip bad lines with --skip-bad") from None
                 bad.append(msg)
     if not records:
         need = ', {"role": "assistant", "content": ...}' if need_answer else ""

@@ -32,7 +32,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from phi4mm import __version__
+import phi4mm
 from phi4mm.api import Model
 from phi4mm.engine.engine import Engine, EngineBusy
 from phi4mm.inputs.audio import AudioError
@@ -109,7 +109,7 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
 
     @app.get("/version")
     async def version() -> dict:
-        return {"version": __version__}
+        return {"version": phi4mm.__version__}
 
     @app.get("/metrics")
     async def metrics() -> Response:

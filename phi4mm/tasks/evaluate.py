@@ -109,11 +109,12 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: str | None = N
 
 def evaluate(model_dir: str | Path, data: str | Path, metric: str = "wer", *, max_tokens: int = 256,
              device: str = "cpu", dtype: str | None = None, text_adapter: str | None = None,
-             limit: int | None = None, model: Any = None, progress: bool = False) -> dict:
+             limit: int | None = None, model: Any = None, progress: bool = False, engine: Any = None) -> dict:
     """Greedy replies for every conversation of `data`, scored against its last assistant message.
 
     text_adapter: route text-only prompts through this adapter (loaded from `model_dir/<name>-lora/`).
     model: an already loaded `phi4mm.Model` to use instead of loading model_dir. progress: a bar on stderr.
+    engine: an Engine on that model to generate with (the command line's, built from its engine flags).
     Returns {"metric", "score", "n", "predictions": [{"line", "prediction", "references"}]}.
     """
     from phi4mm.engine.engine import Engine
@@ -136,7 +137,7 @@ def evaluate(model_dir: str | Path, data: str | Path, metric: str = "wer", *, ma
         requests.append({"prompt": prep, "params": SamplingParams(max_tokens=max_tokens)})
         answers.append(list(rec.answers or []) or [last["content"] or ""])
     with torch.inference_mode():
-        results = Engine(model).generate(requests, progress=progress, desc=Path(data).name)
+        results = (engine or Engine(model)).generate(requests, progress=progress, desc=Path(data).name)
     hyps = [r["text"].strip() for r in results]
     preds = [{"line": rec.line, "prediction": h, "references": a} for rec, h, a in zip(records, hyps, answers)]
     return {"metric": metric, "score": score(metric, answers, hyps), "n": len(hyps), "predictions": preds}

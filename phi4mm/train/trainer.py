@@ -193,7 +193,7 @@ def _usable_examples(model, records: list[Record], data: str | Path, stage: str,
         if isinstance(e, Example):
             examples.append(e)
         elif not skip_bad:
-            raise DataError(f"{data}:{rec.line}: {e}; fix the sample, or pass skip_bad=True") from None
+            raise DataError(f"{data}:{rec.line}: {e}; fix the sample, or skip bad ones with --skip-bad") from None
         else:
             bad.append(f"{data}:{rec.line}: {e}")
     examples = [e for e in examples if e.num_targets > 0]

@@ -23,7 +23,7 @@ HUB_ID = "microsoft/Phi-4-multimodal-instruct"
 
 def phi4mm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "phi4mm", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                          check=False, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def one_sentence(rc_err: tuple[int, str], *words: str) -> str:
@@ -49,7 +49,7 @@ def test_an_argument_error_answers_before_torch_is_imported():
     # and in-process: checking the arguments imports nothing heavy
     code = ("import sys; from phi4mm.cli import main; rc = main.main(['serve', '--port', '0']);"
             "print(rc, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split()
     assert out == ["2", "False"]
 
@@ -196,7 +196,7 @@ class InterruptOnce:
 
 def test_ctrl_c_stops_the_answer_not_the_session(monkeypatch, capsys):
     import phi4mm
-    from phi4mm.cli.main import engine_options, make_engine
+    from phi4mm.cli.common import engine_options, make_engine
     from phi4mm.cli.repl import Conversation, repl
     from phi4mm.micro.recipe import default_model_dir
     from phi4mm.sampling import SamplingParams
@@ -230,3 +230,29 @@ def test_chat_with_tools_prints_the_parsed_call_once(capsys):
                      "--max-tokens", "30"]) == 0
     out = capsys.readouterr().out
     assert "tool_call" not in out and "play_music" not in out and out.strip()
+
+
+def test_batch_reports_tool_calls_as_the_server_does(tmp_path, capsys):
+    tools = json.loads((ROOT / "examples" / "tools.json").read_text())
+    data, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    lines = [{"messages": [{"role": "user", "content": "I want to listen to Coldplay."}], "tools": tools},
+             {"messages": [{"role": "user", "content": "What is the capital of France?"}], "tools": tools}]
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert cli.main(["batch", str(data), str(out), "--max-tokens", "60", "--device", "cpu"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows[0]["finish_reason"] == "tool_calls"
+    assert [c["function"]["name"] for c in rows[0]["tool_calls"]] == ["play_music"]
+    offered = {t["function"]["name"] for t in tools}
+    assert all(c["function"]["name"] in offered for c in rows[1]["tool_calls"])  # never a tool nobody offered
+    assert rows[1]["finish_reason"] == ("tool_calls" if rows[1]["tool_calls"] else "stop")
+
+
+def test_messages_show_no_python_reprs(capsys, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not audio")
+    line = one_sentence(in_process(capsys, "transcribe", notes), "notes.txt", "could not decode")
+    assert "<_io" not in line and "BufferedReader" not in line
+    from phi4mm.inputs.audio import AudioError, load_audio
+    with pytest.raises(AudioError) as e:
+        load_audio(notes)
+    assert "<_io" not in str(e.value)

@@ -95,7 +95,7 @@ def test_defaults_are_the_checkpoints_greedy_ones(default_server):
     """The micro model's generation_config.json asks for no sampling: no temperature means greedy, so two calls
     agree (the server used to sample at 1.0 where the CLI was greedy)."""
     client = default_server[0]
-    ask = dict(model="phi4mm-micro", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12)
+    ask = {"model": "phi4mm-micro", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12}
     assert client.chat.completions.create(**ask).choices[0].message.content == \
         client.chat.completions.create(**ask).choices[0].message.content
 
@@ -106,7 +106,7 @@ def calls(r) -> list[tuple[str, dict]]:
 
 def test_tool_choice_required_named_and_none(default_server):
     client = default_server[0]
-    ask = dict(model="phi4mm-micro", messages=COLDPLAY, tools=TOOLS, max_tokens=60)
+    ask = {"model": "phi4mm-micro", "messages": COLDPLAY, "tools": TOOLS, "max_tokens": 60}
     auto = client.chat.completions.create(**ask)
     assert calls(auto) == [("play_music", {"artist": "Coldplay"})] and auto.choices[0].finish_reason == "tool_calls"
     required = client.chat.completions.create(**ask, tool_choice="required")
@@ -150,13 +150,13 @@ def test_the_model_cards_vllm_command_line_starts_and_serves(tmp_path):
             "--enable-lora", "--max-lora-rank", "320", "--lora-extra-vocab-size", "0", "--limit-mm-per-prompt",
             "audio=3,image=3", "--max-loras", "2", "--lora-modules", f"speech={speech}", f"vision={vision}",
             "--served-model-name", "phi-4", "phi-4-mm", "--tensor-parallel-size", "1"]
-    with phi4mm_serve(*card) as (client, base, log):
+    with phi4mm_serve(*card) as (client, _, log):
         startup = log.read_text()
         for flag in ("--trust-remote-code", "--enable-lora", "--max-loras", "--lora-extra-vocab-size"):
             assert f"{flag} accepted;" in startup, startup
         names = {m.id for m in client.models.list().data}
         assert {"phi-4", "phi-4-mm", "microsoft/Phi-4-multimodal-instruct", "speech", "vision"} <= names
-        ask = dict(messages=[{"role": "user", "content": "Name a colour."}], max_tokens=3, logprobs=True)
+        ask = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 3, "logprobs": True}
         plain = client.chat.completions.create(model="phi-4", **ask)
         assert plain.choices[0].message.content
         # Naming an adapter runs the prompt through it: the same greedy text scored by another network.
