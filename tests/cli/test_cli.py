@@ -135,7 +135,7 @@ def test_missing_embedded_model_is_one_sentence(capsys, tmp_path, monkeypatch):
 def test_errors_in_a_subprocess(tiny_official, tmp_path):
     bad = tmp_path / "corrupt.wav"
     bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" * 10)
-    one_line_error(run("transcribe", bad, "--model", tiny_official), "corrupt.wav", "could not decode")
+    one_line_error(run("transcribe", bad, "--model", tiny_official), "corrupt.wav", "ends early or is damaged")
     assert run("transcribe").returncode == 2  # argparse usage error
 
 
@@ -171,7 +171,7 @@ def test_transcribe_folder_srt(tiny_official, tmp_path):
     assert written == sorted([f.stem + ".srt" for f in FLACS[:2]] + ["sub", f"sub/{FLACS[2].stem}.srt"])
     for f in out.rglob("*.srt"):
         cues = srt_cues(f.read_text())
-        assert len(cues) <= 1 and all(c[1] == "00:00:00,000" for c in cues)
+        assert len(cues) <= 1 and all(c[1] < "00:00:00,500" for c in cues)  # the cue starts where speech does
 
 
 def test_transcribe_glob_vtt_next_to_inputs(tiny_official, tmp_path):
@@ -199,10 +199,40 @@ def test_transcribe_json_several_files_and_long_audio(tiny_official, tmp_path):
     v = json.loads((out / "long.json").read_text())
     assert (out / "long.txt").read_text() == v["text"] + "\n"
     assert v["task"] == "transcribe" and v["duration"] == pytest.approx(long.size / 16000, abs=1e-3)
-    assert len(v["segments"]) == 2 and v["segments"][0]["start"] == 0
-    assert v["segments"][0]["end"] == v["segments"][1]["start"] and v["segments"][1]["end"] == v["duration"]
+    segs = v["segments"]
+    assert len(segs) >= 2 and segs[0]["start"] < 1.0 and segs[-1]["end"] <= v["duration"]
+    assert all(a["end"] <= b["start"] for a, b in zip(segs, segs[1:])) and all(x["end"] - x["start"] <= 15
+                                                                               for x in segs)
     assert set(json.loads((out / (FLACS[0].stem + ".json")).read_text())) >= {"text", "segments"}
     assert len(v["segments"][0]["tokens"]) <= 3
+
+
+def test_transcribe_goes_on_past_bad_files_and_reads_stdin(tiny_official, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(FLACS[0], src / "a.flac")
+    (src / "empty.wav").write_bytes(b"")
+    (src / "notes.mp3").write_text("not a recording")
+    out = tmp_path / "out"
+    p = run("transcribe", src, "--model", tiny_official, "-o", out, "--max-tokens", "2")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "empty.wav' is empty (0 bytes)" in p.stderr and "notes.mp3' is not an audio or video file" in p.stderr
+    assert "2 of 3 inputs could not be read" in p.stderr and (out / "a.txt").read_text().strip()
+    piped = subprocess.run(ENTRY + ["transcribe", "-", "--model", str(tiny_official), "--max-tokens", "2"],
+                           input=FLACS[0].read_bytes(), capture_output=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout.decode() == (out / "a.txt").read_text()
+
+
+def test_summarize_and_chat_video(tiny_official, tmp_path):
+    from tests.inputs.media_files import write_video
+    p = ok(run("summarize", FLACS[2], "--model", tiny_official, "--max-tokens", "2", "--json"))
+    s = json.loads(p.stdout)
+    assert set(s) == {"text", "duration", "parts"} and len(s["parts"]) == 1
+    clip = write_video(tmp_path / "clip.mp4", seconds=2, fps=5)
+    ok(run("chat", "What happens?", "--video", clip, "--video-max-frames", "2", "--model", tiny_official,
+           "--max-tokens", "2"))
+    one_line_error(run("chat", "hi", "--video", clip, "--video-audio", "--model", tiny_official), "no audio track")
+    one_line_error(run("summarize", tmp_path / "nope.m4a", "--model", tiny_official), "no such file")
 
 
 def test_translate_one_file_json_to_stdout(tiny_official):
