@@ -218,6 +218,34 @@ def test_transcribe_json_several_files_and_long_audio(tiny_official, tmp_path):
     assert all(len(s["tokens"]) <= 3 for s in segs)
 
 
+def test_transcribe_goes_on_past_bad_files_and_reads_stdin(tiny_official, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(FLACS[0], src / "a.flac")
+    (src / "empty.wav").write_bytes(b"")
+    (src / "notes.mp3").write_text("not a recording")
+    out = tmp_path / "out"
+    p = run("transcribe", src, "--model", tiny_official, "-o", out, "--max-tokens", "2")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "empty.wav' is empty (0 bytes)" in p.stderr and "notes.mp3' is not an audio or video file" in p.stderr
+    assert "2 of 3 inputs could not be read" in p.stderr and (out / "a.txt").read_text().strip()
+    piped = subprocess.run(ENTRY + ["transcribe", "-", "--model", str(tiny_official), "--max-tokens", "2"],
+                           input=FLACS[0].read_bytes(), capture_output=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout.decode() == (out / "a.txt").read_text()
+
+
+def test_summarize_and_chat_video(tiny_official, tmp_path):
+    from tests.inputs.media_files import write_video
+    p = ok(run("summarize", FLACS[2], "--model", tiny_official, "--max-tokens", "2", "--json"))
+    s = json.loads(p.stdout)
+    assert set(s) == {"text", "duration", "parts"} and len(s["parts"]) == 1
+    clip = write_video(tmp_path / "clip.mp4", seconds=2, fps=5)
+    ok(run("chat", "What happens?", "--video", clip, "--video-max-frames", "2", "--model", tiny_official,
+           "--max-tokens", "2"))
+    one_line_error(run("chat", "hi", "--video", clip, "--video-audio", "--model", tiny_official), "no audio track")
+    one_line_error(run("summarize", tmp_path / "nope.m4a", "--model", tiny_official), "no such file")
+
+
 def test_translate_one_file_json_to_stdout(tiny_official):
     p = ok(run("translate", FLACS[1], "--model", tiny_official, "--language", "fr", "--format", "json",
                "--max-tokens", "3"))

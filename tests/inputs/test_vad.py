@@ -2,6 +2,7 @@
 streams through in bounded memory."""
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 
 import numpy as np
@@ -40,7 +41,7 @@ def test_long_speech_is_cut_within_the_limit():
     cues = list(cut_cues(_blocks(wav), max_cue_seconds=6.0))
     assert len(cues) >= 7
     assert all(c.end - c.start <= 6.0 + 1e-9 for c in cues)
-    assert all(a.end <= b.start for a, b in zip(cues, cues[1:]))
+    assert all(a.end <= b.start for a, b in itertools.pairwise(cues))
     assert cues[-1].end <= wav.size / SAMPLE_RATE
 
 
@@ -66,7 +67,7 @@ def test_long_recording_streams_in_bounded_memory(tmp_path):
     assert peak < 12 << 20, f"peak {peak / 2**20:.1f} MiB"  # a few blocks, not the file
     assert len(cues) >= len(spans) // 2  # clips 0.8 s apart may share a cue
     assert all(0 <= c.start < c.end <= duration for c in cues)
-    assert all(a.end <= b.start for a, b in zip(cues, cues[1:]))
+    assert all(a.end <= b.start for a, b in itertools.pairwise(cues))
     assert all(c.end - c.start <= 15.0 for c in cues)
     # Every clip lies inside a cue.
     for a, b in spans:

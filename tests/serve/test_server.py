@@ -279,8 +279,9 @@ def test_transcriptions_and_translations_every_format(client):
     assert t.duration == pytest.approx(4.9, abs=0.1) and len(t.segments) == 1
     r = client.audio.transcriptions.create(model="speech", file=("long.flac", long_clip()),
                                            response_format="verbose_json", language="en", prompt="fox")
-    assert len(r.segments) >= 2 and r.segments[-1].end == pytest.approx(r.duration, abs=0.05)
-    assert r.segments[0].end <= 30.0 + 1e-6
+    assert len(r.segments) >= 2 and r.duration - 1.0 < r.segments[-1].end <= r.duration
+    assert all(s.end - s.start <= 15.0 for s in r.segments) and r.language == "english"
+    assert all(s.avg_logprob < 0 and 0 <= s.no_speech_prob < 1 for s in r.segments)  # measured per cue
     srt = client.audio.transcriptions.create(model="speech", file=("long.flac", long_clip()), response_format="srt")
     assert "2\n00:00:" in srt
 
@@ -298,7 +299,8 @@ def test_client_mistakes_are_typed_4xx(live, client):
          openai.BadRequestError, "allowed-media-dir"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}}]}],
          openai.BadRequestError, "image"),
-        ([{"role": "user", "content": [{"type": "video", "video": "x"}]}], openai.BadRequestError, "unknown type"),
+        ([{"role": "user", "content": [{"type": "video", "video": "x"}]}], openai.BadRequestError, "allow-local-files"),
+        ([{"role": "user", "content": [{"type": "hologram", "hologram": "x"}]}], openai.BadRequestError, "unknown type"),
         ([{"role": "user", "content": "word " * 140_000}], openai.BadRequestError, "context"),
         ([{"role": "user", "content": "word " * 170_000}], openai.BadRequestError, "max-prompt-chars"),
     ]

@@ -2,6 +2,7 @@
 is what is checked: chunking by speech, one map prompt per chunk, reduce over the parts, question prompts)."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ def test_chunks_hold_speech_only_and_at_most_the_limit(tmp_path):
     chunks = list(S.speech_chunks(str(path), chunk_minutes=0.1))  # 6 s of speech per chunk
     assert len(chunks) >= 3
     assert all(c.size <= 0.1 * 60 * SAMPLE_RATE + 15 * SAMPLE_RATE for _, _, c in chunks)  # + at most one cue
-    assert all(a[1] <= b[0] for a, b in zip(chunks, chunks[1:]))
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(chunks))
     speech = sum(b - a for a, b in spans)
     assert sum(c.size for _, _, c in chunks) / SAMPLE_RATE < speech + 2 * len(spans)  # the silence is left out
 
