@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ["PHI4MM_LORA_KERNELS"] = "1"  # the kernels are opt-in; this bench times them against the fallback
 from phi4mm.model import lora_kernels  # noqa: E402
 
 SHAPES = [(3072, 5120), (3072, 3072), (3072, 16384), (8192, 3072)]  # (in, out): qkv, o, gate_up, down

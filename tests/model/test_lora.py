@@ -140,7 +140,7 @@ def test_segmented_kernels_match_plain_products():
     """The Triton kernels under the interpreter (a child process: TRITON_INTERPRET must be set before Triton is
     imported) against the plain products: mixed rows, ranks and scales, rows without adapter untouched."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TRITON_INTERPRET="1", PHI4MM_LORA_KERNELS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, str(ROOT / "tests/model/lora_check.py"), "cpu"], env=env, check=False,
                        capture_output=True, text=True, timeout=600)
     print(r.stdout, r.stderr[-3000:])
