@@ -46,7 +46,7 @@ def exact_fp32():
 
 @pytest.fixture(scope="module")
 def cpu_model(tiny_official):
-    return phi4mm.load(tiny_official, dtype=torch.float32)
+    return phi4mm.load(tiny_official, device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
