@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from phi4mm.inputs.resample import global_taps, global_view  # noqa: F401 (global_taps: tests)
+
 # ---- geometry (448-px crops of 14-px patches) ---------------------------------------------------------------------
 CROP_SIZE = 448                                  # SigLIP input side, pixels
 PATCH_SIZE = 14                                  # conv patch side, pixels
@@ -333,102 +335,6 @@ def _to_uint8_planes(image: Image.Image) -> torch.Tensor:
     return out
 
 
-def global_taps(scale: int) -> torch.Tensor | None:
-    """Source rows (or columns) the 448-px bicubic global view actually reads along an axis whose HD size is
-    `scale` * 448; None when it reads them all.
-
-    With align_corners=False and an integer scale s, output i samples source position s*i + (s-1)/2:
-    - s odd: the position is a pixel centre, so the cubic weights are exactly (0, 1, 0, 0) and only that
-      pixel matters. Gathering it gives a 448-long axis that bicubic maps 1:1 with the same weights.
-    - s even >= 4: the position is halfway between pixels (weights -3/32, 19/32, 19/32, -3/32 on 4 taps).
-      Gathering those 4 taps per output gives a 1792-long axis that bicubic at scale 4 reads with the
-      same taps and weights: resizing it equals resizing the whole canvas (global_view does both passes).
-    - s in (1, 2): every pixel is a tap; nothing to save.
-    """
-    if scale <= 2:
-        return None
-    out = torch.arange(CROP_SIZE)
-    if scale % 2:
-        return out * scale + (scale - 1) // 2                                # (448,)
-    first = out * scale + scale // 2 - 2                                     # (448,) leftmost tap
-    return (first[:, None] + torch.arange(4)).reshape(-1)                    # (448*4,)
-
-
-# Bicubic (a = -0.75, align_corners=False) at an even integer scale samples halfway between two pixels: taps
-# 2i-1 .. 2i+2 (scale 2, clamped at the edges) with weights (-3, 19, 19, -3) / 32. On uint8 pixels the sums
-# with the integer weights are exact (rows in int16, columns in float32 below 2**24); one division and the
-# normalisation follow, instead of torch's bicubic over the whole normalised float canvas.
-BICUBIC_FAR, BICUBIC_NEAR, BICUBIC_DEN = -3, 19, 32
-_BAND_OUT = 16                                   # outputs per block of the column pass's banded product (16: MKL's
-                                                 # fastest shape here, 0.9 ms against 1.1 for 32 and 2.4 for 64)
-
-
-@functools.lru_cache(maxsize=1)
-def _band() -> torch.Tensor:
-    """(2B, B), B = _BAND_OUT: the integer scale-2 weights of B outputs from their block's 2B inputs (taps
-    outside the block are added separately: the first output also reads the previous block's last input, the
-    last output the next block's first)."""
-    band = torch.zeros(2 * _BAND_OUT, _BAND_OUT)
-    for j in range(_BAND_OUT):
-        for k, w in enumerate((BICUBIC_FAR, BICUBIC_NEAR, BICUBIC_NEAR, BICUBIC_FAR)):
-            if 0 <= 2 * j - 1 + k < 2 * _BAND_OUT:
-                band[2 * j - 1 + k, j] = w
-    return band
-
-
-def _rows_pass(u: torch.Tensor) -> torch.Tensor:
-    """(3, h, W) uint8, h = 448 | 896 | 1792 gathered -> (3, 448, W) int16 holding 32x (or 1x) the value.
-
-    19 (t1 + t2) - 3 (t0 + t3) accumulated in place into one int16 tensor (|sum| <= 9,690): temporaries of a few
-    MB each cost more in page faults than their arithmetic."""
-    h = u.shape[1]
-    if h == CROP_SIZE:
-        return u.to(torch.int16)
-    n = CROP_SIZE
-    if h == 4 * CROP_SIZE:                                                   # gathered: 4 taps per output
-        g = u.unflatten(1, (n, 4))                                           # (3, 448, 4, W)
-        x = g[:, :, 1].to(torch.int16).add_(g[:, :, 2]).mul_(BICUBIC_NEAR)
-        return x.add_(g[:, :, 0], alpha=BICUBIC_FAR).add_(g[:, :, 3], alpha=BICUBIC_FAR)
-    # Scale 2: rows 2i-1 .. 2i+2 as whole-row strided slices (contiguous inner loops), clamped at both ends.
-    x = u[:, 0::2].to(torch.int16).add_(u[:, 1::2]).mul_(BICUBIC_NEAR)     # taps 2i, 2i+1
-    x[:, 1:].add_(u[:, 1:2 * n - 2:2], alpha=BICUBIC_FAR)                    # tap 2i-1 ...
-    x[:, 0].add_(u[:, 0], alpha=BICUBIC_FAR)                                 # ... row -1 clamps to row 0
-    x[:, :-1].add_(u[:, 2:2 * n:2], alpha=BICUBIC_FAR)                       # tap 2i+2 ...
-    x[:, -1].add_(u[:, 2 * n - 1], alpha=BICUBIC_FAR)                        # ... row 2n clamps to row 2n-1
-    return x
-
-
-def _cols_pass(x: torch.Tensor, out: torch.Tensor) -> None:
-    """(R, w) float, w = 448 | 896 | 1792 gathered -> out (R, 448): 32x (or 1x) the column bicubic."""
-    rows, w = x.shape
-    if w == CROP_SIZE:
-        out.copy_(x)
-    elif w == 4 * CROP_SIZE:
-        g = x.view(rows, CROP_SIZE, 4)
-        torch.add(g[:, :, 1], g[:, :, 2], out=out).mul_(BICUBIC_NEAR)
-        out.add_(g[:, :, 0], alpha=BICUBIC_FAR).add_(g[:, :, 3], alpha=BICUBIC_FAR)
-    else:
-        # Scale 2: a banded product per 2B columns (strided column slices would leave torch's vectorised
-        # loops), plus the two taps of each block that fall in its neighbours.
-        xv = x.view(rows, -1, 2 * _BAND_OUT)                                 # (R, blocks, 2B)
-        o = out.view(rows, -1, _BAND_OUT)                                    # (R, blocks, B)
-        torch.matmul(xv, _band(), out=o)
-        o[:, 1:, 0].add_(xv[:, :-1, -1], alpha=BICUBIC_FAR)                  # tap 2i-1 from the previous block
-        o[:, 0, 0].add_(xv[:, 0, 0], alpha=BICUBIC_FAR)                      # ... clamped at the left edge
-        o[:, :-1, -1].add_(xv[:, 1:, 0], alpha=BICUBIC_FAR)                  # tap 2i+2 from the next block
-        o[:, -1, -1].add_(xv[:, -1, -1], alpha=BICUBIC_FAR)                  # ... clamped at the right edge
-
-
-def global_view(taps: torch.Tensor, out: torch.Tensor) -> None:
-    """(3, h, w) uint8 canvas taps (h, w in 448, 896 or 1792 gathered; see global_taps) -> out (3, 448, 448):
-    the normalised bicubic global view, within 2.4e-7 of torch's bicubic over the normalised canvas."""
-    h, w = taps.shape[-2:]
-    rows = _rows_pass(taps)                                                  # (3, 448, w) int16
-    _cols_pass(rows.view(-1, w).to(torch.float32), out.view(-1, CROP_SIZE))  # (3*448, w) -> (3*448, 448)
-    scale = (BICUBIC_DEN if h != CROP_SIZE else 1) * (BICUBIC_DEN if w != CROP_SIZE else 1)
-    out.div_(scale).sub_(PIXEL_MEAN).div_(PIXEL_STD)
-
-
 def hd_canvas(image: Image.Image, plan: HDPlan) -> torch.Tensor:
     """The image resized and padded onto its HD canvas: contiguous planar uint8 (3, rows*448, cols*448), white
     (PAD_VALUE) right and below. Crop k of the batch is its k-th 448-px tile, normalised."""
@@ -509,78 +415,3 @@ def preprocess_images(images: list[Image.Image], dynamic_hd: int = DEFAULT_DYNAM
     image_sizes = torch.tensor([[p.height, p.width] for p in plans], dtype=torch.long)
     num_tokens = [_plan_tokens(p) for p in plans]
     return ImageInputs(pixel_values, attention_mask, image_sizes, num_tokens, digest.digest())
-
-
-# ---- video -------------------------------------------------------------------------------------------------------
-def _pick_evenly(frames: list, max_frames: int) -> list:
-    if len(frames) <= max_frames:
-        return frames
-    keep = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
-    return [frames[i] for i in keep]
-
-
-def _frames_pyav(path: str, fps: float, max_frames: int) -> list[Image.Image]:
-    import av  # optional dependency: phi4mm[video]
-
-    frames: list[Image.Image] = []
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        interval = 1.0 / fps
-        if container.duration:                    # microseconds; widen the step so we stay near max_frames
-            interval = max(interval, container.duration / 1e6 / max_frames)
-        next_t = 0.0
-        for frame in container.decode(stream):
-            t = float(frame.time) if frame.time is not None else next_t
-            if t + 1e-6 < next_t:
-                continue
-            frames.append(frame.to_image().convert("RGB"))
-            next_t += interval * max(1, math.floor((t - next_t) / interval) + 1)
-            if len(frames) > 2 * max_frames:      # unknown duration: halve the rate so memory stays bounded
-                frames, interval = frames[::2], interval * 2
-    return _pick_evenly(frames, max_frames)
-
-
-def _frames_imageio(path: str, fps: float, max_frames: int) -> list[Image.Image]:
-    import imageio_ffmpeg
-
-    # ffmpeg's fps filter does the sampling; we only bound the count.
-    reader = imageio_ffmpeg.read_frames(path, output_params=["-vf", f"fps={fps}"])
-    meta = next(reader)
-    width, height = meta["size"]
-    frames: list[Image.Image] = []
-    for raw in reader:
-        frames.append(Image.frombytes("RGB", (width, height), bytes(raw)))
-        if len(frames) > 2 * max_frames:
-            frames = frames[::2]
-    return _pick_evenly(frames, max_frames)
-
-
-def load_video_frames(path: str | Path, fps: float = 1.0, max_frames: int = 64) -> list[Image.Image]:
-    """Decode a video into RGB frames sampled at `fps` (at most `max_frames`, spread over the whole clip).
-
-    The model sees a video as these frames, each an image. Uses PyAV, else imageio-ffmpeg.
-    """
-    if fps <= 0 or max_frames <= 0:
-        raise ImageError(f"load_video_frames needs fps > 0 and max_frames > 0, got fps={fps}, max_frames={max_frames}")
-    name = _describe(path)
-    if not Path(path).is_file():
-        raise ImageError(f"video file {name} does not exist")
-    try:
-        import av  # noqa: F401
-        reader = _frames_pyav
-    except ImportError:
-        try:
-            import imageio_ffmpeg  # noqa: F401
-            reader = _frames_imageio
-        except ImportError:
-            raise ImageError("reading video needs PyAV: `pip install av` (or `pip install phi4mm[video]`)") from None
-    try:
-        frames = reader(str(path), fps, max_frames)
-    except ImageError:
-        raise
-    except Exception as exc:  # decoder libraries raise their own error types; name the file either way
-        raise ImageError(f"video {name} could not be decoded ({type(exc).__name__}: {exc})") from None
-    if not frames:
-        raise ImageError(f"video {name} has no decodable video frames")
-    return frames

@@ -36,10 +36,12 @@ import phi4mm
 from phi4mm.api import Model
 from phi4mm.engine.engine import Engine, EngineBusy
 from phi4mm.inputs.audio import AudioError
+from phi4mm.inputs.av_audio import DecodeError
 from phi4mm.inputs.chat import ChatError
 from phi4mm.inputs.image import ImageError
 from phi4mm.inputs.prepare import InputError
 from phi4mm.inputs.tokenizer import TokenizerError
+from phi4mm.inputs.video import VideoError
 from phi4mm.options import ServeOptions
 from phi4mm.serve.gate import LOOPBACK_HOSTS, DeadlineH11Protocol, Gate
 from phi4mm.serve.media import MediaPolicy
@@ -54,7 +56,8 @@ from phi4mm.serve.schemas import (
 from phi4mm.serve.server import Server
 from phi4mm.serve.ui import mount_ui
 
-INPUT_ERRORS = (ChatError, InputError, ImageError, AudioError, TokenizerError)  # their messages say what to fix
+# their messages say what to fix, quoting only what the client sent
+INPUT_ERRORS = (ChatError, InputError, ImageError, AudioError, TokenizerError, DecodeError, VideoError)
 MAX_ECHO_CHARS = 80  # of a rejected value, quoted back in the error message
 GRACE_AFTER_DRAIN_S = 5  # after the drain deadline: time for the error events to go out before uvicorn cuts
 log = logging.getLogger("phi4mm.serve")

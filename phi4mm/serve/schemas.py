@@ -149,10 +149,10 @@ class CompletionRequest(_Request):
         return prompts
 
 
-def sampling_params(req: _Request, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+def sampling_params(req: _Request, max_tokens: int | None, logprobs: int | None, choice: int) -> SamplingParams:
     """The engine's SamplingParams for choice `choice` of `req` (seeded choices get seed + choice)."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if req.min_tokens > max_tokens:
+    if max_tokens is not None and req.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({req.min_tokens}) is larger than max_tokens ({max_tokens}); lower "
                        "min_tokens or raise max_tokens", param="min_tokens")
     try:

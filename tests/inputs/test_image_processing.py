@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from phi4mm.inputs.image import (
     ImageInputs,
     choose_crop_grid,
     load_image,
-    load_video_frames,
     num_image_tokens,
     preprocess_images,
 )
@@ -350,47 +348,3 @@ def test_preprocess_converts_non_rgb_like_load_image():
     rgba = Image.new("RGBA", (50, 30), (0, 0, 0, 0))
     out = preprocess_images([rgba])
     assert torch.equal(out.pixel_values[0, 1], torch.ones(3, CROP_SIZE, CROP_SIZE))   # white -> 1.0 everywhere
-
-
-# ---- video -------------------------------------------------------------------------------------------------------
-def _write_video(path: Path, seconds: int, fps: int = 10) -> None:
-    av = pytest.importorskip("av")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(seconds * fps):
-            level = int(255 * i / (seconds * fps))           # brightness ramps so frames are distinguishable
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), level, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-
-
-def test_video_frames(tmp_path):
-    path = tmp_path / "clip.mp4"
-    _write_video(path, seconds=4)
-    frames = load_video_frames(path, fps=1.0)
-    assert 4 <= len(frames) <= 5 and all(f.size == (64, 48) and f.mode == "RGB" for f in frames)
-    levels = [np.asarray(f).mean() for f in frames]
-    assert levels == sorted(levels)                           # in time order
-    assert len(load_video_frames(path, fps=10.0, max_frames=6)) == 6
-    assert preprocess_images(frames).pixel_values.shape[0] == len(frames)
-
-
-def test_video_errors(tmp_path, monkeypatch):
-    with pytest.raises(ImageError, match="does not exist"):
-        load_video_frames(tmp_path / "missing.mp4")
-    junk = tmp_path / "junk.mp4"
-    junk.write_bytes(b"definitely not a video")
-    if "av" in sys.modules or _importable("av") or _importable("imageio_ffmpeg"):
-        with pytest.raises(ImageError, match="could not be decoded|no decodable"):
-            load_video_frames(junk)
-    monkeypatch.setitem(sys.modules, "av", None)             # None in sys.modules makes `import av` fail
-    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
-    with pytest.raises(ImageError, match="pip install av"):
-        load_video_frames(junk)
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None

@@ -33,7 +33,10 @@ LEAKS = ("Traceback", "TypeError", "AttributeError", "KeyError", "IndexError", "
          "RuntimeError", "File \"", "internal error:")
 LIMITS = ServeOptions(max_prompt_chars=20_000, max_messages=32, max_images=2, max_sequences=8,
                       max_schema_chars=2000, max_tools=8, max_media_bytes=1 << 20, max_audio_seconds=20.0,
-                      max_transcription_seconds=60.0)
+                      max_transcription_seconds=60.0,
+                      # requests without max_tokens may use the rest of the context; the random tiny model never
+                      # stops by itself, so an operator's cap keeps the valid ones short
+                      default_max_tokens=16)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from openai import OpenAI
 
 import phi4mm
 from phi4mm.inputs.audio import load_audio
+from phi4mm.options import ServeOptions
 from phi4mm.serve.app import create_app
 from tests.inputs.media_files import write_audio, write_video
 from tests.serve.test_server import NUM_BLOCKS, TIMEOUT, serve
@@ -27,10 +28,11 @@ def media(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_official):
+def servers(tiny_official, media):
     model = phi4mm.load(tiny_official)
     strict = create_app(model, num_blocks=NUM_BLOCKS, max_batch=8, transcription_max_tokens=3)
-    files = create_app(model, num_blocks=NUM_BLOCKS, max_batch=8, allow_local_files=True)
+    files = create_app(model, num_blocks=NUM_BLOCKS, max_batch=8, allow_local_files=True,
+                       options=ServeOptions(allowed_media_dir=str(media["mp4"].parent)))
     with serve(strict) as p1, serve(files) as p2:
         yield [OpenAI(base_url=f"http://127.0.0.1:{p}/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
                for p in (p1, p2)]
