@@ -217,10 +217,10 @@ def test_page_is_served_without_the_key(healthy):
 
 
 def test_no_ui_leaves_the_api_only(monkeypatch):
-    import phi4mm.serve.app as app_module
+    import phi4mm.cli.serving as serving
     from phi4mm.cli.main import main
     seen = {}
-    monkeypatch.setattr(app_module, "serve", lambda *args, **kw: seen.update(kw))
+    monkeypatch.setattr(serving, "serve", lambda args, options: seen.update(ui=args.ui) or 0)
     assert main(["serve", "--no-ui"]) == 0 and seen["ui"] is False
     assert main(["serve"]) == 0 and seen["ui"] is True
     from fastapi import FastAPI
