@@ -108,7 +108,7 @@ def test_phi4_mini_text_layout(tiny_hf, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         phi4mm.load(tmp_path)
-    with pytest.raises(ConfigError, match="not a directory"):
+    with pytest.raises(ConfigError, match="is not a folder, nor a Hugging Face model id"):
         phi4mm.load(tmp_path / "nope")
 
 
