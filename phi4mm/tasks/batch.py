@@ -60,7 +60,7 @@ def _row(rec: Record, defaults: SamplingParams, path: str | Path) -> dict:
 
 def generate_rows(model: Any, engine: Any, rows: list[dict], progress: bool = False) -> list[dict]:
     """Prompts through one engine; a row whose prompt the model refuses gets an error, the others go on."""
-    from phi4mm.inputs.tools import parse_tool_calls
+    from phi4mm.inputs.tools import parse_tool_calls, tool_names
     out: list[dict | None] = [None] * len(rows)
     requests, owners = [], []  # owners: (row index, its tools, its prompt's token count)
     for i, r in enumerate(rows):
@@ -77,12 +77,14 @@ def generate_rows(model: Any, engine: Any, rows: list[dict], progress: bool = Fa
         if res["finish_reason"] == "error":
             out[i] = _result(rows[i], error=res.get("error") or "generation failed")
             continue
-        text, calls = res["text"], []
-        if tools:
-            text, parsed = parse_tool_calls(text, id_prefix=f"call_{rows[i]['line']}_")
+        text, calls, reason = res["text"], [], res["finish_reason"]
+        if tools:  # only calls to the line's own tools are calls; a reply that makes one ends "tool_calls"
+            text, parsed = parse_tool_calls(text, id_prefix=f"call_{rows[i]['line']}_",
+                                            offered=set(tool_names(tools)))
             calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                      for c in parsed]
-        out[i] = _result(rows[i], text=text, tool_calls=calls, finish_reason=res["finish_reason"],
+            reason = "tool_calls" if calls and reason == "stop" else reason
+        out[i] = _result(rows[i], text=text, tool_calls=calls, finish_reason=reason,
                          prompt_tokens=n_prompt, completion_tokens=len(res["token_ids"]))
     return out  # type: ignore[return-value]
 

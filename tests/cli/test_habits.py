@@ -250,7 +250,7 @@ def test_batch_reports_tool_calls_as_the_server_does(tmp_path, capsys):
 def test_messages_show_no_python_reprs(capsys, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not audio")
-    line = one_sentence(in_process(capsys, "transcribe", notes), "notes.txt", "could not decode")
+    line = one_sentence(in_process(capsys, "transcribe", notes), "notes.txt", "is not an audio or video file")
     assert "<_io" not in line and "BufferedReader" not in line
     from phi4mm.inputs.audio import AudioError, load_audio
     with pytest.raises(AudioError) as e:
