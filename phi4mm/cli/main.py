@@ -200,7 +200,10 @@ def _resolve(args: Any) -> None:
     """--model: the embedded micro model when absent, a Hugging Face id resolved to its cached (or downloaded)
     folder; --device auto: the device found here."""
     from phi4mm.api import pick_device, resolve_model
-    args.device = str(pick_device(args.device))
+    if getattr(args, "replicas", None) is not None and args.device == "auto":
+        args.device = "cuda" if args.gpus_per_replica > 0 else "cpu"  # the replicas', not this machine's
+    else:
+        args.device = str(pick_device(args.device))
     if args.cmd == "train" and args.model is None:
         return
     args.model_name = MICRO_NAME if args.model is None else str(args.model)  # as given: the server's model name
