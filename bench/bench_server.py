@@ -41,7 +41,7 @@ def start_server(model_dir: str, device: str, max_batch: int) -> tuple[subproces
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    code = (f"from phi4mm.server import serve; serve({model_dir!r}, port={port}, device={device!r}, "
+    code = (f"from phi4mm.serve.app import serve; serve({model_dir!r}, port={port}, device={device!r}, "
             f"max_batch={max_batch}, model_name='bench')")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
