@@ -202,7 +202,7 @@ def content(reply) -> str:
 
 def api_chat(server: str, content_parts) -> dict:
     r = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=REPLY_TIMEOUT_S,
-                   json={"model": "model", "temperature": 0, "max_tokens": 256,
+                   json={"model": "phi4mm", "temperature": 0, "max_tokens": 256,
                          "messages": [{"role": "user", "content": content_parts}]})
     assert r.status_code == 200, r.text
     return r.json()
