@@ -163,7 +163,7 @@ def test_transformers_style_media_parts():
     ([{"content": "x"}], "role None"),
     ([{"role": "user", "content": 42}], "must be a str or a list of parts"),
     ([{"role": "user", "content": None}], "has no content"),
-    ([{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}], "unknown type 'video'"),
+    ([{"role": "user", "content": [{"type": "hologram", "hologram": "h.obj"}]}], "unknown type 'hologram'"),
     ([{"role": "user", "content": [{"text": "no type"}]}], "'type' field"),
     ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "str 'text' field"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"uri": "x"}}]}], "needs a 'url'"),

@@ -458,7 +458,7 @@ def test_checkpointing_and_autocast_paths(base, tmp_path):
 
 def test_bad_input_fails_before_training(base, tmp_path):
     good = _chat("Say hi.", "Hi.")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: .*skip_bad"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: .*--skip-bad"):
         train(base, _write(tmp_path / "bad.jsonl", [good, "{not json"]), "text", tmp_path / "o1", max_steps=1)
     s = train(base, tmp_path / "bad.jsonl", "text", tmp_path / "o2", max_steps=1, skip_bad=True, progress=False)
     assert len(s["skipped"]) == 1 and s["steps"] == 1
