@@ -1,6 +1,11 @@
 """Shared fixtures: tiny random checkpoints in both layouts, made once per test session."""
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -38,3 +43,25 @@ def tone(seconds: float, rate: int = 16000, seed: int = 0) -> tuple[np.ndarray, 
     t = np.arange(int(seconds * rate)) / rate
     wav = 0.3 * np.sin(2 * np.pi * (200 + 900 * t / max(seconds, 1e-3)) * t) + 0.02 * rng.standard_normal(t.size)
     return wav.astype(np.float32), rate
+
+
+@contextmanager
+def serve_app(app, log_level: str = "warning"):
+    """Run an ASGI app under uvicorn on a free loopback port in a thread; yields (port, thread)."""
+    import uvicorn
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield port, thread
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -13,16 +13,15 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 import phi4mm
 from phi4mm.options import ServeOptions
 from phi4mm.serve.app import create_app
+from tests.conftest import serve_app
 
 DATA = Path(__file__).parents[1] / "data"
 KEY = "hostile-key"
@@ -39,32 +38,12 @@ LIMITS = ServeOptions(max_prompt_chars=20_000, max_messages=32, max_images=2, ma
                       default_max_tokens=16)
 
 
-@contextmanager
-def serve(app):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield port, thread
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def live(tiny_official):
     model = phi4mm.load(tiny_official)
     app = create_app(model, num_blocks=NUM_BLOCKS, max_batch=16, api_key=KEY, max_body_bytes=4 << 20,
                      transcription_max_tokens=2, options=LIMITS)
-    with serve(app) as (port, thread):
+    with serve_app(app, "critical") as (port, thread):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT,
                           headers={"Authorization": f"Bearer {KEY}"}) as http:
             yield app, port, thread, http

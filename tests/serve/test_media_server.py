@@ -13,8 +13,9 @@ import phi4mm
 from phi4mm.inputs.audio import load_audio
 from phi4mm.options import ServeOptions
 from phi4mm.serve.app import create_app
+from tests.conftest import serve_app
 from tests.inputs.media_files import write_audio, write_video
-from tests.serve.test_server import NUM_BLOCKS, TIMEOUT, serve
+from tests.serve.test_server import NUM_BLOCKS, TIMEOUT
 
 SPOKEN = Path(__file__).parents[2] / "examples" / "spoken.flac"
 
@@ -33,7 +34,7 @@ def servers(tiny_official, media):
     strict = create_app(model, num_blocks=NUM_BLOCKS, max_batch=8, transcription_max_tokens=3)
     files = create_app(model, num_blocks=NUM_BLOCKS, max_batch=8, allow_local_files=True,
                        options=ServeOptions(allowed_media_dir=str(media["mp4"].parent)))
-    with serve(strict) as p1, serve(files) as p2:
+    with serve_app(strict) as (p1, _), serve_app(files) as (p2, _):
         yield [OpenAI(base_url=f"http://127.0.0.1:{p}/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
                for p in (p1, p2)]
 

@@ -10,11 +10,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -22,7 +19,6 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-import uvicorn
 from openai import OpenAI
 
 import phi4mm
@@ -31,31 +27,12 @@ from phi4mm.inputs.audio import load_audio
 from phi4mm.inputs.prepare import Prepared
 from phi4mm.options import ServeOptions
 from phi4mm.serve.app import create_app
+from tests.conftest import serve_app
 
 DATA = Path(__file__).parents[1] / "data"
 KEY = "test-key"
 NUM_BLOCKS = 512
 TIMEOUT = 60.0  # per HTTP call: bounds every test even if the server hangs
-
-
-@contextmanager
-def serve(app):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +45,7 @@ def live(model):
     # raw completion prompts: the model-card format on /v1/completions, compared with chat below
     app = create_app(model, num_blocks=NUM_BLOCKS, max_batch=16, api_key=KEY, max_body_bytes=4 << 20,
                      transcription_max_tokens=4, options=ServeOptions(raw_completion_prompts=True, max_prompt_chars=800_000))
-    with serve(app) as port:
+    with serve_app(app) as (port, _):
         yield app, port
 
 
@@ -123,7 +100,7 @@ class ScriptedEngine:
 @pytest.fixture(scope="module")
 def scripted(model):
     eng = ScriptedEngine(model)
-    with serve(create_app(model, eng)) as port:
+    with serve_app(create_app(model, eng)) as (port, _):
         yield eng, OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
 
 
