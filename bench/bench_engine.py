@@ -184,8 +184,10 @@ def decode_case(case: str, run, steps, Prepared, sizes: dict, bw: float, args) -
     preps = [Prepared(rand_prompt(prompt, i), None, None, cycle[i % len(cycle)], "speech") for i in range(b)]
     for _ in range(1 if args.quick or args.smoke else 2):
         run(preps, new)  # warm-up: graph buckets captured, kernels compiled, prompts in the prefix cache
-    _, total = run(preps, new)
-    med = sorted(steps[1:])[len(steps[1:]) // 2] if len(steps) > 1 else float("nan")
+    first, total = run(preps, new)
+    timed = sorted(steps[1:])
+    med = timed[len(timed) // 2] if timed else float("nan")
+    slowest = timed[-1] if timed else float("nan")
     _, one = run(preps, 1)
     rate = b * (new - 1) / max(total - one, 1e-9)
     present = {a for a in cycle if a}
@@ -194,7 +196,9 @@ def decode_case(case: str, run, steps, Prepared, sizes: dict, bw: float, args) -
     bound = b * bw / step
     return {"case": f"decode {case}", "batch": b, "adapters": which, "prompt": prompt, "new": new,
             "decode_tok_s": round(rate, 1), "bound_tok_s": round(bound, 1), "of_bound": round(rate / bound, 3),
-            "step_gb": round(step / 1e9, 3), "decode_step_ms_median": round(med * 1e3, 3)}
+            "step_gb": round(step / 1e9, 3), "decode_step_ms_median": round(med * 1e3, 3),
+            "decode_step_ms_max": round(slowest * 1e3, 3), "first_token_s": round(first or float("nan"), 4),
+            "one_token_run_s": round(one, 4), "total_s": round(total, 4)}
 
 
 def other_case(case: str, m, eng, run, Prepared, scene, SamplingParams, Engine) -> dict:

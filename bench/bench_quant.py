@@ -174,7 +174,8 @@ def main() -> None:
         make_checkpoint(ckpt, args.size, "official", seed=0, device=DEVICE)
     res["checkpoint_s"] = round(time.perf_counter() - t0, 1)
     timeout = args.step_timeout or (150 if args.quick else 600)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # The repo first, then whatever the caller's PYTHONPATH holds (packages installed to a side folder).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     for step in (*METHODS, "quality"):
         cmd = [sys.executable, __file__, "--child", step, "--ckpt", str(ckpt)] + (["--quick"] if args.quick else [])
         rows: dict = {}

@@ -5,7 +5,7 @@ Full-size random checkpoint (made under --work if missing), bf16. For each case 
 (out/engine_profile.json):
   - ttft: wall time of add_request + the steps up to the first token, for a 512-token text prompt, and the
     top CUDA kernels and CPU ops of one profiled first-token step;
-  - decode b=1 / b=64: wall time per engine step, and the GPU time of replaying the step's CUDA graph alone
+  - decode (DECODE_PROFILE_CASES: rows x adapters): wall time per engine step (mean, p50/p90/max), and the GPU time of replaying the step's CUDA graph alone
     (the difference is host work: scheduling, sampling, streaming text);
   - the top CUDA kernels of a profiled decode step;
   - with --image: an 896x896 image's first token split into its parts (preprocessing, media key, towers,
@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 
 CUDA = torch.cuda.is_available()
+DECODE_PROFILE_CASES = [(1, "none"), (1, "speech"), (64, "none"), (64, "mixed"), (256, "none")]
 
 
 def sync() -> None:
@@ -281,6 +282,7 @@ def main() -> None:
     ap.add_argument("--asr", action="store_true", help="also profile 64 x 30 s speech recognition (host side)")
     ap.add_argument("--image", action="store_true", help="also split an 896x896 image's first token into parts")
     ap.add_argument("--only", action="store_true", help="skip the text and decode cases")
+    ap.add_argument("--max-batch", type=int, default=256, help="the largest decode batch profiled")
     ap.add_argument("--image-batch", action="store_true",
                     help="also time 16 image requests with towers batched across requests and one per forward")
     ap.add_argument("--merge-adapter", choices=["speech", "vision"], default=None,
@@ -315,7 +317,7 @@ def main() -> None:
     def prep(n: int, adapter: str | None = None) -> Prepared:
         return Prepared(torch.randint(1000, 190000, (n,), generator=gen).tolist(), None, None, adapter, "speech")
 
-    def fresh_engine(merge: str | None = None) -> Engine:
+    def fresh_engine(merge: str | None = None, max_batch: int = 64) -> Engine:
         """Drop the engine (its KV pool holds most of the GPU, its graphs captured one path) and any merged
         copy, then build a new one, merging `merge` before it sizes its pool from what is left."""
         nonlocal eng
@@ -323,7 +325,7 @@ def main() -> None:
         gc.collect()
         unmerge_adapters(m.net)
         _release_gpu()
-        return Engine(m, max_batch=64, max_tokens_per_step=4096, static_decode=True, merge_adapter=merge)
+        return Engine(m, max_batch=max_batch, max_tokens_per_step=4096, static_decode=True, merge_adapter=merge)
 
     def asr_cases() -> None:
         nonlocal eng
@@ -381,37 +383,55 @@ def main() -> None:
                        "cpu_ops": top_kernels(prof, 12, "self_cpu_time_total")}
     print(json.dumps(res["ttft_512"], indent=1), flush=True)
 
-    # Decode steps.
-    for b in (1, 64):
+    # Decode steps: no adapter at 1, 64 and 256 rows; the speech adapter at 1 row; a third of the rows on each
+    # adapter at 64.
+    if args.max_batch > 64:
+        eng = fresh_engine(max_batch=args.max_batch)
+    for b, which in DECODE_PROFILE_CASES:
+        if b > args.max_batch:
+            continue
         p = SamplingParams(max_tokens=200, ignore_eos=True)
-        for _ in range(b):
-            eng.add_request(prep(512), params=p)
+        cycle = {"none": [None], "speech": ["speech"], "mixed": [None, "speech", "vision"]}[which]
+        for i in range(b):
+            eng.add_request(prep(512, cycle[i % len(cycle)]), params=p)
         while any(s.prefilling or not s.generated for s in eng.running) or eng.waiting:
             eng.step()
         for _ in range(5):
             eng.step()  # captures this bucket
         sync()
         n = 40
+        walls = []
         t0 = time.perf_counter()
         for _ in range(n):
+            s0 = time.perf_counter()
             eng.step()
+            walls.append(time.perf_counter() - s0)
         sync()
         step_ms = (time.perf_counter() - t0) / n * 1e3
-        g = next(iter(v for k, v in eng.graphs.graphs.items() if k[0] == b))
-        replay = g.graph.replay if g.graph is not None else (lambda: eng.graphs._forward(g))
-        t0 = time.perf_counter()
-        for _ in range(n):
-            replay()
-        sync()
-        replay_ms = (time.perf_counter() - t0) / n * 1e3
-        with profile(activities=acts) as prof:
-            for _ in range(3):
+        walls.sort()
+        # The bucket this case used: the last one captured for the fewest rows >= b (rows, blocks, adapters,
+        # uniform). None where the step did not run through the static path (a CPU dry run may not).
+        fitting = [k for k in eng.graphs.graphs if k[0] >= b]
+        g = [v for k, v in eng.graphs.graphs.items() if k[0] == min(k[0] for k in fitting)][-1] if fitting else None
+        replay = None if g is None else g.graph.replay if g.graph is not None else (lambda: eng.graphs._forward(g))
+        replay_ms = float("nan")
+        prof = None
+        if replay is not None:
+            t0 = time.perf_counter()
+            for _ in range(n):
                 replay()
             sync()
+            replay_ms = (time.perf_counter() - t0) / n * 1e3
+            with profile(activities=acts) as prof:
+                for _ in range(3):
+                    replay()
+                sync()
         row = {"step_ms": round(step_ms, 3), "graph_replay_ms": round(replay_ms, 3),
                "tok_s": round(b * 1e3 / step_ms, 1), "graph_only_tok_s": round(b * 1e3 / replay_ms, 1),
-               "kernels": top_kernels(prof)}
-        res[f"decode_b{b}"] = row
+               "step_wall_ms_p50_p90_max": [round(walls[n // 2] * 1e3, 3), round(walls[n * 9 // 10] * 1e3, 3),
+                                            round(walls[-1] * 1e3, 3)],
+               "kernels": top_kernels(prof, 30) if prof is not None else []}
+        res[f"decode_b{b}_{which}"] = row
         print(json.dumps(row, indent=1), flush=True)
         for s in list(eng.running):
             eng.cancel(s.id)

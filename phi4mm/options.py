@@ -28,6 +28,10 @@ class EngineOptions:
     media_cache_items: int = 64  # encoded images/audio kept for repeated media
     static_decode: bool | None = None  # CUDA graphs for decode; None: on for CUDA
     merge_adapter: str | None = None  # "speech"/"vision": a merged weight copy for single-adapter batches
+    # Seconds warmup() may spend capturing the CUDA graphs traffic meets first (every batch bucket, contexts up
+    # to WARM_CONTEXT_TOKENS, each adapter kind; lone prompts up to the prefill graphs' limit). A bucket first
+    # met in traffic is captured there instead, stalling that step ~0.1-1 s. 0: capture on first use only.
+    graph_warmup_seconds: float = 120.0
 
     def but(self, **changes) -> EngineOptions:
         """A copy with some fields changed."""

@@ -245,6 +245,8 @@ def parser() -> Parser:
     sv.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429 "
                     "(default 256)")
     sv.add_argument("--max-body-bytes", type=int, default=64 << 20, help="largest request body (default 64 MiB)")
+    sv.add_argument("--graph-warmup-seconds", type=float, default=None, metavar="S", help="most seconds spent at "
+                    "start capturing the CUDA graphs traffic meets first (default 120; 0: on first use only)")
     ray_args(sv)
     sv.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image/audio URLs")
     sv.add_argument("--allow-local-files", action="store_true", help="let requests name files on this machine; "

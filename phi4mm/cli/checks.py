@@ -152,6 +152,8 @@ def check_serve(args: Any) -> None:
         check_common(args)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535; got {args.port}")
+    if args.graph_warmup_seconds is not None and not 0 <= args.graph_warmup_seconds < float("inf"):
+        raise UserError(f"--graph-warmup-seconds must be 0 or more; got {args.graph_warmup_seconds}")
     if args.tensor_parallel_size != 1:
         raise UserError(f"--tensor-parallel-size {args.tensor_parallel_size}: phi4mm runs one model per GPU; use "
                         "--replicas N --gpus-per-replica 1 to serve on several GPUs")

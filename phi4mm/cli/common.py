@@ -16,7 +16,8 @@ def engine_options(args: Any, **changes: Any) -> Any:
     from phi4mm.options import EngineOptions
     given = {"max_model_len": getattr(args, "max_model_len", None),
              "gpu_memory_utilization": getattr(args, "gpu_memory_utilization", None),
-             "max_num_seqs": getattr(args, "max_batch", None), "merge_adapter": getattr(args, "merge_adapter", None)}
+             "max_num_seqs": getattr(args, "max_batch", None), "merge_adapter": getattr(args, "merge_adapter", None),
+             "graph_warmup_seconds": getattr(args, "graph_warmup_seconds", None)}
     return EngineOptions().but(**{k: v for k, v in {**given, **changes}.items() if v is not None})
 
 

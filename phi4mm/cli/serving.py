@@ -118,8 +118,10 @@ def serve(args: Any, options: Any) -> int:
     load_adapters(model, args.lora_folders, args.max_lora_rank)
     engine = make_engine(model, options)
     if model.device.type == "cuda":
-        # Compile the kernels and capture the first graphs now, not on the first user's request.
-        _say(f"engine warm-up: {engine.warmup():.1f} s")
+        # Compile the kernels and capture the graphs traffic meets first now, not on users' requests.
+        seconds = engine.warmup()
+        decode, prefill = engine.graphs_ready
+        _say(f"engine warm-up: {seconds:.1f} s ({decode} decode and {prefill} prompt CUDA graphs captured)")
     names = list(args.served_model_name or [args.model_name])
     app = create_app(model, engine, model_name=names[0], aliases=(*names[1:], "phi4mm"), api_key=args.api_key,
                      max_waiting=args.max_waiting, allow_remote_media=args.allow_remote_media,

@@ -43,6 +43,7 @@ __all__ = ["CacheFull", "Engine", "EngineBusy", "StepOutput", "cpu_kv_blocks"]
 # at full size). On a GPU the engine sizes its pool from the memory it may use.
 CPU_KV_TOKENS = 16384
 CPU_MAX_NUM_SEQS = 64
+WARM_CONTEXT_TOKENS = 2048  # warm_graphs() covers decode contexts up to this; longer ones capture on first use
 GPU_MAX_NUM_SEQS = 256  # decode keeps gaining past 64 rows on a large GPU while the pool holds them
 # GPU memory kept out of the KV pool for activations: a 2048-token prefill chunk, the towers' batches (which
 # halve themselves on out-of-memory), CUDA graphs' private pools and the allocator's fragmentation.
@@ -115,6 +116,7 @@ class Engine:
         self.eos = set(model.tokenizer.eos_token_ids)
         model.tokenizer.token_bytes()  # build the streaming-decode table now, not on the first request
         self._counts = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "isolated_failures": 0}
+        self.graphs_ready = (0, 0)  # (decode, prefill) static buckets captured by warm_graphs()
 
     # ---------------------------------------------------------------- state, for the server and tests
     @property
@@ -252,16 +254,31 @@ class Engine:
     # ---------------------------------------------------------------- conveniences
     def warmup(self) -> float:
         """Run the text paths a server meets first (a lone prompt through the static prefill, two prompts packed,
-        a prefix-cache hit, decode at batch 1 and 2) so that their kernels compile and their graphs are captured
-        before a user waits for them. -> seconds taken. Leaves no request, no held block and zeroed stats."""
+        a prefix-cache hit, decode at batch 1 and 2) so that their kernels compile, then capture the static
+        buckets traffic meets first (`graph_warmup_seconds` at most; see `warm_graphs`), before a user waits for
+        them. -> seconds taken. Leaves no request, no held block and zeroed stats."""
         t0 = time.monotonic()
         p = SamplingParams(max_tokens=3, ignore_eos=True)
         a = self.model.prepare("<|user|>Warm up the engine, please.<|end|><|assistant|>")
         b = self.model.prepare("<|user|>Warm up the engine again, please, with a longer prompt.<|end|><|assistant|>")
         self.generate([dict(prompt=a, params=p)])
         self.generate([dict(prompt=a, params=p), dict(prompt=b, params=p)])
+        self.warm_graphs(time.monotonic() + self.options.graph_warmup_seconds)
         self.stats = dict.fromkeys(self.stats, 0)
         return time.monotonic() - t0
+
+    def warm_graphs(self, deadline: float) -> tuple[int, int]:
+        """Capture decode buckets (every batch size bucket, contexts up to WARM_CONTEXT_TOKENS, no adapter then
+        the adapter slots) and then lone-prompt buckets (no adapter, then each adapter) until time.monotonic()
+        passes `deadline` -> (decode, prefill) buckets ready; also in `self.graphs_ready`. Only where graphs
+        are captured (CUDA): elsewhere a bucket costs nothing to build on first use."""
+        decode, prefill = self.runner.graphs, self.runner.prefill_graphs
+        if decode is None or not decode.capture:
+            return self.graphs_ready
+        d = decode.warm(decode.warm_keys(min(WARM_CONTEXT_TOKENS, self.max_model_len)), deadline)
+        p = prefill.warm(prefill.warm_keys([None, *decode.adapter_names]), deadline) if prefill else 0
+        self.graphs_ready = (d, p)
+        return self.graphs_ready
 
     def stream(self) -> Iterator[StepOutput]:
         while self.has_work():

@@ -219,7 +219,9 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
         # Compile the kernels and capture the first graphs now, not on the first user's request.
         engine = Engine(model, num_blocks=num_blocks, max_batch=max_batch, max_waiting=max_waiting,
                         merge_adapter=merge_adapter)
-        print(f"engine warm-up: {engine.warmup():.1f} s", flush=True)
+        seconds = engine.warmup()
+        print(f"engine warm-up: {seconds:.1f} s ({engine.graphs_ready[0]} decode and {engine.graphs_ready[1]} "
+              "prompt CUDA graphs captured)", flush=True)
     app = create_app(model, engine, model_name=model_name or Path(model_dir).resolve().name, api_key=api_key,
                      num_blocks=num_blocks, max_batch=max_batch, max_waiting=max_waiting,
                      allow_remote_media=allow_remote_media, allow_local_files=allow_local_files,

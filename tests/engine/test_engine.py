@@ -358,6 +358,26 @@ def test_warmup_leaves_the_engine_clean(model, requests, expected):
     assert _run(eng, requests) == expected
 
 
+def test_prepared_buckets_cover_every_batch_and_give_the_same_tokens(model, requests, expected):
+    """warm_graphs() builds its buckets ahead of traffic (on a GPU: captures them); the steps that then use
+    them give the tokens of the eager path, and no decode bucket is built during the run."""
+    import time
+    eng = Engine(model, num_blocks=256, max_batch=8, static_decode=True)
+    keys = eng.graphs.warm_keys(512)
+    assert {rows for rows, *_ in keys} == {1, 2, 4, 8}  # every batch bucket up to max_num_seqs
+    assert {blocks for _, blocks, *_ in keys} == {16, 32}  # contexts up to 512 tokens in 16-token blocks
+    assert {names for _, _, names, _ in keys} == {(), eng.graphs.adapter_names}  # no adapter, the adapter slots
+    assert eng.graphs.warm(keys, time.monotonic() + 60) == len(keys)
+    prompts = eng.prefill_graphs.warm_keys([None, "speech"])
+    assert [t for t, a, _ in prompts if a is None] == [64, 128, 256, 384, 512, 640, 768, 896, 1024, 1152, 1280,
+                                                       1408, 1536, 1664, 1792, 1920, 2048]
+    assert eng.prefill_graphs.warm(prompts, time.monotonic() - 1) == 0  # a passed deadline builds nothing
+    built = set(eng.graphs.graphs)
+    assert _run(eng, requests) == expected
+    assert {k for k in eng.graphs.graphs if k[1] <= 32} <= built
+    assert eng.warm_graphs(time.monotonic() + 60) == (0, 0)  # off a GPU warm-up captures nothing
+
+
 # ------------------------------------------------------------------------------------------------ merged LoRA
 @pytest.fixture
 def unmerged(model):
