@@ -121,13 +121,19 @@ def ours(ckpt: str, cases: list[str], res: Results, args) -> None:
     failures: list[str] = []  # requests that ended in error: a timing that includes them is void
     deadline = [float("inf")]
 
+    after = [0]  # tokens of the last run emitted once every row had its first token
+
     def run(preps, new):
+        """-> (seconds until every row had its first token, seconds in all, tokens emitted after that point);
+        `steps` gets the wall time of each step after that point."""
         p = SamplingParams(max_tokens=new, ignore_eos=True)
         sync()
         t0 = time.perf_counter()
         first = None
         ids = [eng.add_request(x, params=p) for x in preps]
+        started: set[str] = set()
         steps.clear()
+        after[0] = 0
         while eng.has_work():
             if time.perf_counter() > deadline[0]:
                 for i in ids:
@@ -136,16 +142,20 @@ def ours(ckpt: str, cases: list[str], res: Results, args) -> None:
                     eng.step()
                 raise CaseTimeout(f"past the case's {args.case_timeout} s deadline")
             s0 = time.perf_counter()
-            for o in eng.step():
-                if first is None and o.token_id is not None:
-                    sync()
-                    first = time.perf_counter() - t0
+            outs = eng.step()
+            for o in outs:
+                if o.token_id is not None and first is None:
+                    started.add(o.request_id)
                 if o.finished and o.finish_reason not in ("length", "stop"):
                     failures.append(f"{o.finish_reason}: {o.error}")
             if first is not None:
                 steps.append(time.perf_counter() - s0)
+                after[0] += sum(o.token_id is not None for o in outs)
+            elif len(started) == len(ids):
+                sync()
+                first = time.perf_counter() - t0
         sync()
-        return first, time.perf_counter() - t0
+        return first, time.perf_counter() - t0, after[0]
 
     none_rate: dict[int, float] = {}
     for case in cases:
@@ -174,7 +184,7 @@ def ours(ckpt: str, cases: list[str], res: Results, args) -> None:
 
 
 def decode_case(case: str, run, steps, Prepared, sizes: dict, bw: float, args) -> dict:
-    """Decode tok/s of `b` rows with 512-token prompts (the time of `new` tokens minus that of one), and the
+    """Decode tok/s of `b` rows with 512-token prompts (after the first token), and the
     bound: weights + the adapters present + every row's KV cache read once per step."""
     b = int(case.split()[0][2:])
     which = case.split()[1]
@@ -184,12 +194,14 @@ def decode_case(case: str, run, steps, Prepared, sizes: dict, bw: float, args) -
     preps = [Prepared(rand_prompt(prompt, i), None, None, cycle[i % len(cycle)], "speech") for i in range(b)]
     for _ in range(1 if args.quick or args.smoke else 2):
         run(preps, new)  # warm-up: graph buckets captured, kernels compiled, prompts in the prefix cache
-    first, total = run(preps, new)
+    first, total, emitted = run(preps, new)
     timed = sorted(steps[1:])
     med = timed[len(timed) // 2] if timed else float("nan")
     slowest = timed[-1] if timed else float("nan")
-    _, one = run(preps, 1)
-    rate = b * (new - 1) / max(total - one, 1e-9)
+    _, one, _ = run(preps, 1)
+    # Decode rate: the tokens emitted once every row had its first token, over the time since then (a row
+    # prefilled later than the others would otherwise count its prefill as decode time).
+    rate = emitted / max(total - first, 1e-9)
     present = {a for a in cycle if a}
     step = sizes["weights"] + sum(sizes["adapters"].get(a, 0) for a in present) \
         + b * (prompt + new / 2) * sizes["kv_per_token"]  # KV at the mean context of the timed steps
@@ -198,7 +210,8 @@ def decode_case(case: str, run, steps, Prepared, sizes: dict, bw: float, args) -
             "decode_tok_s": round(rate, 1), "bound_tok_s": round(bound, 1), "of_bound": round(rate / bound, 3),
             "step_gb": round(step / 1e9, 3), "decode_step_ms_median": round(med * 1e3, 3),
             "decode_step_ms_max": round(slowest * 1e3, 3), "first_token_s": round(first or float("nan"), 4),
-            "one_token_run_s": round(one, 4), "total_s": round(total, 4)}
+            "one_token_run_s": round(one, 4), "total_s": round(total, 4),
+            "tokens_timed": emitted}
 
 
 def other_case(case: str, m, eng, run, Prepared, scene, SamplingParams, Engine) -> dict:
@@ -220,7 +233,7 @@ def other_case(case: str, m, eng, run, Prepared, scene, SamplingParams, Engine) 
             sync()
             t0 = time.perf_counter()
             prep = m.prepare(prompt, images=[scene(896, 896, 7 + k)])
-            ttft, _ = run([prep], 1)
+            ttft, _, _ = run([prep], 1)
             whole.append(time.perf_counter() - t0)
             engine_only.append(ttft)
         return {"case": "image ttft 896x896", "media_tokens": prep.num_tokens,
@@ -230,7 +243,7 @@ def other_case(case: str, m, eng, run, Prepared, scene, SamplingParams, Engine) 
         preps = [m.prepare("<|user|><|audio_1|>Transcribe the audio to text.<|end|><|assistant|>",
                            audios=[(wav + 1e-4 * i, 16000)]) for i in range(128)]
         run(preps[64:], 100)  # warm-up on other clips (no media-cache hit in the timed run)
-        _, total = run(preps[:64], 100)
+        _, total, _ = run(preps[:64], 100)
         return {"case": "asr b=64 30s new=100", "rtfx": round(64 * 30 / total, 1), "total_s": round(total, 2)}
     raise ValueError(f"unknown case {case!r}; known: {', '.join(FULL_CASES)}")
 

@@ -211,6 +211,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            "--max-batch", str(args.max_batch), "--max-waiting", str(max(256, 2 * args.num_requests))]
     if args.model:
         cmd += ["--model", args.model]
+    if args.graph_warmup_seconds is not None:
+        cmd += ["--graph-warmup-seconds", str(args.graph_warmup_seconds)]
     log("starting: " + " ".join(cmd[1:]))
     with open(args.server_log, "w") as err:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
@@ -239,8 +241,11 @@ def offline(args, reqs: list[Req]) -> dict:
     from phi4mm.micro.recipe import default_model_dir
     from phi4mm.sampling import SamplingParams
     m = phi4mm.load(args.model or default_model_dir(), device=args.device)
-    eng = Engine(m, max_batch=args.max_batch, max_waiting=max(1024, 2 * len(reqs)))
+    budget = {} if args.graph_warmup_seconds is None else {"graph_warmup_seconds": args.graph_warmup_seconds}
+    eng = Engine(m, max_batch=args.max_batch, max_waiting=max(1024, 2 * len(reqs)), **budget)
+    t0 = time.perf_counter()
     eng.warmup()
+    warmup_s = time.perf_counter() - t0
     preps = []
     for r in reqs:
         flat, _, _ = flatten_content(r.messages())  # the media go in as the bytes the HTTP requests carry
@@ -270,7 +275,8 @@ def offline(args, reqs: list[Req]) -> dict:
     wall = time.perf_counter() - t0
     row = {"requests": len(ids), "failed": len(failed), "wall_s": round(wall, 2),
            "req_per_s": round((len(ids) - len(failed)) / wall, 3), "output_tok_s": round(toks / wall, 1),
-           "ttft_ms_p50": pct(list(first.values()), 50), "ttft_ms_p99": pct(list(first.values()), 99)}
+           "ttft_ms_p50": pct(list(first.values()), 50), "ttft_ms_p99": pct(list(first.values()), 99),
+           "warmup_s": round(warmup_s, 1), "graphs_ready": list(eng.graphs_ready)}
     if failed:
         row["void"] = f"{len(failed)} request(s) failed, first: {failed[0][:300]}"
     del eng, m
@@ -340,6 +346,8 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=600.0)
     ap.add_argument("--peer-model", default=None, help="transformers (hf layout) checkpoint: the peer, GPU only")
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--graph-warmup-seconds", type=float, default=None,
+                    help="the server's and the offline engine's graph warm-up budget (default: the engine's)")
     ap.add_argument("--smoke", action="store_true", help="CPU, micro model, a few small requests: the plumbing")
     ap.add_argument("--out", default=None, help="default bench/results/serve.json (smoke: /tmp)")
     ap.add_argument("--server-log", default="/tmp/phi4mm_serve_bench_server.log")
