@@ -275,8 +275,11 @@ class Engine:
         decode, prefill = self.runner.graphs, self.runner.prefill_graphs
         if decode is None or not decode.capture:
             return self.graphs_ready
-        d = decode.warm(decode.warm_keys(min(WARM_CONTEXT_TOKENS, self.max_model_len)), deadline)
-        p = prefill.warm(prefill.warm_keys([None, *decode.adapter_names]), deadline) if prefill else 0
+        # Graphs may take at most half the activation reserve: the towers and long prompts need the rest.
+        total = torch.cuda.mem_get_info(self.device)[1]
+        keep = int(total * (1 - self.options.gpu_memory_utilization)) + ACTIVATION_RESERVE_BYTES // 2
+        d = decode.warm(decode.warm_keys(min(WARM_CONTEXT_TOKENS, self.max_model_len)), deadline, keep)
+        p = prefill.warm(prefill.warm_keys([None, *decode.adapter_names]), deadline, keep) if prefill else 0
         self.graphs_ready = (d, p)
         return self.graphs_ready
 

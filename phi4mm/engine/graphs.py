@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from phi4mm.engine.kv_cache import BlockPool, PagedAttention, prefer_flash
 from phi4mm.model import kernels
@@ -81,18 +80,24 @@ def _capture(fn, pool_handle) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor,
     return graph, out
 
 
-def _warm(graphs: dict, build, keys: list[tuple], deadline: float) -> int:
-    """Build (capture) `keys` missing from `graphs` in order until time.monotonic() passes `deadline` or the
-    GPU runs out of memory (the rest are then captured on first use, as before) -> how many are ready."""
+def _warm(graphs: dict, build, keys: list[tuple], deadline: float, keep_free: int = 0) -> int:
+    """Build (capture) `keys` missing from `graphs` in order until time.monotonic() passes `deadline`, the
+    device's free memory falls under `keep_free` bytes, or it runs out (the rest are then captured on first
+    use, as before) -> how many are ready."""
     for key in keys:
         if time.monotonic() > deadline:
             break
-        if key not in graphs:
-            try:
-                graphs[key] = build(*key)
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
+        if key in graphs:
+            continue
+        if keep_free and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the warm-up runs' cached blocks go back: free memory is then what it says
+            if torch.cuda.mem_get_info()[0] < keep_free:
                 break
+        try:
+            graphs[key] = build(*key)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
     return sum(k in graphs for k in keys)
 
 
@@ -135,6 +140,7 @@ class DecodeGraphs:
         self.min_blocks = min_blocks
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.graphs: dict[tuple[int, int, tuple[str, ...], bool], _Graph] = {}
+        self._logits: torch.Tensor | None = None  # (max rows bucket, V): see _logits_out
         self._pool_handle = None
         self.steps = 0  # decode steps served by this path
         first = net.layers[0].self_attn.qkv_proj
@@ -154,12 +160,13 @@ class DecodeGraphs:
                          _powers(self.min_blocks, -(-max_tokens // self.pool.block_size))})
         kinds = [((), False)] + ([(self.adapter_names, False)] if self.adapter_names else []) + \
             [((name,), True) for name in self._merged]
-        return [(r, b, names, uniform) for names, uniform in kinds for b in blocks for r in rows]
+        return [(r, b, names, uniform) for b in blocks for names, uniform in kinds for r in rows]  # short first
 
-    def warm(self, keys: list[tuple[int, int, tuple[str, ...], bool]], deadline: float) -> int:
-        """Capture `keys` (from warm_keys) in order until time.monotonic() passes `deadline` -> how many are
-        ready. A bucket met first in traffic costs its capture there (~0.1-1 s of three forwards on a GPU)."""
-        return _warm(self.graphs, self._build, keys, deadline)
+    def warm(self, keys: list[tuple[int, int, tuple[str, ...], bool]], deadline: float, keep_free: int = 0) -> int:
+        """Capture `keys` (from warm_keys) in order until time.monotonic() passes `deadline` or free device
+        memory falls under `keep_free` -> how many are ready. A bucket met first in traffic costs its capture
+        there (~0.1-1 s of three forwards on a GPU)."""
+        return _warm(self.graphs, self._build, keys, deadline, keep_free)
 
     def _blocks_bucket(self, max_blocks: int) -> int:
         # Powers of two keep the number of graphs small; never more than the pool holds.
@@ -222,8 +229,21 @@ class DecodeGraphs:
             h, residual = kernels.add_rms_norm(x, residual, layer.post_attention_layernorm.weight, eps)
             x = mlp.down_proj(kernels.silu_mul(mlp.gate_up_proj(h[:, None], plan)[:, 0])[:, None], plan)[:, 0]
         h, _ = kernels.add_rms_norm(x, residual, net.norm.weight, eps)
-        logits = mask_padded_vocab(F.linear(h, net.output_weight), self.decodable)  # (R, V)
+        logits = self._logits_out(g.rows, h.dtype)  # (R, V)
+        torch.matmul(h, net.output_weight.t(), out=logits)  # F.linear's product, into the shared buffer
+        mask_padded_vocab(logits, self.decodable)
         return logits, logits.argmax(-1)  # (R, V), (R,): greedy rows need only the second
+
+    def _logits_out(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, V) of one buffer every bucket writes its logits into. Per-graph outputs would keep
+        rows x V values alive for each of the dozens of graphs (~1.6 GB in bf16 for a warmed 256-row server);
+        one step runs at a time and its logits are consumed before the next, so they can share."""
+        vocab = self.net.output_weight.shape[0]
+        if self._logits is None or self._logits.shape[0] < rows or self._logits.dtype != dtype:
+            if self.graphs and any(g.graph is not None for g in self.graphs.values()) and self._logits is not None:
+                raise RuntimeError("the shared logits buffer cannot grow once graphs read it")
+            self._logits = torch.empty(_bucket(self.max_rows, 1), vocab, dtype=dtype, device=self.device)
+        return self._logits[:rows]
 
     @torch.inference_mode()
     def run(self, tokens: list[int], positions: list[int], longs: list[bool], tables: list[list[int]],
@@ -302,9 +322,10 @@ class PrefillGraphs:
             n = prefill_bucket(n + 1, self.min_tokens)
         return [(t, a, False) for a in adapters for t in sizes]
 
-    def warm(self, keys: list[tuple[int, str | None, bool]], deadline: float) -> int:
-        """Capture `keys` in order until time.monotonic() passes `deadline` -> how many are ready."""
-        return _warm(self.graphs, self._build, keys, deadline)
+    def warm(self, keys: list[tuple[int, str | None, bool]], deadline: float, keep_free: int = 0) -> int:
+        """Capture `keys` in order until time.monotonic() passes `deadline` or free device memory falls under
+        `keep_free` -> how many are ready."""
+        return _warm(self.graphs, self._build, keys, deadline, keep_free)
 
     def _forward(self, g: _Prefill, adapter: str | None, long: bool) -> tuple[torch.Tensor, torch.Tensor]:
         attn = PagedAttention(self.pool, g.slots, g.positions, g.last, None, None, None, None, None, [g.tokens],
