@@ -34,7 +34,8 @@ SHAPES = {"full": {"vision": (8, 896, 0, 100), "speech": (8, 0, 30, 100), "visio
                    "text": (8, 0, 0, 700)},
           "tiny": {"vision": (2, 224, 0, 8), "speech": (2, 0, 3, 8), "vision-speech": (2, 224, 2, 8),
                    "text": (2, 0, 0, 30)}}
-WORDS = "the quick brown fox jumps over a lazy dog while seven red birds sing near an old stone bridge".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "red", "birds", "sing",
+         "near", "an", "old", "stone", "bridge"]
 
 
 def _kind(stage: str) -> str:
@@ -135,18 +136,8 @@ def side_ours(ckpt: str, work: str, stages: list[str], steps: int, size: str) ->
         opt = torch.optim.AdamW(params, lr=1e-5, fused=dev == "cuda")
         loss_mod = LossModule(model).train()
         batch = batch_for(model, make_data(Path(work), stage, size), stage)
-
-        def step():
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-                loss = loss_mod(batch)
-            (loss / batch.num_targets).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sec, peak = _timed(step, steps, dev)
-        out[stage] = _row(batch, sec, peak, len(params), sum(p.numel() for p in params))
-        if PROFILE:
-            out[stage]["profile"] = _profiled(step, dev)
-        print(json.dumps({"side": "phi4mm", "stage": stage, **out[stage]}), flush=True)
+        out[stage] = _measure("phi4mm", stage, lambda b=batch, m=loss_mod: m(b) / b.num_targets, opt, batch, params,
+                              steps, dev)
         _frozen(params, dt)
         opt = loss_mod = None  # the next stage starts without this one's optimizer state
     return out
@@ -212,21 +203,26 @@ def side_hf(ckpt: str, work: str, stages: list[str], steps: int, size: str) -> d
             kw.update(audio_input_features=torch.cat([a.features for a in auds]).to(dev, dt),
                       audio_embed_sizes=torch.tensor([n for a in auds for n in a.num_tokens], device=dev))
         ref.train()
-
-        def step():
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-                loss = ref(**kw).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sec, peak = _timed(step, steps, dev)
-        out[stage] = _row(b, sec, peak, len(params), sum(p.numel() for p in params))
-        if PROFILE:
-            out[stage]["profile"] = _profiled(step, dev)
-        print(json.dumps({"side": "transformers", "stage": stage, **out[stage]}), flush=True)
+        out[stage] = _measure("transformers", stage, lambda kw=kw: ref(**kw).loss, opt, b, params, steps, dev)
         _frozen(params, dt)
         opt = None
     return out
+
+
+def _measure(side: str, stage: str, loss_fn, opt, batch, params: list, steps: int, dev: str) -> dict:
+    """Time `steps` optimizer steps on loss_fn() (bf16 autocast on CUDA), print and return the stage's row."""
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sec, peak = _timed(step, steps, dev)
+    row = _row(batch, sec, peak, len(params), sum(p.numel() for p in params))
+    if PROFILE:
+        row["profile"] = _profiled(step, dev)
+    print(json.dumps({"side": side, "stage": stage, **row}), flush=True)
+    return row
 
 
 def _row(batch, sec: float, peak: float | None, n_tensors: int, n_params: int) -> dict:
@@ -268,7 +264,7 @@ def main() -> None:
            "steps": a.steps, "torch": torch.__version__}
     for side in ("ours",) if a.skip_peer else ("ours", "hf"):
         r = subprocess.run([sys.executable, __file__, "--side", side, "--ckpt", str(ckpt), "--work", str(work),
-                            "--size", a.size, "--steps", str(a.steps), "--stages", a.stages], cwd=ROOT)
+                            "--size", a.size, "--steps", str(a.steps), "--stages", a.stages], check=False, cwd=ROOT)
         if r.returncode != 0:
             res[side] = {"error": f"exit {r.returncode}"}
             continue

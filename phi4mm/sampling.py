@@ -241,12 +241,14 @@ class SamplingBatch:
     @classmethod
     def build(cls, params: list[SamplingParams], device: torch.device | str, vocab_size: int,
               prompt_token_ids: list[list[int]], output_token_ids: list[list[int]] | None = None,
-              ) -> SamplingBatch:
+              seeds: list[int] | None = None, vocab_hash: Tensor | None = None) -> SamplingBatch:
         """Validate params and upload per-row state. Host work happens here, once per admission.
 
         output_token_ids (optional): tokens each row has already generated, for rebuilding a batch mid-request
         (e.g. after preemption); they restore output_counts and the noise counter `steps`, so penalties and
-        seeded draws continue as if the batch had been kept and `update`d.
+        seeded draws continue as if the batch had been kept and `update`d. seeds (optional): each row's seed in
+        place of its params.seed (the engine keeps one drawn for an unseeded request across preemption).
+        vocab_hash (optional): `_mix32(arange(V))` already on `device`, shared instead of recomputed.
         """
         if len(params) != len(prompt_token_ids):
             raise ValueError(f"{len(params)} SamplingParams but {len(prompt_token_ids)} prompts; pass one each")
@@ -258,8 +260,10 @@ class SamplingBatch:
         B, V = len(params), vocab_size
         f32 = {"dtype": torch.float32, "device": device}
         # Python ints of any sign/size -> the int64 with the same low 64 bits.
-        fresh = torch.randint(0, 1 << 62, (B,)).tolist()  # default generator: repeatable under manual_seed
-        seed_bits = [(p.seed % (1 << 64)) if p.seed is not None else fresh[i] for i, p in enumerate(params)]
+        if seeds is None:
+            fresh = torch.randint(0, 1 << 62, (B,)).tolist()  # default generator: repeatable under manual_seed
+            seeds = [p.seed if p.seed is not None else fresh[i] for i, p in enumerate(params)]
+        seed_bits = [s % (1 << 64) for s in seeds]
         seed_bits = [s - (1 << 64) if s >= (1 << 63) else s for s in seed_bits]
 
         S = max([len(p.stop_token_ids) for p in params] + [0])
@@ -294,7 +298,8 @@ class SamplingBatch:
             stop_token_ids=stop_ids.to(device),
             prompt_mask=prompt_mask.to(device),
             output_counts=output_counts.to(device),
-            vocab_hash=_mix32(torch.arange(V, dtype=torch.long, device=device)),
+            vocab_hash=vocab_hash if vocab_hash is not None else _mix32(torch.arange(V, dtype=torch.long,
+                                                                                     device=device)),
         )
 
     def __post_init__(self) -> None:
@@ -306,6 +311,7 @@ class SamplingBatch:
                                or p.frequency_penalty != 0.0 for p in ps)
         self.any_top_k_or_p = any(p.temperature > 0 and (0 < p.top_k < V or p.top_p < 1.0) for p in ps)
         self.any_min_p = any(p.temperature > 0 and p.min_p > 0 for p in ps)
+        self.any_min_tokens = any(p.min_tokens > 0 for p in ps)
         asked = [p.logprobs for p in ps if p.logprobs is not None]
         # N for top_ids / top_logprobs: the most any row asks for; None when no row asks.
         self.num_logprobs: int | None = max(asked) if asked else None
@@ -321,14 +327,16 @@ class SamplingBatch:
                                         torch.ones_like(tokens, dtype=torch.int32)[:, None])
         self.steps += 1
 
-    def _tensor_fields(self) -> list[str]:
-        return [f.name for f in fields(self) if f.type == "Tensor" and f.name != "vocab_hash"]
+    @classmethod
+    def row_fields(cls) -> list[str]:
+        """The per-row tensor fields (every tensor but the shared vocab_hash)."""
+        return [f.name for f in fields(cls) if f.type == "Tensor" and f.name != "vocab_hash"]
 
     def select(self, rows: Sequence[int]) -> SamplingBatch:
         """A batch of just `rows` (host indices, in the order given), keeping their counts, steps, seeds."""
         rows = list(rows)
         idx = torch.tensor(rows, dtype=torch.long, device=self.seeds.device)
-        picked = {n: getattr(self, n).index_select(0, idx) for n in self._tensor_fields()}
+        picked = {n: getattr(self, n).index_select(0, idx) for n in self.row_fields()}
         out = SamplingBatch(params=[self.params[r] for r in rows], vocab_size=self.vocab_size,
                             vocab_hash=self.vocab_hash, **picked)
         return out._trim_stop_ids()
@@ -338,7 +346,7 @@ class SamplingBatch:
         if other.vocab_size != self.vocab_size:
             raise ValueError(f"cannot concat batches with vocab sizes {self.vocab_size} and {other.vocab_size}")
         joined = {}
-        for n in self._tensor_fields():
+        for n in self.row_fields():
             a, b = getattr(self, n), getattr(other, n)
             if n == "stop_token_ids":  # widths differ: pad the narrower with -1
                 S = max(a.shape[1], b.shape[1])
@@ -408,6 +416,8 @@ def apply_min_tokens(logits: Tensor, batch: SamplingBatch, num_generated: Tensor
     logits (B, V) is modified in place and returned. num_generated (B,); None uses `batch.steps`, which
     counts the same thing when `update` is called once per generated token.
     """
+    if not batch.any_min_tokens:  # no row holds anything back: skip the (B, V) ban table
+        return logits
     if num_generated is None:
         num_generated = batch.steps
     B, V = logits.shape

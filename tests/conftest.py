@@ -4,11 +4,15 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+
+SERVER_START_S = 30  # a thread-hosted uvicorn binds in well under a second; a loaded CI machine is slower
+SERVER_STOP_S = 10
 
 
 @pytest.fixture(scope="session")
@@ -45,23 +49,35 @@ def tone(seconds: float, rate: int = 16000, seed: int = 0) -> tuple[np.ndarray, 
     return wav.astype(np.float32), rate
 
 
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
-def serve_app(app, log_level: str = "warning"):
-    """Run an ASGI app under uvicorn on a free loopback port in a thread; yields (port, thread)."""
-    import uvicorn
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+def server_thread(server) -> Iterator[threading.Thread]:
+    """Run a uvicorn.Server in a daemon thread; yields the thread once the server has started, and asks the
+    server to exit (waiting up to SERVER_STOP_S) when the block ends."""
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + SERVER_START_S
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.02)
     try:
-        yield port, thread
+        yield thread
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(SERVER_STOP_S)
+
+
+@contextmanager
+def serve_app(app, log_level: str = "warning") -> Iterator[tuple[int, threading.Thread]]:
+    """Run an ASGI app under uvicorn on a free loopback port in a thread; yields (port, thread)."""
+    import uvicorn
+    port = free_port()
+    with server_thread(uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                     log_level=log_level))) as thread:
+        yield port, thread

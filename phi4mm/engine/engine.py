@@ -219,8 +219,8 @@ class Engine:
         try:
             logits, greedy = self.runner.forward(plan)  # (S, V): each planned sequence's last new token
             ready = [(i, s) for i, (s, n) in enumerate(plan) if s.num_cached + n == s.length]
-            toks, lps, tops = (self.runner.sample([s for _, s in ready], logits, [i for i, _ in ready], greedy)
-                               if ready else ([], [], []))
+            toks, lps, tops = (self.runner.sample([s for _, s in ready], logits, [i for i, _ in ready], greedy,
+                                                  self.running) if ready else ([], [], []))
         except torch.OutOfMemoryError as e:  # fail the prefills of this step, keep serving the others
             torch.cuda.empty_cache()
             outs = [self._finish(s, "error", f"out of memory during prefill: {e}") for s, n in plan if n > 1]
@@ -261,8 +261,8 @@ class Engine:
         p = SamplingParams(max_tokens=3, ignore_eos=True)
         a = self.model.prepare("<|user|>Warm up the engine, please.<|end|><|assistant|>")
         b = self.model.prepare("<|user|>Warm up the engine again, please, with a longer prompt.<|end|><|assistant|>")
-        self.generate([dict(prompt=a, params=p)])
-        self.generate([dict(prompt=a, params=p), dict(prompt=b, params=p)])
+        self.generate([{"prompt": a, "params": p}])
+        self.generate([{"prompt": a, "params": p}, {"prompt": b, "params": p}])
         self.warm_graphs(time.monotonic() + self.options.graph_warmup_seconds)
         self.stats = dict.fromkeys(self.stats, 0)
         return time.monotonic() - t0

@@ -7,20 +7,19 @@ everything device-side the engine needs around it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 
 from phi4mm.api import Model
 from phi4mm.engine.kv_cache import BlockPool, PagedAttention, prefer_flash
+from phi4mm.engine.persistent_batch import PersistentBatch, plain_greedy
 from phi4mm.engine.sequence import Sequence
 from phi4mm.inputs.prepare import Prepared
 from phi4mm.model.encode import encode_audio_batch, encode_image_batch, encode_media
 from phi4mm.model.lora import AdapterPlan
 from phi4mm.sampling import (
-    SamplingBatch,
-    SamplingParams,
     apply_constraints,
     apply_min_tokens,
     mask_padded_vocab,
@@ -67,11 +66,6 @@ def groups(items: list, size: Callable[[Any], int], budget: int, padded: bool) -
     return out
 
 
-def plain_greedy(p: SamplingParams) -> bool:
-    return (p.temperature == 0 and p.repetition_penalty == 1 and p.presence_penalty == 0
-            and p.frequency_penalty == 0 and p.logprobs is None and p.min_tokens == 0 and p.constraint is None)
-
-
 class ModelRunner:
     def __init__(self, model: Model, pool: BlockPool, max_num_seqs: int, max_tokens_per_step: int,
                  static_shapes: bool, media_cache_items: int):
@@ -80,6 +74,7 @@ class ModelRunner:
         self.media_cache: dict[bytes, tuple] = {}
         self.media_cache_items = media_cache_items
         self.eos = sorted(model.tokenizer.eos_token_ids)
+        self.sampling = PersistentBatch(self.device, self.cfg.text.vocab_size)
         # Pure-decode steps, and a new prompt alone in its step, run with static shapes (CUDA graphs on GPU, by
         # default); padding rows and tokens of those buckets write into one reserved scratch block.
         self.graphs = self.prefill_graphs = None
@@ -216,29 +211,39 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- sampling
     @torch.inference_mode()
-    def sample(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int], greedy: torch.Tensor | None
-               ) -> tuple[list[int], list[float | None], list[Any]]:
-        """One token for each of `seqs` from its row of `logits` -> (tokens, logprobs, top logprobs)."""
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int], greedy: torch.Tensor | None,
+               running: Collection[Sequence] = ()) -> tuple[list[int], list[float | None], list[Any]]:
+        """One token for each of `seqs` from its row of `logits` -> (tokens, logprobs, top logprobs).
+        running: the scheduler's running sequences (their sampling rows are kept; others' are dropped)."""
         if all(plain_greedy(s.params) for s in seqs):
-            # No per-row state needed: no sampling batch (its (B, V) penalty tables). A decode step's graph
+            # No per-row state needed: no sampling rows (their (B, V) penalty tables). A decode step's graph
             # already took the argmax (every row of it is ready).
             if greedy is None:
                 greedy = self.ready_logits(logits, rows).argmax(-1)
             return greedy.tolist(), [None] * len(seqs), [None] * len(seqs)
+        # The persistent rows come in slot order: the logits rows are picked in that order, and the results put
+        # back in the order of `seqs` on the host.
+        batch_rows = self.sampling.rows(seqs, running or seqs)
+        order, batch = batch_rows.order, batch_rows.batch
+        ordered = [seqs[i] for i in order]
         # A constrained row (tool_choice "required" / a named function) may only continue its allowed prefix.
-        picked = apply_constraints(self.ready_logits(logits, rows), [s.params for s in seqs],
-                                   [s.generated for s in seqs])
-        batch = SamplingBatch.build([s.params for s in seqs], self.device, self.cfg.text.vocab_size,
-                                    [s.prep.input_ids for s in seqs], [s.generated for s in seqs])
+        picked = apply_constraints(self.ready_logits(logits, [rows[i] for i in order]),
+                                   [s.params for s in ordered], [s.generated for s in ordered])
         picked = apply_min_tokens(picked.float(), batch, None, self.eos)
         res = sample(picked, batch)
-        toks = res.tokens.tolist()  # the one host sync of the step
-        lps = [lp if s.params.logprobs is not None else None for lp, s in zip(res.logprobs.tolist(), seqs)]
+        drawn = res.tokens.tolist()  # the one host sync of the step
+        self.sampling.record(batch_rows, res.tokens)
+        lps = res.logprobs.tolist()
         tops = (list(zip(res.top_ids.tolist(), res.top_logprobs.tolist())) if res.top_ids is not None
                 else [None] * len(seqs))
-        tops = [(t[0][:s.params.logprobs], t[1][:s.params.logprobs]) if t and s.params.logprobs else None
-                for t, s in zip(tops, seqs)]
-        return toks, lps, tops
+        toks: list[int] = [0] * len(seqs)
+        lp_out: list[float | None] = [None] * len(seqs)
+        top_out: list[Any] = [None] * len(seqs)
+        for i, s, tok, lp, top in zip(order, ordered, drawn, lps, tops):
+            n = s.params.logprobs
+            toks[i], lp_out[i] = tok, lp if n is not None else None
+            top_out[i] = (top[0][:n], top[1][:n]) if top and n else None
+        return toks, lp_out, top_out
 
     def ready_logits(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """The rows of `logits` to sample from, with the padded vocabulary masked."""

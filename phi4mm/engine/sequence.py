@@ -45,6 +45,7 @@ class Sequence:
     cancelled: bool = False
     hasher: Any = None  # running prefix-hash chain over this sequence's full blocks...
     hashed: int = 0  # ...covering this many blocks (registered in the pool)
+    sampling_seed: int | None = None  # an unseeded request's seed, drawn when its first row is written
 
     @property
     def tokens(self) -> list[int]:

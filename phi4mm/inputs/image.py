@@ -23,17 +23,23 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from phi4mm.inputs.resample import global_taps, global_view  # noqa: F401 (global_taps: tests)
+# global_taps is unused here: the tests read it from this module, beside global_view.
+from phi4mm.inputs.resample import (
+    CROP_SIZE,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    global_taps,
+    global_view,
+)
 
 # ---- geometry (448-px crops of 14-px patches) ---------------------------------------------------------------------
-CROP_SIZE = 448                                  # SigLIP input side, pixels
+# CROP_SIZE (448, the SigLIP input side), PIXEL_MEAN and PIXEL_STD come from resample.py
 PATCH_SIZE = 14                                  # conv patch side, pixels
 MASK_SIZE = CROP_SIZE // PATCH_SIZE              # 32 patches per crop side
 POOLED_SIZE = (MASK_SIZE + 1) // 2               # 16: 2x2 average pooling of the 32x32 patch grid
@@ -42,12 +48,10 @@ GLOBAL_TOKENS = TOKENS_PER_CROP + POOLED_SIZE    # 272: 16 rows of (16 tokens + 
 GLB_SEPARATOR_TOKENS = 1                         # glb_GN between the sub-image tokens and the global view
 DEFAULT_DYNAMIC_HD = 36                          # max crops per image (preprocessor_config.json)
 MIN_RESIZED_SIDE = 10                            # the reference rejects thinner resized images
-PIXEL_MEAN = 0.5 * 255.0                         # mean = std = 0.5 on [0, 1]  ==  (x - 127.5) / 127.5
-PIXEL_STD = 0.5 * 255.0
 PAD_VALUE = 255                                  # HD padding is white
 DEFAULT_MAX_PIXELS = 64_000_000
 
-ImageSource = Union[Image.Image, bytes, bytearray, memoryview, str, Path, np.ndarray]
+ImageSource = Image.Image | bytes | bytearray | memoryview | str | Path | np.ndarray
 
 
 class ImageError(ValueError):

@@ -7,8 +7,9 @@ import functools
 
 import torch
 
-CROP_SIZE = 448  # the global view's side, pixels (image.CROP_SIZE)
-PIXEL_MEAN = 0.5 * 255.0  # mean = std = 0.5 on [0, 1]: (x - 127.5) / 127.5 (image.PIXEL_MEAN / PIXEL_STD)
+# Defined here, the lower of the two image modules, and imported by image.py (which cannot be imported here).
+CROP_SIZE = 448  # SigLIP input side and the global view's side, pixels
+PIXEL_MEAN = 0.5 * 255.0  # mean = std = 0.5 on [0, 1]: (x - 127.5) / 127.5
 PIXEL_STD = 0.5 * 255.0
 
 

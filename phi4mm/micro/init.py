@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from phi4mm.inputs.tokenizer import ADDED_TOKENS, CHAT_TEMPLATE, EOS_TOKEN, Tokenizer
-from phi4mm.model.checkpoint import official_config
+from phi4mm.model.checkpoint import scaled_config
 
 BPE_VOCAB = 2048  # the corpus has a few hundred distinct words: whole words become single tokens
 # Sizes: the published structure (fused qkv/gate_up, GQA 2:1, partial rotary 0.75, SigLIP NaViT with the
@@ -69,19 +69,10 @@ def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int = BPE
 
 def micro_config(tok: Tokenizer) -> dict[str, Any]:
     """The official-layout config.json of the micro model, ids taken from its tokenizer by name."""
-    d = official_config("tiny")
-    d.update(TEXT)
-    half = TEXT["hidden_size"] // TEXT["num_attention_heads"] * 3 // 8  # rotary_dim / 2 = 12
-    long = official_config("full")["rope_scaling"]["long_factor"]
-    d["rope_scaling"] = {"type": "longrope", "short_factor": [1.0] * half,
-                         "long_factor": long[:: len(long) // half][:half]}
+    d = scaled_config(TEXT, VISION, AUDIO, LORA)
     d["vocab_size"] = math.ceil(tok.vocab_size / 64) * 64  # embedding rows padded like the published 200064
     eot = tok.token_id(EOS_TOKEN)
     d.update(bos_token_id=eot, pad_token_id=eot, eos_token_id=[tok.token_id("<|end|>"), eot])
-    d["vision_config"] = dict(VISION)
-    d["audio_processor"]["config"].update(json.loads(json.dumps(AUDIO)))
-    for name, (r, alpha) in LORA.items():
-        d[f"{name}_lora"].update(r=r, lora_alpha=alpha)
     return d
 
 

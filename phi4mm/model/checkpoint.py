@@ -78,19 +78,25 @@ GENERATION_CONFIG = {"_from_model_config": True, "bos_token_id": 199999, "eos_to
 
 
 def official_config(size: str) -> dict:
-    d = copy.deepcopy(OFFICIAL_CONFIG)
     if size == "full":
-        return d
+        return copy.deepcopy(OFFICIAL_CONFIG)
     if size != "tiny":
         raise ValueError(f"size {size!r} is not known; use 'tiny' or 'full'")
-    d.update(TINY_TEXT)
-    half = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"] * 3 // 8  # rotary_dim / 2
-    # Keep real-looking long factors (not ones) so the long-context path is exercised by the tests.
+    return scaled_config(TINY_TEXT, TINY_VISION, TINY_AUDIO, TINY_LORA)
+
+
+def scaled_config(text: dict, vision: dict, audio: dict, lora: dict[str, tuple[int, int]]) -> dict:
+    """The published config.json with smaller sizes: `text` keys over the decoder's, `vision` as the vision
+    tower's, `audio` over the audio encoder's (original names), `lora` name -> (r, alpha)."""
+    d = copy.deepcopy(OFFICIAL_CONFIG)
+    d.update(text)
+    half = text["hidden_size"] // text["num_attention_heads"] * 3 // 8  # rotary_dim / 2 (partial rotary 0.75)
+    # Keep real-looking long factors (not ones) so the long-context path is exercised.
     d["rope_scaling"] = {"type": "longrope", "short_factor": [1.0] * half,
                          "long_factor": LONG_FACTOR[:: len(LONG_FACTOR) // half][:half]}
-    d["vision_config"] = dict(TINY_VISION)  # our extension: the published file has no vision sizes
-    d["audio_processor"]["config"].update(TINY_AUDIO)
-    for name, (r, alpha) in TINY_LORA.items():
+    d["vision_config"] = dict(vision)  # our extension: the published file has no vision sizes
+    d["audio_processor"]["config"].update(copy.deepcopy(audio))  # nested dicts: the caller's stay untouched
+    for name, (r, alpha) in lora.items():
         d[f"{name}_lora"].update(r=r, lora_alpha=alpha)
     return d
 

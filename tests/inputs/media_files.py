@@ -17,6 +17,7 @@ AUDIO_KINDS = {
     "amr": ("amr", "amr_nb", 8000) if "amr_nb" in av.codecs_available else ("amr", "amrnb", 8000),
     "wma": ("asf", "wmav2", 44100),
 }
+VIDEO_AUDIO_RATE = 44100  # the mp4's AAC track
 
 
 def write_audio(path: Path, wav: np.ndarray, rate: int, kind: str | None = None) -> Path:
@@ -25,15 +26,22 @@ def write_audio(path: Path, wav: np.ndarray, rate: int, kind: str | None = None)
     with av.open(str(path), "w", format=fmt) as out:
         stream = out.add_stream(codec, rate=enc_rate)
         stream.layout = "mono"
-        resampler = av.AudioResampler(format=stream.format.name, layout="mono", rate=enc_rate)
-        frame = av.AudioFrame.from_ndarray(wav.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
-        frame.sample_rate = rate
-        for f in resampler.resample(frame) + resampler.resample(None):
-            for packet in stream.encode(f):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+        _encode_mono(out, stream, wav, rate, enc_rate)
     return path
+
+
+def _encode_mono(out: av.container.OutputContainer, stream: av.audio.stream.AudioStream, wav: np.ndarray,
+                 rate: int, enc_rate: int) -> None:
+    """Resample float32 mono `wav` at `rate` to the encoder's format at `enc_rate`, encode it into `stream`
+    and flush the encoder."""
+    resampler = av.AudioResampler(format=stream.format.name, layout="mono", rate=enc_rate)
+    frame = av.AudioFrame.from_ndarray(wav.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
+    frame.sample_rate = rate
+    for f in resampler.resample(frame) + resampler.resample(None):
+        for packet in stream.encode(f):
+            out.mux(packet)
+    for packet in stream.encode(None):
+        out.mux(packet)
 
 
 def write_video(path: Path, seconds: float = 3.0, fps: int = 10, size: tuple[int, int] = (320, 240),
@@ -46,7 +54,7 @@ def write_video(path: Path, seconds: float = 3.0, fps: int = 10, size: tuple[int
         vs.width, vs.height, vs.pix_fmt = size[0], size[1], "yuv420p"
         streams = [vs]
         if audio is not None:
-            aus = out.add_stream("aac", rate=44100)
+            aus = out.add_stream("aac", rate=VIDEO_AUDIO_RATE)
             aus.layout = "mono"
             streams.append(aus)
         for k in range(int(seconds * fps)):
@@ -59,12 +67,5 @@ def write_video(path: Path, seconds: float = 3.0, fps: int = 10, size: tuple[int
         for packet in vs.encode(None):
             out.mux(packet)
         if audio is not None:
-            res = av.AudioResampler(format=aus.format.name, layout="mono", rate=44100)
-            fr = av.AudioFrame.from_ndarray(audio.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
-            fr.sample_rate = audio_rate
-            for f in res.resample(fr) + res.resample(None):
-                for packet in aus.encode(f):
-                    out.mux(packet)
-            for packet in aus.encode(None):
-                out.mux(packet)
+            _encode_mono(out, aus, audio, audio_rate, VIDEO_AUDIO_RATE)
     return path

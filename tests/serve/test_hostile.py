@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import phi4mm
 from phi4mm.options import ServeOptions
 from phi4mm.serve.app import create_app
-from tests.conftest import serve_app
+from tests.conftest import free_port, serve_app, server_thread
 
 DATA = Path(__file__).parents[1] / "data"
 KEY = "hostile-key"
@@ -43,10 +42,10 @@ def live(tiny_official):
     model = phi4mm.load(tiny_official)
     app = create_app(model, num_blocks=NUM_BLOCKS, max_batch=16, api_key=KEY, max_body_bytes=4 << 20,
                      transcription_max_tokens=2, options=LIMITS)
-    with serve_app(app, "critical") as (port, thread):
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT,
-                          headers={"Authorization": f"Bearer {KEY}"}) as http:
-            yield app, port, thread, http
+    with serve_app(app, "critical") as (port, thread), \
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT,
+                         headers={"Authorization": f"Bearer {KEY}"}) as http:
+        yield app, port, thread, http
 
 
 def b64(path: Path) -> str:
@@ -187,7 +186,7 @@ def generated_requests() -> list[tuple[str, str, dict]]:
 
 # ---------------------------------------------------------------------------------------------- tests
 def test_generated_bad_requests_get_4xx_and_leave_the_server_unchanged(live):
-    app, port, thread, http = live
+    _app, _port, thread, http = live
     before = [greedy(http, p) for p in REFERENCE]
     requests = generated_requests()
     assert len(requests) >= 300
@@ -320,32 +319,24 @@ def test_shutdown_drain_deadline_ends_open_streams_with_an_error(tiny_official):
 
     from phi4mm.serve.app import draining_server
     model = phi4mm.load(tiny_official)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     opts = ServeOptions(port=port, drain_timeout_s=1.0, read_timeout_s=2.0)
     server = draining_server(create_app(model, num_blocks=NUM_BLOCKS, options=opts), opts, log_level="critical")
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    # a silent connection is closed at the header deadline
-    idle = socket.create_connection(("127.0.0.1", port))
-    idle.settimeout(10)
-    t0 = time.monotonic()
-    assert idle.recv(1) == b"" and time.monotonic() - t0 < 8
-    lines = []
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as http:
-        with http.stream("POST", "/v1/chat/completions",
-                         json=chat_body("Talk for a long time.", max_tokens=3000, stream=True)) as r:
+    with server_thread(server) as thread:
+        # a silent connection is closed at the header deadline
+        idle = socket.create_connection(("127.0.0.1", port))
+        idle.settimeout(10)
+        t0 = time.monotonic()
+        assert idle.recv(1) == b"" and time.monotonic() - t0 < 8
+        lines = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as http, \
+                http.stream("POST", "/v1/chat/completions",
+                            json=chat_body("Talk for a long time.", max_tokens=3000, stream=True)) as r:
             for line in r.iter_lines():
                 lines.append(line)
                 if len(lines) == 6:
                     server.handle_exit(signal.SIGTERM, None)
-    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-    assert "shutting down" in events[-1]["error"]["message"] and "data: [DONE]" in lines[-2:]
-    thread.join(15)
-    assert not thread.is_alive()
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert "shutting down" in events[-1]["error"]["message"] and "data: [DONE]" in lines[-2:]
+        thread.join(15)
+        assert not thread.is_alive()

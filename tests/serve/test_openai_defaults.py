@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,20 +23,14 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).parents[2]
 TOOLS = json.loads((ROOT / "examples" / "tools.json").read_text())
 MICRO = ROOT / "phi4mm" / "micro" / "model"
 COLDPLAY = [{"role": "user", "content": "I want to listen to Coldplay."}]
 START_S = 180  # a loaded CI machine takes a while to import torch and load the model
 TIMEOUT = 120.0
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @contextmanager

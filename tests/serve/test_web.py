@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 import soundfile as sf
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "examples"
@@ -34,12 +35,6 @@ SHAPES_QUESTION = ("micro_heldout_shapes/shapes_000019.png", "What color is the 
 ASR_PROMPT = "Transcribe the audio clip into text."
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("web")
@@ -49,7 +44,7 @@ def shots(tmp_path_factory) -> Path:
 def server(shots):
     """`phi4mm serve --api-key KEY` (the micro model) on a free loopback port: its base URL. Started here and
     waited for in `healthy`, so that it loads while the browser starts."""
-    port = _free_port()
+    port = free_port()
     log = (shots / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "phi4mm.cli.main", "serve", "--port", str(port), "--api-key", KEY],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
@@ -178,14 +173,15 @@ def send(driver, text: str, files: list[Path] = ()):
     for f in files:
         n = len(driver.find_elements(by.CSS_SELECTOR, "#attachments li"))
         driver.find_element(by.ID, "file-input").send_keys(str(f))
-        wait(driver, lambda d: len(d.find_elements(by.CSS_SELECTOR, "#attachments li")) > n, f"{f.name} attached")
+        wait(driver, lambda d, n=n: len(d.find_elements(by.CSS_SELECTOR, "#attachments li")) > n,
+             f"{f.name} attached")
     box = driver.find_element(by.ID, "prompt")
     box.send_keys(text)
     from selenium.webdriver.common.keys import Keys
     box.send_keys(Keys.ENTER)
     done = wait(driver, lambda d: counts(d) != before, f"a reply to {text!r}")
     assert done
-    replies, errors = counts(driver)
+    _replies, errors = counts(driver)
     kind = ".msg.error" if errors > before[1] else ".msg.assistant[data-done=true]"
     return driver.find_elements(by.CSS_SELECTOR, kind)[-1]
 
@@ -217,7 +213,7 @@ def test_page_is_served_without_the_key(healthy):
 
 
 def test_no_ui_leaves_the_api_only(monkeypatch):
-    import phi4mm.cli.serving as serving
+    from phi4mm.cli import serving
     from phi4mm.cli.main import main
     seen = {}
     monkeypatch.setattr(serving, "serve", lambda args, options: seen.update(ui=args.ui) or 0)

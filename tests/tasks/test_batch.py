@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from conftest import scene, tone
+from conftest import free_port, scene, tone
 
 import phi4mm
 from phi4mm.engine.engine import Engine
@@ -127,7 +126,8 @@ def test_bad_batch_files_stop_before_any_work(tiny_official, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
     # the CLI says it in one sentence, exit code 2
     p = subprocess.run([sys.executable, "-m", "phi4mm.cli.main", "batch", "--model", str(tiny_official),
-                        str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl")], capture_output=True, text=True)
+                        str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl")], capture_output=True, text=True,
+                       check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "missing.jsonl" in p.stderr
 
@@ -153,21 +153,13 @@ def test_batch_on_ray_replicas_equals_the_batch_here(ray_cluster, tiny_official,
     assert [json.loads(x) for x in out.read_text().splitlines()] == local
 
 
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def served(ray_cluster, tiny_official):
     """Two server replicas of the tiny checkpoint on Ray Serve (API key "k"), shared by the serving tests."""
     from ray import serve
 
     from phi4mm.serve import replicas
-    url = replicas.start(tiny_official, 2, port=_port(), api_key="k", max_batch=4, max_waiting=8, num_blocks=128)
+    url = replicas.start(tiny_official, 2, port=free_port(), api_key="k", max_batch=4, max_waiting=8, num_blocks=128)
     yield url
     serve.delete("phi4mm")
 
@@ -181,7 +173,7 @@ def test_server_replicas_on_ray_serve(served, tiny_official):
     st = serve.status().applications["phi4mm"].deployments["phi4mm"]
     assert st.replica_states.get("RUNNING") == 2
     client = OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=60)
-    assert [m.id for m in client.models.list().data][0] == Path(tiny_official).name
+    assert next(m.id for m in client.models.list().data) == Path(tiny_official).name
     msgs = [{"role": "user", "content": "Say hello."}]
     whole = client.chat.completions.create(model="phi4mm", messages=msgs, max_tokens=5, temperature=0)
     assert whole.usage.completion_tokens >= 1
