@@ -134,3 +134,15 @@ def test_static_prefill_graph_one_request_at_a_time(gpu_model, reference, logit_
         steps.append([o for o in eng.stream() if o.request_id == rid and o.token_id is not None])
     assert eng.prefill_graphs.steps == len(REQUESTS)
     _assert_greedy_matches(steps, reference, logit_error)
+
+
+def test_graphs_captured_at_warm_up_match_the_cpu_reference(gpu_model, reference, logit_error):
+    """warmup() captures every batch bucket ahead of traffic (all writing one shared logits buffer); the
+    requests then replay those graphs and still give the reference tokens."""
+    eng = Engine(gpu_model, num_blocks=512, max_batch=8, static_decode=True, graph_warmup_seconds=60)
+    eng.warmup()
+    decode, prompts = eng.graphs_ready
+    assert decode == len(eng.graphs.warm_keys(2048)) and prompts > 0
+    before = set(eng.graphs.graphs)
+    _assert_greedy_matches(_stream(eng), reference, logit_error)
+    assert {k for k in eng.graphs.graphs if k[1] <= 128} <= before  # no short-context bucket captured in traffic
