@@ -80,6 +80,7 @@ def _capture(fn, pool_handle) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor,
     return graph, out
 
 
+@torch.inference_mode()  # as run() builds them: graphs of inference tensors, no autograd on the shared buffers
 def _warm(graphs: dict, build, keys: list[tuple], deadline: float, keep_free: int = 0) -> int:
     """Build (capture) `keys` missing from `graphs` in order until time.monotonic() passes `deadline`, the
     device's free memory falls under `keep_free` bytes, or it runs out (the rest are then captured on first
