@@ -19,8 +19,9 @@ class EngineOptions:
     max_num_seqs: int | None = None  # sequences decoded together (vLLM's --max-num-seqs); None: 256 GPU, 64 CPU
     max_waiting: int = 1024  # queued requests before new ones are refused (HTTP 429)
     max_tokens_per_step: int = 2048  # packed prompt + decode tokens per forward: long prompts go in chunks
-    # prompt tokens a step may add while decodes are running: a long prompt is prefilled in slices between
-    # decode steps, so other streams keep their pace (a smaller slice: smoother streams, a slower first token)
+    # prompt tokens one prompt may add in a step while decodes are running: a long prompt is prefilled in slices
+    # between decode steps, so other streams keep their pace (a smaller slice: smoother streams, a slower first
+    # token); several prompts together still fill max_tokens_per_step
     prefill_tokens_with_decodes: int = 512
     max_model_len: int | None = None  # context per sequence; None: the model's, lowered to what the KV pool holds
     gpu_memory_utilization: float = 0.90  # share of the GPU's total memory the process may fill (vLLM's meaning)

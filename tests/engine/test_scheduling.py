@@ -104,6 +104,30 @@ def test_a_long_prompt_is_prefilled_in_slices_between_decodes(model):
     assert [toks[i] for i in ids + [long_id]] == want
 
 
+def test_many_short_prompts_fill_the_step_while_streams_decode(model):
+    """The slice is per prompt: with a stream decoding, several new prompts are prefilled in the same step
+    (together past one slice), and every answer equals its answer alone."""
+    shorts = [f"<|user|>Count to {k} and name a colour.<|end|><|assistant|>" for k in range(5)]
+    want = [alone(model, PROMPT, 12)] + [alone(model, q, 3) for q in shorts]
+    eng = Engine(model, num_blocks=512, max_tokens_per_step=2048, prefill_tokens_with_decodes=16)
+    first = eng.add_request(PROMPT, params=SamplingParams(max_tokens=12))
+    toks: dict[str, list[int]] = {first: []}
+    for o in eng.step():  # the stream is decoding
+        toks[o.request_id].append(o.token_id)
+    ids = [eng.add_request(q, params=SamplingParams(max_tokens=3)) for q in shorts]
+    toks.update({i: [] for i in ids})
+    assert all(eng.seqs[i].prep.num_tokens <= 16 for i in ids) and sum(eng.seqs[i].prep.num_tokens for i in ids) > 16
+    outs = eng.step()  # one step: the stream's token and every short prompt whole (one slice each)
+    assert {o.request_id for o in outs if o.token_id is not None} == {first, *ids}
+    for o in outs:
+        toks[o.request_id].append(o.token_id)
+    while eng.has_work():
+        for o in eng.step():
+            if o.token_id is not None:
+                toks[o.request_id].append(o.token_id)
+    assert [toks[i] for i in [first, *ids]] == want
+
+
 def test_max_tokens_left_out_means_the_rest_of_the_context(model):
     eng = Engine(model, options=EngineOptions(num_blocks=64, max_model_len=40))
     prep = model.prepare(PROMPT)
