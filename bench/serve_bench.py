@@ -11,8 +11,10 @@ too; every request streams its answer and asks for exactly its output length (ig
 Poisson process at each rate of --rates in turn (then all at once: "inf"); rates stop rising once the server
 saturates (served requests/s under SATURATED of the offered rate). Per rate: request throughput, output tok/s,
 time to first token and inter-token latency p50/p99 (client side, per streamed chunk). Every request's finish
-reason is checked: a rate whose timing includes a failed request is marked void. Then the offline engine runs
-the same requests (all queued at once), then transformers one request at a time (--peer-model, GPU only).
+reason is checked: a rate whose timing includes a failed request is marked void. Each rate gets fresh requests
+of the same mix (no media or prefix cache hit from an earlier rate). Then the offline engine runs the last
+rate's requests (all queued at once, in this process: a cold cache as the server had), then transformers one
+request at a time (--peer-model, GPU only).
 Results go to bench/results/serve.json (GPU name, torch version), rewritten after each stage.
 """
 from __future__ import annotations
@@ -88,6 +90,11 @@ def make_audio(seconds: float, rng: np.random.Generator, rate: int = 16000) -> b
     buf = io.BytesIO()
     sf.write(buf, wav.astype(np.float32), rate, format="WAV", subtype="PCM_16")
     return buf.getvalue()
+
+
+def rate_workload(args, i: int) -> list[Req]:
+    """The requests of the i-th rate: the same mix and sizes, drawn with their own seed."""
+    return workload(args.num_requests, args.seed + 1000 * i, args.smoke)
 
 
 def workload(n: int, seed: int, smoke: bool) -> list[Req]:
@@ -251,9 +258,13 @@ def offline(args, reqs: list[Req]) -> dict:
         flat, _, _ = flatten_content(r.messages())  # the media go in as the bytes the HTTP requests carry
         preps.append(m.prepare(flat, [r.image] if r.image else None, [r.audio] if r.audio else None))
     # Warm-up on one request of each kind (media encoders, graph buckets), as the server had its earlier rates.
-    warm = [next(i for i, r in enumerate(reqs) if r.kind == k) for k in ("text", "audio", "image")
-            if any(r.kind == k for r in reqs)]
-    eng.generate([dict(prompt=preps[i], params=SamplingParams(max_tokens=2, ignore_eos=True)) for i in warm])
+    # Warm-up on one request of each kind drawn apart (media encoders, graph buckets), as the server had its
+    # start and earlier rates; none of them is among the timed requests (no cache hit).
+    extra = workload(12, 987654, args.smoke)
+    warm = [next(r for r in extra if r.kind == k) for k in ("text", "audio", "image") if any(r.kind == k for r in extra)]
+    eng.generate([dict(prompt=m.prepare(flatten_content(r.messages())[0], [r.image] if r.image else None,
+                                        [r.audio] if r.audio else None),
+                       params=SamplingParams(max_tokens=2, ignore_eos=True)) for r in warm])
     ids = {eng.add_request(p, params=SamplingParams(max_tokens=r.max_tokens, ignore_eos=True, temperature=0.0)): i
            for i, (p, r) in enumerate(zip(preps, reqs))}
     first, toks, failed, reasons = {}, 0, [], {}
@@ -361,7 +372,7 @@ def main() -> None:
             "cpu (smoke: no figures)", "torch": torch.__version__, "model": args.model or "micro",
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rates": []}
     log(f"building {args.num_requests} requests")
-    reqs = workload(args.num_requests, args.seed, args.smoke)
+    reqs = rate_workload(args, 0)
     kinds = {k: sum(r.kind == k for r in reqs) for k in ("text", "audio", "image", "image+audio")}
     data["workload"] = {"requests_per_rate": len(reqs), "kinds": kinds,
                         "output_tokens": sum(r.max_tokens for r in reqs)}
@@ -374,6 +385,9 @@ def main() -> None:
         name = args.served_name or httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         rates = [float(x) for x in args.rates.split(",") if x != "inf"] + [float("inf")]
         for i, rate in enumerate(rates):
+            # Fresh requests at each rate (same distribution, other seed): requests seen at an earlier rate
+            # would hit the server's media and prefix caches and flatter the later rates.
+            reqs = rate_workload(args, i)
             log(f"rate {rate} req/s: {len(reqs)} requests")
             try:
                 row = asyncio.run(asyncio.wait_for(
