@@ -3,8 +3,8 @@
 A decode step launches hundreds of kernels; from Python that costs far more than the GPU work at small
 batch. Here a pure-decode batch (one new token per sequence) runs with fixed shapes: the batch is padded to a
 bucket (1, 2, 4, ... rows), every block table to a bucket of blocks, adapters are applied by the segmented LoRA
-kernels (one shrink and one expand per linear whatever the mix, so one graph per bucket serves every mix; a
-batch all on one merged adapter reads its merged weights instead), and all inputs live in persistent buffers
+kernels or row masks (one graph per bucket serves every mix; a batch all on one adapter runs it unmasked, or
+reads its merged weights where they exist), and all inputs live in persistent buffers
 filled by one copy. The same
 code runs eagerly (CPU, tests) or captured and replayed (CUDA). Padding rows write their keys into a reserved
 scratch block and their outputs are ignored. The decode layer loop uses the fused kernels of kernels.py.
@@ -153,14 +153,14 @@ class DecodeGraphs:
 
     def warm_keys(self, max_tokens: int) -> list[tuple[int, int, tuple[str, ...], bool]]:
         """The buckets a server meets first, most used first: every row bucket up to max_rows, for contexts up
-        to `max_tokens`, with no adapter and with the adapter slots (and each merged adapter alone)."""
+        to `max_tokens`, with no adapter, with the adapter slots, and with each adapter alone."""
         rows = [_bucket(1, 1)]
         while rows[-1] < self.max_rows:
             rows.append(min(rows[-1] * 2, _bucket(self.max_rows, 1)))
         blocks = sorted({self._blocks_bucket(b) for b in
                          _powers(self.min_blocks, -(-max_tokens // self.pool.block_size))})
         kinds = [((), False)] + ([(self.adapter_names, False)] if self.adapter_names else []) + \
-            [((name,), True) for name in self._merged]
+            [((name,), True) for name in self.adapter_names]
         return [(r, b, names, uniform) for b in blocks for names, uniform in kinds for r in rows]  # short first
 
     def warm(self, keys: list[tuple[int, int, tuple[str, ...], bool]], deadline: float, keep_free: int = 0) -> int:
@@ -213,7 +213,7 @@ class DecodeGraphs:
         x = net.embed_tokens(g.tokens)  # (R, hidden)
         plan = AdapterPlan()
         if g.uniform:
-            plan = AdapterPlan.build(g.names[0])  # its merged weights: one GEMM per linear
+            plan = AdapterPlan.build(g.names[0])  # merged: one GEMM a linear; else base + B(A x), no masks
         elif g.names:
             plan = AdapterPlan.for_rows(g.names, g.adapter_ids)  # rows sorted by adapter once, for every layer
         cos, sin = net.rope.cos_sin(g.positions, g.longs != 0, x.dtype)  # (R, 1, 1, rd)
@@ -256,9 +256,10 @@ class DecodeGraphs:
         rows = _bucket(n, 1)
         blocks = self._blocks_bucket(max(len(t) for t in tables))
         present = {a for a in adapters if a is not None}
-        # Three kinds of graph per bucket: no adapter; every row on one adapter that has merged weights; any
-        # other mix (all loaded adapters as slots, the segmented kernels pick each row's).
-        uniform = len(present) == 1 and None not in adapters and next(iter(present)) in self._merged
+        # Three kinds of graph per bucket: no adapter; every row on one adapter (its merged weights where they
+        # exist, else base + its LoRA with no row masks: a transcription batch, ~40 fewer small kernels a layer
+        # at batch 1); any other mix (all loaded adapters as slots, each row's picked by mask or kernel).
+        uniform = len(present) == 1 and None not in adapters
         names = tuple(present) if uniform else self.adapter_names if present else ()
         key = (rows, blocks, names, uniform)
         g = self.graphs.get(key)

@@ -204,6 +204,8 @@ def test_static_decode_path_equals_reference(model, requests, expected, block_si
     eng = Engine(model, num_blocks=400, block_size=block_size, static_decode=True, prefix_caching=False)
     assert [_run(eng, [r])[0] for r in requests] == expected
     assert eng.prefill_graphs.steps == len(requests) and eng.prefill_graphs.graphs
+    # Alone, the audio and image requests decoded on one adapter each: its unmasked bucket, the same tokens.
+    assert {k[2] for k in eng.graphs.graphs if k[3]} == {("speech",), ("vision",)}
 
 
 def test_prefill_buckets_grow_linearly_past_256():
@@ -366,7 +368,9 @@ def test_prepared_buckets_cover_every_batch_and_give_the_same_tokens(model, requ
     keys = eng.graphs.warm_keys(512)
     assert {rows for rows, *_ in keys} == {1, 2, 4, 8}  # every batch bucket up to max_num_seqs
     assert {blocks for _, blocks, *_ in keys} == {16, 32}  # contexts up to 512 tokens in 16-token blocks
-    assert {names for _, _, names, _ in keys} == {(), eng.graphs.adapter_names}  # no adapter, the adapter slots
+    # no adapter, the adapter slots (any mix), each adapter alone (no row masks)
+    assert {(names, uniform) for _, _, names, uniform in keys} == \
+        {((), False), (eng.graphs.adapter_names, False)} | {((a,), True) for a in eng.graphs.adapter_names}
     assert eng.graphs.warm(keys, time.monotonic() + 60) == len(keys)
     prompts = eng.prefill_graphs.warm_keys([None, "speech"])
     assert [t for t, a, _ in prompts if a is None] == [64, 128, 256, 384, 512, 640, 768, 896, 1024, 1152, 1280,
