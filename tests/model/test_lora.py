@@ -146,3 +146,19 @@ def test_segmented_kernels_match_plain_products():
     print(r.stdout, r.stderr[-3000:])
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "FAIL" not in r.stdout and r.stdout.count("ok ") == 10
+
+
+def test_packed_runs_add_their_delta_to_a_slice_with_the_same_result():
+    """A packed plan marks each adapter's tokens that form one run; inference adds their delta to that slice,
+    training scatters by index: the outputs are bit-identical, and equal each span alone."""
+    plan = AdapterPlan.for_spans([(None, 3), ("speech", 4), ("vision", 5), (None, 2), ("vision", 1)])
+    assert plan.ranges == ((3, 7), None)  # speech: one run; vision: two runs, scattered by index
+    lin, x = _lora(), torch.randn(1, 15, IN)
+    with torch.no_grad():
+        fast = lin(x, plan)
+    with torch.enable_grad():
+        slow = lin(x, plan)
+    assert torch.equal(fast, slow)
+    alone = [lin(x[:, a:b], AdapterPlan.build(n)) for n, a, b in
+             ((None, 0, 3), ("speech", 3, 7), ("vision", 7, 12), (None, 12, 14), ("vision", 14, 15))]
+    torch.testing.assert_close(fast, torch.cat(alone, 1), rtol=0, atol=1e-6)
