@@ -244,13 +244,21 @@ class Model:
 
     @torch.inference_mode()
     def logits(self, prompt: str | Sequence[dict], images: Sequence[Any] | None = None,
-               audios: Sequence[Any] | None = None) -> torch.Tensor:
-        """float32 logits (num_prompt_tokens, vocab) for the prompt, with its media."""
+               audios: Sequence[Any] | None = None, last: int | None = None) -> torch.Tensor:
+        """float32 logits (num_prompt_tokens, vocab) for the prompt, with its media; `last`: only the last
+        that many positions' (last, vocab), as transformers' logits_to_keep (a long prompt's full logits take
+        T x 200,064 floats: 3.4 GB at 4,200 tokens)."""
         prep = self.prepare(prompt, images, audios)
         embeds = self._embed(prep)
-        positions = torch.arange(embeds.shape[1], device=self.device)[None]  # (1, T)
-        out = self.net(embeds, positions, plan=AdapterPlan.build(prep.adapter))
-        return out[0].float()
+        T = embeds.shape[1]
+        positions = torch.arange(T, device=self.device)[None]  # (1, T)
+        keep: bool | torch.Tensor = False
+        if last is not None:
+            if not 0 < last:
+                raise ValueError(f"last must be a positive number of positions; got {last}")
+            keep = torch.arange(max(T - last, 0), T, device=self.device)
+        out = self.net(embeds, positions, plan=AdapterPlan.build(prep.adapter), last_only=keep)
+        return out[:, 0].float() if last is not None else out[0].float()
 
     @torch.inference_mode()
     def generate(self, prompt_or_messages: str | Sequence[dict], images: Sequence[Any] | None = None,
