@@ -201,7 +201,7 @@ def main() -> None:
 
 
 def summarize(res: dict) -> None:
-    """Ratios to bf16 (the issue's goals) printed as a table and stored under "ratios"."""
+    """Ratios to bf16 (what the quantization goals are stated in) printed as a table and stored under "ratios"."""
     speed = {r["method"]: r for r in res["speed"]}
     qual = {r["method"]: r for r in res["quality"]}
     base, qbase = speed.get("bf16", {}), qual.get("bf16", {})
