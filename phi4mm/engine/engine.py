@@ -29,7 +29,7 @@ import torch
 from phi4mm.api import Model
 from phi4mm.engine.kv_cache import BlockPool, CacheFull
 from phi4mm.engine.runner import ModelRunner, media_key
-from phi4mm.engine.scheduler import Scheduler
+from phi4mm.engine.scheduler import Scheduler, history_tokens
 from phi4mm.engine.sequence import Sequence, StepOutput
 from phi4mm.inputs.prepare import Prepared
 from phi4mm.model.lora import LoraLinear
@@ -110,7 +110,8 @@ class Engine:
         self.runner = ModelRunner(model, self.pool, self.max_batch, opts.max_tokens_per_step, static,
                                   opts.media_cache_items)
         self.scheduler = Scheduler(self.pool, self.max_batch, opts.max_tokens_per_step,
-                                   opts.prefill_tokens_with_decodes, opts.prefix_caching, self.net.rope.use_long)
+                                   opts.prefill_tokens_with_decodes, opts.prefix_caching, self.net.rope.use_long,
+                                   history_tokens(self.cfg.text))
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.eos = set(model.tokenizer.eos_token_ids)

@@ -6,25 +6,46 @@ goes to prompt chunks (partially prefilled sequences, then new admissions, first
 decode is running, each prompt gets at most `prefill_tokens_with_decodes` tokens a step, so a 100K-token
 prompt is prefilled in slices between decode steps instead of freezing every stream for seconds, while many
 short prompts still fill the step's budget together.
+
+A slice's tokens are counted by their cost, not their number: a chunk token deep in a long prompt also attends
+over everything before it, so it costs `1 + history / history_tokens` tokens of the slice (`history_tokens`:
+the history at which a token's attention costs as much as its linear layers, 16K at full size), and the slices
+shrink as the prompt grows (never below `1/CHUNK_FLOOR_DIVISOR` of a slice, so the prompt always moves on).
+Counted by number, the last 512-token slices of a 13K-token prompt made the streams beside it up to 3.4x slower
+on a CPU (bench/fairness.py).
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import deque
 from collections.abc import Callable
 
 import numpy as np
 
+from phi4mm.config import TextConfig
 from phi4mm.engine.kv_cache import BlockPool, CacheFull
 from phi4mm.engine.sequence import Sequence
+
+CHUNK_FLOOR_DIVISOR = 4  # the smallest slice beside decodes: prefill_tokens_with_decodes / this
+
+
+def history_tokens(cfg: TextConfig) -> float:
+    """The history at which one token's attention (QK and PV over every earlier key) costs as many FLOPs as its
+    linear layers: 16.4K tokens at full size, 288 for the tiny test model."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    linear = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
+    return linear / (2 * q)  # multiply-adds: the linears' per token, attention's per key and token
 
 
 class Scheduler:
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_tokens_per_step: int,
-                 prefill_tokens_with_decodes: int, prefix_caching: bool, use_long_rope: Callable[[int], bool]):
+                 prefill_tokens_with_decodes: int, prefix_caching: bool, use_long_rope: Callable[[int], bool],
+                 history_tokens: float = math.inf):
         self.pool, self.block_size = pool, pool.block_size
         self.max_num_seqs, self.max_tokens_per_step = max_num_seqs, max_tokens_per_step
         self.prefill_tokens_with_decodes = prefill_tokens_with_decodes
+        self.history_tokens = history_tokens  # see the module docstring (inf: chunks counted by number)
         self.prefix_caching = prefix_caching
         self.use_long_rope = use_long_rope  # LongRoPE switches factors past the original context
         self.waiting: deque[Sequence] = deque()
@@ -125,7 +146,9 @@ class Scheduler:
         # long prompt is spread over many steps (the streams keep their pace), while many short prompts still
         # fill the step's budget together (a slice for all of them together starved throughput: ~470 steps for
         # 160 queued multimodal requests).
-        per_prompt = self.prefill_tokens_with_decodes if plan else budget
+        decoding = bool(plan)
+        per_prompt = self.prefill_tokens_with_decodes if decoding else budget
+        floor = max(self.prefill_tokens_with_decodes // CHUNK_FLOOR_DIVISOR, 1)
         # Then prefill chunks: partially prefilled running sequences, then admissions.
         for seq in [s for s in self.running if s.prefilling] + list(self.waiting):
             if budget <= 0:
@@ -134,8 +157,10 @@ class Scheduler:
                 if len(self.running) >= self.max_num_seqs or seq.prompt_embeds is None:
                     break
                 self.admit_prefix(seq)
+            # Beside decodes, a token costs its attention over the history too (module docstring).
+            per_token = 1 + seq.num_cached / self.history_tokens if decoding else 1
             # A recompute (preemption, LongRoPE switch) covers every token, the newest sampled one included.
-            n = min(seq.length - seq.num_cached, budget, per_prompt)
+            n = min(seq.length - seq.num_cached, budget, max(int(per_prompt / per_token), floor))
             if n <= 0 or not self.ensure_blocks(seq, seq.num_cached + n):
                 if seq in self.waiting and seq.blocks:
                     # Not admitted after all: give back the prefix blocks it matched, or it would hold them

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import phi4mm
-from phi4mm.engine import Engine
+from phi4mm.engine import Engine, kv_cache
 from phi4mm.engine.runner import ModelRunner
+from phi4mm.engine.scheduler import CHUNK_FLOOR_DIVISOR, history_tokens
 from phi4mm.options import EngineOptions
 from phi4mm.sampling import SamplingParams
 from tests.conftest import scene
@@ -72,11 +73,21 @@ def test_integers_past_64_bits_are_refused_before_they_reach_a_tensor(field):
         SamplingParams(max_tokens=4, min_tokens=5).validate()
 
 
-def test_a_long_prompt_is_prefilled_in_slices_between_decodes(model):
+def test_a_long_prompt_is_prefilled_in_slices_between_decodes(model, monkeypatch):
     """While a long prompt arrives, every step still gives each running stream its next token, prompt chunks
-    stay within `prefill_tokens_with_decodes`, and every answer equals its answer alone."""
+    stay within `prefill_tokens_with_decodes` counted by their cost (fewer tokens as the prompt's history grows,
+    never fewer than an eighth), and every answer equals its answer alone. A step's attention costs what its
+    sequences need: the decodes beside a chunk are not padded to the chunk's length and history (33 streams
+    beside a 13K-token prompt made CPU steps 20x slower), counted in attention scores, not time."""
     long_prompt = "<|user|>" + "The fox ran over the hill and the dog ran after it. " * 40 + "<|end|><|assistant|>"
     want = [alone(model, PROMPT, 24), alone(model, OTHER, 24), alone(model, long_prompt, 4)]
+    scores: list[int] = []  # query x key pairs of every attention call of the current step
+    sdpa = kv_cache.F.scaled_dot_product_attention
+
+    def counted(q, k, v, *args, **kw):
+        scores.append(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])  # S x H x T x L
+        return sdpa(q, k, v, *args, **kw)
+    monkeypatch.setattr(kv_cache.F, "scaled_dot_product_attention", counted)
     eng = Engine(model, num_blocks=512, max_tokens_per_step=2048, prefill_tokens_with_decodes=32)
     ids = [eng.add_request(p, params=SamplingParams(max_tokens=24)) for p in (PROMPT, OTHER)]
     toks: dict[str, list[int]] = {i: [] for i in ids}
@@ -87,20 +98,29 @@ def test_a_long_prompt_is_prefilled_in_slices_between_decodes(model):
     toks[long_id] = []
     n_prompt = eng.seqs[long_id].prep.num_tokens
     assert n_prompt > 10 * 32  # the prompt needs many slices
-    sliced = 0
+    text, bs = model.config.text, eng.block_size
+    sliced = shrunk = 0
     while eng.has_work():
         before = eng.seqs[long_id].num_cached if long_id in eng.seqs else None
         streams_running = [i for i in ids if i in eng.seqs]
+        # a stream's blocks this step: those it holds, or one more if its new token starts a block
+        stream_blocks = max((len(eng.seqs[i].blocks) + 1 for i in streams_running), default=0)
+        scores.clear()
         outs = eng.step()
         got = {o.request_id for o in outs if o.token_id is not None}
         if before is not None and long_id in eng.seqs and eng.seqs[long_id].prefilling:
             sliced += 1
-            assert eng.seqs[long_id].num_cached - before <= 32
+            chunk = eng.seqs[long_id].num_cached - before
+            assert chunk <= max(int(32 / (1 + before / history_tokens(text))), 32 // CHUNK_FLOOR_DIVISOR)
+            shrunk += chunk < 32
             assert set(streams_running) <= got  # no stream waited on the prompt
+            # What the step needs: the chunk over the prompt's blocks, each decode over the longest stream's.
+            need = chunk * len(eng.seqs[long_id].blocks) * bs + len(streams_running) * stream_blocks * bs
+            assert sum(scores) <= text.num_hidden_layers * text.num_attention_heads * need
         for o in outs:
             if o.token_id is not None:
                 toks[o.request_id].append(o.token_id)
-    assert sliced >= 10
+    assert sliced >= 10 and shrunk >= sliced // 2
     assert [toks[i] for i in ids + [long_id]] == want
 
 
