@@ -26,7 +26,10 @@ class EngineOptions:
     max_model_len: int | None = None  # context per sequence; None: the model's, lowered to what the KV pool holds
     gpu_memory_utilization: float = 0.90  # share of the GPU's total memory the process may fill (vLLM's meaning)
     prefix_caching: bool = True  # reuse cached KV blocks of identical prompt heads
-    media_cache_items: int = 64  # encoded images/audio kept for repeated media
+    media_cache_items: int = 64  # encoded images/audio kept for repeated media...
+    # ...and the most bytes they may hold together (at full size one 36-crop image encodes to 59 MB in bf16,
+    # so the item count alone would let the cache pin 3.7 GB)
+    media_cache_bytes: int = 256 << 20
     static_decode: bool | None = None  # CUDA graphs for decode; None: on for CUDA
     merge_adapter: str | None = None  # "speech"/"vision": a merged weight copy for single-adapter batches
     # Seconds warmup() may spend capturing the CUDA graphs traffic meets first (every batch bucket, contexts up
@@ -72,6 +75,9 @@ class ServeOptions:
     drain_timeout_s: float = 30.0  # on SIGTERM: time given to open requests before they end with an error
     timeout_keep_alive_s: int = 5  # idle keep-alive connections are closed after this
     read_timeout_s: float = 30.0  # the headers, then the body, of a request must each arrive within this
+    # when the engine is idle and the process grew by this much since the last time: collect garbage and give
+    # malloc's free pages back (engine/memory.py; 0: never)
+    reclaim_growth_bytes: int = 64 << 20
 
     def but(self, **changes) -> ServeOptions:
         return replace(self, **changes)

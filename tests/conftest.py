@@ -1,18 +1,25 @@
 """Shared fixtures: tiny random checkpoints in both layouts, made once per test session."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+ROOT = Path(__file__).resolve().parents[1]
 SERVER_START_S = 30  # a thread-hosted uvicorn binds in well under a second; a loaded CI machine is slower
 SERVER_STOP_S = 10
+CLI_SERVER_START_S = 180  # `phi4mm serve` in a subprocess: a loaded CI machine takes a while to import torch
+CLI_SERVER_STOP_S = 20
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +88,35 @@ def serve_app(app, log_level: str = "warning") -> Iterator[tuple[int, threading.
     with server_thread(uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                                      log_level=log_level))) as thread:
         yield port, thread
+
+
+@contextmanager
+def phi4mm_serve(*flags: str, start_s: float = CLI_SERVER_START_S) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """`python -m phi4mm serve FLAGS --port P` from this checkout, in a subprocess, until /health answers;
+    yields (base URL, process, its stderr log)."""
+    import httpx
+    port = free_port()
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"phi4mm-serve-{port}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "phi4mm", "serve", *flags, "--port", str(port)],
+                                stdout=err, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_s
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the server did not start:\n" + log.read_text()
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        yield base, proc, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(CLI_SERVER_STOP_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.unlink(missing_ok=True)

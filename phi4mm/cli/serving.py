@@ -99,7 +99,10 @@ def guard_options(args: Any) -> Any:
 
 def serve(args: Any, options: Any) -> int:
     from phi4mm.cli.common import load_model, make_engine
+    from phi4mm.engine.memory import limit_malloc_arenas
     serve_options = guard_options(args)
+    if args.replicas is None:
+        limit_malloc_arenas()  # a server process, before loading starts threads: engine/memory.py says why
     for line in ignored_flags(args):
         _say(line)
     if args.replicas is not None:

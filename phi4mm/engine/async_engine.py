@@ -6,6 +6,9 @@ through a command queue (add, cancel) and hears back through per-request asyncio
 
     engine thread:  drain commands -> step() -> route outputs -> (idle? wait on the condition)
 
+Idle for RECLAIM_IDLE_S with the process grown since the last time, the thread gives memory back
+(`memory.IdleReclaimer`: garbage collection and malloc_trim), so heavy requests do not leave the server large.
+
 Commands are applied between steps, so a cancel lands at most one step late and the request's KV blocks go
 back to the pool before the next forward. An exception from `step()` fails every request in flight (each
 sees an "error" output), cancels them in the engine to free their cache, and the loop keeps serving.
@@ -21,7 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from phi4mm.engine.engine import Engine, StepOutput
+from phi4mm.engine.engine import Engine, EngineBusy, StepOutput
+from phi4mm.engine.memory import RECLAIM_IDLE_S, IdleReclaimer
 
 
 @dataclass
@@ -77,11 +81,16 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Runs `engine.step()` on one background thread while there is work; idle, it sleeps on a condition."""
+    """Runs `engine.step()` on one background thread while there is work; idle, it sleeps on a condition.
+    reclaimer: releases memory when the engine has been idle a moment (None: never)."""
 
-    def __init__(self, engine: Engine, on_step: Callable[[Engine, list[StepOutput], float], None] | None = None):
+    def __init__(self, engine: Engine, on_step: Callable[[Engine, list[StepOutput], float], None] | None = None,
+                 reclaimer: IdleReclaimer | None = None):
         self.engine = engine
         self._on_step = on_step  # metrics hook, called on the engine thread after each step (seconds taken)
+        self.reclaimer = reclaimer
+        # Idle, the thread wakes up this often to see whether memory should be released (None: it sleeps).
+        self._idle_wait_s = RECLAIM_IDLE_S if reclaimer is not None and reclaimer.enabled else None
         self._commands: deque = deque()
         self._cond = threading.Condition()
         self._routes: dict[str, _Route] = {}
@@ -110,6 +119,11 @@ class AsyncEngine:
             # The caller went away while the engine was admitting it: cancel the request once it has an id.
             reply.add_done_callback(lambda f: f.cancelled() or f.exception() or self.cancel(f.result()))
             raise
+        finally:
+            # A refusal raised here carries this frame in its traceback, and the future it came from holds the
+            # refusal: without this the pair would be a reference cycle that keeps the prompt's tensors (`args`)
+            # until Python's rare full collection (240 MB for eight large images).
+            del reply, args
         return RequestStream(self, rid, queue)
 
     def cancel(self, request_id: str) -> None:
@@ -150,16 +164,24 @@ class AsyncEngine:
         eng = self.engine
         while True:
             with self._cond:
+                idle = False
                 while not self._commands and not eng.has_work() and not self._stopping:
-                    self._cond.wait()
+                    if not self._cond.wait(self._idle_wait_s):
+                        idle = True  # nothing arrived for a while
+                        break
                 if self._stopping:
                     break
-                commands = list(self._commands)
-                self._commands.clear()
-            for cmd in commands:
-                self._apply(cmd)
+                commands, self._commands = self._commands, deque()
+            if idle:
+                self._reclaim()
+                continue
+            cancelled = any(isinstance(c, tuple) for c in commands)
+            while commands:
+                # Popped, not iterated: no local of this loop keeps the last request's inputs (its pixels, its
+                # audio) alive while the thread sleeps after it.
+                self._apply(commands.popleft())
             if not eng.has_work():
-                if any(isinstance(c, tuple) for c in commands):
+                if cancelled:
                     # A cancel frees its blocks at once but leaves the request in the engine's table until the
                     # next step reports it; with nothing else to run, take that (forward-free) step now.
                     self._route(eng.step())
@@ -176,15 +198,28 @@ class AsyncEngine:
                     self._on_step(eng, outs, time.perf_counter() - t0)
                 except Exception:
                     traceback.print_exc()
+            if self.reclaimer is not None:
+                self.reclaimer.working()
             self._route(outs)
         self._route(self._fail_all("the server is shutting down"))
+
+    def _reclaim(self) -> None:
+        try:
+            self.reclaimer.idle()
+        except Exception:  # memory hygiene must never stop the engine thread
+            traceback.print_exc()
 
     def _apply(self, cmd: Any) -> None:
         eng = self.engine
         if isinstance(cmd, _Add):
             try:
                 rid = eng.add_request(**cmd.args)
-            except BaseException as e:  # ValueError, EngineBusy... go back to the caller as they are
+            except (ValueError, EngineBusy) as e:
+                # A refusal: the caller needs its message only. Its traceback's frames hold `cmd`, whose future
+                # will hold the refusal, a cycle that would keep the prompt's tensors until a full collection.
+                cmd.loop.call_soon_threadsafe(_settle, cmd.reply, None, e.with_traceback(None))
+                return
+            except BaseException as e:  # a bug: goes back to the caller as it is, traceback and all
                 cmd.loop.call_soon_threadsafe(_settle, cmd.reply, None, e)
                 return
             self._routes[rid] = _Route(cmd.loop, cmd.queue)

@@ -108,7 +108,7 @@ class Engine:
                                  "--max-model-len)")
         static = opts.static_decode if opts.static_decode is not None else self.device.type == "cuda"
         self.runner = ModelRunner(model, self.pool, self.max_batch, opts.max_tokens_per_step, static,
-                                  opts.media_cache_items)
+                                  opts.media_cache_items, opts.media_cache_bytes)
         self.scheduler = Scheduler(self.pool, self.max_batch, opts.max_tokens_per_step,
                                    opts.prefill_tokens_with_decodes, opts.prefix_caching, self.net.rope.use_long,
                                    history_tokens(self.cfg.text))

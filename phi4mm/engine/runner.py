@@ -52,6 +52,11 @@ def media_key(prep: Prepared) -> bytes:
     return h.digest()[:16]
 
 
+def media_bytes(value: tuple) -> int:
+    """Bytes held by a media cache entry (its image and audio embeddings)."""
+    return sum(t.numel() * t.element_size() for t in value if t is not None)
+
+
 def groups(items: list, size: Callable[[Any], int], budget: int, padded: bool) -> list[list]:
     """Consecutive runs of `items` within `budget`: the sum of `size` (padded=False), or the run's length times
     its newest item's size (padded=True, items in ascending size: every member is padded to the newest)."""
@@ -68,11 +73,12 @@ def groups(items: list, size: Callable[[Any], int], budget: int, padded: bool) -
 
 class ModelRunner:
     def __init__(self, model: Model, pool: BlockPool, max_num_seqs: int, max_tokens_per_step: int,
-                 static_shapes: bool, media_cache_items: int):
+                 static_shapes: bool, media_cache_items: int, media_cache_bytes: int):
         self.model, self.net, self.cfg, self.pool = model, model.net, model.config, pool
         self.device, self.dtype = model.device, model.dtype
-        self.media_cache: dict[bytes, tuple] = {}
-        self.media_cache_items = media_cache_items
+        self.media_cache: dict[bytes, tuple] = {}  # oldest first
+        self.media_cache_items, self.media_cache_bytes = media_cache_items, media_cache_bytes
+        self.media_cached_bytes = 0  # what the cache holds now
         self.eos = sorted(model.tokenizer.eos_token_ids)
         self.sampling = PersistentBatch(self.device, self.cfg.text.vocab_size)
         # Pure-decode steps, and a new prompt alone in its step, run with static shapes (CUDA graphs on GPU, by
@@ -87,9 +93,16 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- media
     def cache_media(self, key: bytes, value: tuple) -> None:
-        if len(self.media_cache) >= self.media_cache_items:
-            self.media_cache.pop(next(iter(self.media_cache)))
+        """Keep a prompt's tower outputs, dropping the oldest until both bounds hold (an item larger than the
+        byte bound alone is not kept)."""
+        size = media_bytes(value)
+        if key in self.media_cache or size > self.media_cache_bytes or self.media_cache_items <= 0:
+            return
+        while self.media_cache and (len(self.media_cache) >= self.media_cache_items
+                                    or self.media_cached_bytes + size > self.media_cache_bytes):
+            self.media_cached_bytes -= media_bytes(self.media_cache.pop(next(iter(self.media_cache))))
         self.media_cache[key] = value
+        self.media_cached_bytes += size
 
     @torch.inference_mode()
     def prompt_embeds(self, prep: Prepared, key: bytes, media: tuple | None = None) -> torch.Tensor:

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import phi4mm
 from phi4mm.api import Model
 from phi4mm.engine.engine import Engine, EngineBusy
+from phi4mm.engine.memory import freeze_startup_objects, limit_malloc_arenas
 from phi4mm.inputs.audio import AudioError
 from phi4mm.inputs.av_audio import DecodeError
 from phi4mm.inputs.chat import ChatError
@@ -210,6 +211,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
           options: ServeOptions | None = None) -> None:
     """Load the checkpoint and serve it until interrupted (SIGTERM/SIGINT drain first; see the module doc)."""
     from pathlib import Path
+    limit_malloc_arenas()  # before loading starts threads: engine/memory.py says why
 
     import phi4mm
     opts = (options or ServeOptions()).but(host=host, port=port)
@@ -232,6 +234,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
 def run_server(app: FastAPI, opts: ServeOptions, log_level: str = "info") -> None:
     """uvicorn with the slow-client deadlines and the drain deadline of `opts` (blocks until shut down)."""
     server = draining_server(app, opts, log_level)
+    freeze_startup_objects()  # engine/memory.py: full collections stop pausing the streams for ~0.2 s
     server.run()
 
 

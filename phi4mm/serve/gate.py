@@ -49,6 +49,7 @@ class Gate:
         path, t0 = scope["path"], time.perf_counter()
         status = [500]
         started = [False]
+        self.metrics.http_in_flight += 1
 
         async def counted_send(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -69,6 +70,7 @@ class Gate:
                 await reply(counted_send, 500, "internal server error; the request was not completed (the server "
                             "goes on)", "internal_error", "server_error")
         finally:
+            self.metrics.http_in_flight -= 1
             if self._known is None:
                 self._known = set(self.known_paths())
             label = path if path in self._known else "other"

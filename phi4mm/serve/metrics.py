@@ -39,6 +39,7 @@ class Metrics:
         self.free_blocks = Gauge("phi4mm_kv_blocks_free", "free KV-cache blocks", registry=r)
         self.step_time = Histogram("phi4mm_engine_step_seconds", "time of one engine step", buckets=_TOKEN_GAP,
                                    registry=r)
+        self.http_in_flight = 0  # requests the gate is answering now (memory is released only at 0)
 
     def on_step(self, engine: Any, outs: list, seconds: float) -> None:
         """Called on the engine thread after every step."""

@@ -19,6 +19,7 @@ from fastapi import Request
 from phi4mm.api import Model
 from phi4mm.engine.async_engine import AsyncEngine, RequestStream
 from phi4mm.engine.engine import Engine, StepOutput
+from phi4mm.engine.memory import IdleReclaimer
 from phi4mm.inputs.audio import load_audio
 from phi4mm.inputs.chat import Segment
 from phi4mm.inputs.prepare import Prepared, prepare_segments
@@ -57,7 +58,9 @@ class Server:
         self.mm_limits = mm_limits or {}  # --limit-mm-per-prompt
         self.metrics = Metrics()
         self.metrics.free_blocks.set(engine.pool.num_free)  # before the first step too
-        self.engine = AsyncEngine(engine, on_step=self.metrics.on_step)
+        self.engine = AsyncEngine(engine, on_step=self.metrics.on_step,
+                                  reclaimer=IdleReclaimer(options.reclaim_growth_bytes,
+                                                          busy=lambda: self.metrics.http_in_flight > 0))
         self.context = model.config.text.max_position_embeddings
         self.stop_ids = set(model.tokenizer.eos_token_ids)
         self.token_bytes = model.tokenizer.token_bytes()

@@ -10,11 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +19,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port
+from tests.conftest import phi4mm_serve as serve_cli
 
 ROOT = Path(__file__).parents[2]
 TOOLS = json.loads((ROOT / "examples" / "tools.json").read_text())
@@ -35,32 +31,9 @@ TIMEOUT = 120.0
 
 @contextmanager
 def phi4mm_serve(*flags: str):
-    """`python -m phi4mm serve FLAGS --port P` until /health answers; yields (client, base URL, stderr path)."""
-    port = free_port()
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"phi4mm-serve-{port}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "phi4mm", "serve", *flags, "--port", str(port)],
-                                stdout=err, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_S
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the server did not start:\n" + log.read_text()
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+    """`python -m phi4mm serve FLAGS` (conftest.phi4mm_serve); yields (openai client, base URL, stderr path)."""
+    with serve_cli(*flags, start_s=START_S) as (base, _, log):
         yield openai.OpenAI(base_url=base + "/v1", api_key="none", timeout=TIMEOUT, max_retries=0), base, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
