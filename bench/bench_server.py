@@ -5,18 +5,15 @@
 
 N streaming clients (threads, raw SSE over httpx) send chat requests back to back for a fixed time; each
 request generates exactly --max-tokens tokens (ignore_eos). Reported: output tokens/s, p50/p99 time to first
-token and inter-token latency (client side, per SSE chunk). The server runs in a subprocess so the clients'
-Python does not share its GIL. Then the same prompts go straight through `Engine` (one wave of N requests,
-timestamps per step) for the offline numbers. Writes bench/results/server_cpu.json (or --out).
+token and inter-token latency (client side, per SSE chunk). The server runs in a subprocess (`live_server.py`)
+so the clients' Python does not share its GIL. Then the same prompts go straight through `Engine` (one wave of N
+requests, timestamps per step) for the offline numbers. Writes bench/results/server_cpu.json (or --out).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from live_server import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,29 +32,6 @@ def prompts(n: int) -> list[str]:
 
 def pct(xs: list[float], q: float) -> float | None:
     return float(np.percentile(xs, q)) * 1000 if xs else None  # milliseconds
-
-
-def start_server(model_dir: str, device: str, max_batch: int) -> tuple[subprocess.Popen, int]:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    code = (f"from phi4mm.serve.app import serve; serve({model_dir!r}, port={port}, device={device!r}, "
-            f"max_batch={max_batch}, model_name='bench')")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not come up within 300 s")
 
 
 def client_loop(port: int, prompt: str, max_tokens: int, stop_at: float, rec: dict) -> None:
@@ -85,7 +60,8 @@ def client_loop(port: int, prompt: str, max_tokens: int, stop_at: float, rec: di
 
 
 def run_server(args, model_dir: str) -> dict:
-    proc, port = start_server(model_dir, args.device, args.max_batch)
+    proc, port = start_server(["--model", model_dir, "--device", args.device, "--max-batch", str(args.max_batch),
+                               "--served-model-name", "bench"])
     try:
         ps = prompts(args.clients)
         # Warm-up: one request, so the first measured one does not pay for lazy initialisation.
@@ -103,8 +79,7 @@ def run_server(args, model_dir: str) -> dict:
         wall = time.perf_counter() - t0
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc)
     ttft = [x for r in recs for x in r["ttft"]]
     itl = [x for r in recs for x in r["itl"]]
     tokens = sum(r["tokens"] for r in recs)

@@ -24,13 +24,13 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import live_server
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,32 +210,14 @@ async def run_rate(url: str, model: str, reqs: list[Req], rate: float, seed: int
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    cmd = [sys.executable, "-m", "phi4mm.cli.main", "serve", "--device", args.device, "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-waiting", str(max(256, 2 * args.num_requests))]
-    if args.model:
-        cmd += ["--model", args.model]
+    serve_args = ["--device", args.device, "--max-batch", str(args.max_batch),
+                  "--max-waiting", str(max(256, 2 * args.num_requests))]
+    serve_args += ["--model", args.model] if args.model else []
     if args.graph_warmup_seconds is not None:
-        cmd += ["--graph-warmup-seconds", str(args.graph_warmup_seconds)]
-    log("starting: " + " ".join(cmd[1:]))
-    with open(args.server_log, "w") as err:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-    import httpx
-    deadline = time.monotonic() + args.start_timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc, f"http://127.0.0.1:{port}"
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}; see {args.server_log}")
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"the server did not answer /health within {args.start_timeout} s; see {args.server_log}")
+        serve_args += ["--graph-warmup-seconds", str(args.graph_warmup_seconds)]
+    log("starting: phi4mm serve " + " ".join(serve_args))
+    proc, port = live_server.start_server(serve_args, timeout_s=args.start_timeout, log=Path(args.server_log))
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def offline(args, reqs: list[Req]) -> dict:
@@ -403,11 +385,7 @@ def main() -> None:
                 rates[i + 1:-1] = []
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            live_server.stop_server(proc, 30)
     if not args.skip_offline and (args.model or args.smoke or args.url is None):
         log("offline engine on the same requests")
         try:

@@ -20,8 +20,6 @@ import base64
 import json
 import random
 import re
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -29,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from live_server import rss_mib, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -58,37 +57,6 @@ BAD = [b"{not json", b'{"model": "soak", "messages": 5}', b'{"model": "soak", "m
        json.dumps(chat_body("\ud800")).encode(), json.dumps(chat_body("hi", n=999)).encode(),
        json.dumps(chat_body("hi", tool_choice={"type": "function", "function": "f"}, tools=[{"name": "f"}])).encode(),
        json.dumps({**chat_body("hi"), "messages": [{"role": "system", "content": "s", "tools": 5}]}).encode()]
-
-
-def start_server(model: str | None, clients: int) -> tuple[subprocess.Popen, int]:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    cmd = [sys.executable, "-m", "phi4mm.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch", str(max(clients, 8))]
-    if model:
-        cmd += ["--model", model]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not come up within 300 s")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Soak:
@@ -230,7 +198,8 @@ def main() -> int:
     args = ap.parse_args()
     if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.minutes <= MAX_MINUTES:
         ap.error(f"--clients must be 1..{MAX_CLIENTS} and --minutes in (0, {MAX_MINUTES}]")
-    proc, port = start_server(args.model, args.clients)
+    serve_args = ["--max-batch", str(max(args.clients, 8))] + (["--model", args.model] if args.model else [])
+    proc, port = start_server(serve_args)
     try:
         name = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
         soak = Soak(port, name, args.seed)
@@ -277,11 +246,7 @@ def main() -> int:
             },
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k not in ("rss_mib", "mixed_examples")}, indent=2))
