@@ -124,7 +124,8 @@ def create_app(model: Model, engine: Engine | None = None, *, model_name: str = 
     async def models() -> dict:
         created = int(time.time())
         return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "phi4mm",
-                                            "root": srv.model_name, "parent": None if i == 0 else srv.model_name}
+                                            "root": srv.model_name, "parent": None if i == 0 else srv.model_name,
+                                            "max_model_len": srv.max_model_len}  # as vLLM's model cards
                                            for i, n in enumerate(srv.names)]}
 
     @app.post("/v1/chat/completions")

@@ -62,6 +62,7 @@ class Server:
                                   reclaimer=IdleReclaimer(options.reclaim_growth_bytes,
                                                           busy=lambda: self.metrics.http_in_flight > 0))
         self.context = model.config.text.max_position_embeddings
+        self.max_model_len = engine.max_model_len  # prompt + reply of one request: what the KV pool holds
         self.stop_ids = set(model.tokenizer.eos_token_ids)
         self.token_bytes = model.tokenizer.token_bytes()
         self.media_ids = {model.config.image_token_id, model.config.audio_token_id}

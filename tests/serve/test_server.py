@@ -61,6 +61,7 @@ class ScriptedEngine:
         self.model, self.script = model, ""
         self.waiting, self.running, self.seqs = [], [], {}
         self.pool = type("Pool", (), {"num_free": 1, "num_blocks": 1})()
+        self.max_model_len = model.config.text.max_position_embeddings
         self._n = 0
 
     def add_request(self, prompt, images=None, audios=None, params=None, tools=None, request_id=None):
