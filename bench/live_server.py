@@ -1,5 +1,6 @@
 """`phi4mm serve` in a subprocess on 127.0.0.1, for the benches that measure it over HTTP (soak.py,
-bench_server.py, serve_bench.py), and the server's memory as the kernel counts it.
+bench_server.py, serve_bench.py); the server's memory as the kernel counts it; the length of a prompt in the
+server's tokens.
 
 The server runs in its own process so the clients' Python does not share its GIL and its RSS is its own.
 Import it from a bench script as `from live_server import start_server` (scripts run as `python bench/X.py`
@@ -10,6 +11,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300.0  # loading a full checkpoint and warming the engine on a GPU
 POLL_S = 0.2
+CALL_TIMEOUT_S = 600.0
 
 
 def free_port() -> int:
@@ -75,3 +78,41 @@ def rss_mib(pid: int) -> float:
         pass
     return float("nan")
 
+
+class RssSampler:
+    """Samples a process's RSS on a thread: the peak every `peak_every_s`, and a (seconds, MiB, phase) series
+    every `every_s`; `phase` labels the samples that follow."""
+
+    def __init__(self, pid: int, every_s: float = 5.0, peak_every_s: float = 0.25):
+        self.pid, self.every_s, self.peak_every_s = pid, every_s, peak_every_s
+        self.phase = "start"
+        self.t0 = time.monotonic()
+        self.peak = rss_mib(pid)
+        self.series: list[tuple[float, float, str]] = [(0.0, round(self.peak, 1), self.phase)]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def now(self) -> float:
+        return round(rss_mib(self.pid), 1)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(self.peak_every_s):
+            mib = rss_mib(self.pid)
+            self.peak = max(self.peak, mib)
+            if time.monotonic() - last >= self.every_s:
+                last = time.monotonic()
+                self.series.append((round(last - self.t0, 1), round(mib, 1), self.phase))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def prompt_tokens(base: str, model: str, text: str) -> int:
+    """How many tokens the server makes of a one-message chat (its usage, for one generated token)."""
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 1, "temperature": 0}
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=CALL_TIMEOUT_S)
+    r.raise_for_status()
+    return r.json()["usage"]["prompt_tokens"]

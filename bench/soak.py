@@ -12,11 +12,18 @@ request sent alone before the run: any difference is a "mixed answer". Reported:
 status, mixed answers, client-side errors, server RSS over time, and whether /metrics agrees with the clients
 (request totals; no request left running or waiting; the KV cache back to its idle size). Bounded: at most
 64 clients and 30 minutes, every HTTP call with a timeout.
+
+Then a heavy phase, one request at a time: two 4000x3000 images, eight 900x700 images, eight 1600x1200 images
+(more tokens than a CPU pool holds: refused after decoding), 30 minutes of audio to /v1/audio/transcriptions,
+10 minutes in a chat, and a prompt of 3/4 of the context. The server's RSS after warm-up (the reference
+requests, then idle), its peak, and --settle-seconds after the heavy phase are reported against the goal:
+back within 20 % of the warmed-up value (docs/reliability.md). --settle-seconds 0 leaves the phase out.
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import random
 import re
@@ -27,13 +34,20 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from live_server import rss_mib, start_server, stop_server
+import numpy as np
+import soundfile as sf
+from live_server import RssSampler, prompt_tokens, start_server, stop_server
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 MAX_CLIENTS, MAX_MINUTES = 64, 30.0
 CALL_TIMEOUT_S = 120.0
 RSS_EVERY_S = 5.0
+WARM_IDLE_S = 3.0  # after the reference requests: "after warm-up" is the idle value
+MEMORY_GOAL = 1.2  # RSS --settle-seconds after the heavy phase / after warm-up
+LONG_SHARE = 0.75  # of the context, for the heavy phase's long prompt...
+LONG_MAX_CHARS = 390_000  # ...within the server's default --max-prompt-chars (400,000)
 PROMPTS = ["Tell me about the sea.", "What is two plus two?", "Name three colours.", "Describe a cat.",
            "Write a haiku about rain.", "What is the capital of France?", "Count to five.", "Say hello."]
 ACTIONS = {"chat": 30, "chat_stream": 20, "image": 6, "completion": 8, "transcription": 4, "hangup_stream": 10,
@@ -178,6 +192,51 @@ class Soak:
         return h.post(f"{self.base}{path}", json=self.body(body)).status_code
 
 
+def picture(w: int, h: int, seed: int) -> str:
+    """A data URL of a smooth random JPEG (a few MB at 4000x3000, like a phone photo)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, (h // 100 + 1, w // 100 + 1, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    small.resize((w, h), Image.BICUBIC).save(buf, "JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chirp_flac(seconds: float, rate: int = 16000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    noise = 0.02 * np.random.default_rng(0).standard_normal(t.size)
+    wav = 0.3 * np.sin(2 * np.pi * (200 + 900 * (t % 30) / 30) * t) + noise  # a chirp every 30 s
+    buf = io.BytesIO()
+    sf.write(buf, wav.astype(np.float32), rate, format="FLAC")
+    return buf.getvalue()
+
+
+def heavy_phase(soak: Soak, max_model_len: int) -> dict[str, int]:
+    """The heavy requests, one at a time -> HTTP status by request."""
+    q = {"type": "text", "text": "What is in the picture?"}
+
+    def images(n: int, w: int, h: int, seed: int) -> list[dict]:
+        return [{"type": "image_url", "image_url": {"url": picture(w, h, seed + k)}} for k in range(n)] + [q]
+
+    line = "Line {i}: the lighthouse keeper counted {n} ships in the harbour before dawn. "
+    per_line = (prompt_tokens(soak.base, soak.model_name, "".join(line.format(i=i, n=i * 7) for i in range(100)))
+                / 100)
+    lines = int(min(LONG_SHARE * max_model_len / per_line, LONG_MAX_CHARS / len(line.format(i=999, n=999))))
+    audio = base64.b64encode(chirp_flac(600)).decode()
+    chats = {"4000x3000 image": images(1, 4000, 3000, 0), "another 4000x3000 image": images(1, 4000, 3000, 1),
+             "eight 900x700 images": images(8, 900, 700, 10), "eight 1600x1200 images": images(8, 1600, 1200, 20),
+             "10 min audio in a chat": [{"type": "input_audio", "input_audio": {"data": audio, "format": "flac"}}, q],
+             f"long prompt ({lines} lines)": "".join(line.format(i=i, n=i * 7) for i in range(lines))}
+    statuses = {}
+    with httpx.Client(timeout=CALL_TIMEOUT_S) as h:
+        for label, content in chats.items():
+            statuses[label] = h.post(f"{soak.base}/v1/chat/completions",
+                                     json=soak.body(chat_body(content, max_tokens=4))).status_code
+        statuses["30 min audio transcribed"] = h.post(
+            f"{soak.base}/v1/audio/transcriptions", files={"file": ("long.flac", chirp_flac(1800))},
+            data={"model": soak.model_name}).status_code
+    return statuses
+
+
 def metric_sum(text: str, name: str, label: str | None = None) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -194,6 +253,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--minutes", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--settle-seconds", type=float, default=60.0, help="idle time after the heavy phase before "
+                    "the last RSS reading (0: no heavy phase)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak_cpu.json")
     args = ap.parse_args()
     if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.minutes <= MAX_MINUTES:
@@ -201,28 +262,41 @@ def main() -> int:
     serve_args = ["--max-batch", str(max(args.clients, 8))] + (["--model", args.model] if args.model else [])
     proc, port = start_server(serve_args)
     try:
-        name = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
-        soak = Soak(port, name, args.seed)
+        card = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]
+        soak = Soak(port, card["id"], args.seed)
+        rss = RssSampler(proc.pid, RSS_EVERY_S)
+        rss.phase = "references"
         soak.references()
+        time.sleep(WARM_IDLE_S)
+        warm = rss.now()
         idle_metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         free_idle = metric_sum(idle_metrics, "phi4mm_kv_blocks_free")
         counted_before = metric_sum(idle_metrics, "phi4mm_requests_total")
-        rss: list[tuple[float, float]] = [(0.0, rss_mib(proc.pid))]
-        t0 = time.monotonic()
-        stop_at = t0 + args.minutes * 60
+        rss.phase = "soak"
+        stop_at = time.monotonic() + args.minutes * 60
         threads = [threading.Thread(target=soak.client, args=(i, stop_at), daemon=True) for i in range(args.clients)]
         for t in threads:
             t.start()
-        while any(t.is_alive() for t in threads):
-            time.sleep(RSS_EVERY_S)
-            rss.append((round(time.monotonic() - t0, 1), round(rss_mib(proc.pid), 1)))
         for t in threads:
-            t.join(CALL_TIMEOUT_S)
+            t.join(args.minutes * 60 + CALL_TIMEOUT_S)
         time.sleep(2.0)  # let the abandoned requests' cancellations land
         alive = httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
         after = [soak.greedy(httpx.Client(timeout=CALL_TIMEOUT_S), k) for k in soak.reference]
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         counted = metric_sum(metrics, "phi4mm_requests_total") - counted_before
+        soak_peak, soak_end = rss.peak, rss.now()
+        memory = {"rss_after_warmup_mib": warm, "rss_soak_peak_mib": round(soak_peak, 1), "rss_soak_end_mib": soak_end}
+        if args.settle_seconds > 0:
+            rss.phase = "heavy"
+            heavy = heavy_phase(soak, card.get("max_model_len", 4096))
+            rss.phase = "settle"
+            time.sleep(args.settle_seconds)
+            settled = rss.now()
+            memory.update(heavy_requests=heavy, rss_peak_mib=round(rss.peak, 1), settle_seconds=args.settle_seconds,
+                          rss_after_settle_mib=settled, ratio_to_warmup=round(settled / warm, 3),
+                          goal_ratio=MEMORY_GOAL, meets_goal=settled <= MEMORY_GOAL * warm,
+                          server_alive_after_heavy=httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200)
+        rss.stop()
         report = {
             "model": args.model or "micro (embedded)", "clients": args.clients, "minutes": args.minutes,
             "seed": args.seed, "requests": soak.sent, "actions": dict(soak.actions),
@@ -234,8 +308,7 @@ def main() -> int:
             "mixed_examples": soak.mixed[:5],
             "alive_after": alive,
             "reference_answers_unchanged_after": [t for _, t in after] == list(soak.reference.values()),
-            "rss_mib": rss, "rss_start_mib": rss[0][1], "rss_peak_mib": max(r for _, r in rss),
-            "rss_end_mib": rss_mib(proc.pid),
+            "memory": memory, "rss_mib": rss.series,
             "metrics": {
                 "requests_counted_by_server": counted,
                 "requests_sent_by_clients": soak.sent + len(after) + 2,  # + the checks after the run
