@@ -1,4 +1,4 @@
-"""`phi4mm serve` in a subprocess on 127.0.0.1, for the benches that measure it over HTTP (soak.py,
+"""`phi4mm serve` in a subprocess on 127.0.0.1, for the benches that measure it over HTTP (soak.py, fairness.py,
 bench_server.py, serve_bench.py); the server's memory as the kernel counts it; the length of a prompt in the
 server's tokens.
 
