@@ -167,9 +167,8 @@ def _train(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns here; one line is enough
         print(f"trained {s['stage']}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
               f"{len(s['skipped'])} bad lines skipped; wrote {s['out']}")
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():  # torchrun: leave the process group cleanly (NCCL warns)
-        dist.destroy_process_group()
+    from phi4mm.train.distributed import finish_distributed
+    finish_distributed()  # torchrun: every rank leaves the process group together
     return 0
 
 

@@ -39,6 +39,19 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def finish_distributed() -> None:
+    """Leave the process group: every rank first waits at a barrier, so no rank tears its connections down while
+    a peer still has gloo or NCCL work in flight (an early leaver can abort the other with SIGABRT)."""
+    import gc
+
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()  # FSDP state caught in reference cycles lets go of its pending work while the group still lives
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def all_sum(x: float, world: int, device: torch.device) -> float:
     """x summed over the ranks (x itself in one process)."""
     if world <= 1:

@@ -331,14 +331,12 @@ def _rank_threads():
 def _ddp_worker(rank: int, world: int, port: int, args: tuple, kw: dict) -> None:
     import os
 
-    import torch.distributed as dist
+    from phi4mm.train.distributed import finish_distributed
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(RANK_THREADS)
-    try:
-        train(*args, **kw)
-    finally:
-        dist.destroy_process_group()
+    train(*args, **kw)  # a rank that raises exits at once and mp.spawn stops the other
+    finish_distributed()
 
 
 def _two_ranks(args: tuple, kw: dict) -> list[dict]:
