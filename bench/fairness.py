@@ -198,6 +198,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="per phase (phase 2 also waits for the long one)")
     ap.add_argument("--max-tokens", type=int, default=64, help="per client request (ignore_eos)")
     ap.add_argument("--long-tokens", type=int, default=100_000)
+    ap.add_argument("--graph-warmup-seconds", type=float, default=None,
+                    help="passed to phi4mm serve (GPU: time spent capturing CUDA graphs before serving)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fairness_cpu.json")
     args = ap.parse_args()
     model_dir = args.model
@@ -205,7 +207,9 @@ def main() -> int:
         from phi4mm.tasks.make_checkpoint import make_checkpoint
         model_dir = str(make_checkpoint(tempfile.mkdtemp(prefix="phi4mm-fairness-"), "tiny", "official", seed=0))
     proc, port = start_server(["--model", model_dir, "--device", args.device, "--max-batch", str(args.clients + 8),
-                               "--served-model-name", "fairness", "--max-prompt-chars", str(50 * args.long_tokens)])
+                               "--served-model-name", "fairness", "--max-prompt-chars", str(50 * args.long_tokens),
+                               *([] if args.graph_warmup_seconds is None
+                                 else ["--graph-warmup-seconds", str(args.graph_warmup_seconds)])])
     base = f"http://127.0.0.1:{port}"
     try:
         client_tokens = prompt_tokens(base, "fairness", "Client 31: write a story about the number 403.")
