@@ -6,14 +6,17 @@ joins or finishes), never per step. Nothing in `sample` / `update` / `apply_min_
 the host, so the decode step can run ahead of Python (and be captured in a CUDA graph).
 
 Order of operations (one pure function each, composed once in `sample`):
-    penalties -> greedy rows take argmax -> temperature -> top-k -> top-p -> min-p -> exponential race
+    penalties -> greedy rows take argmax -> temperature -> top-k -> top-p -> min-p -> inverse CDF
 
 Randomness. A per-row `torch.Generator` would force a Python loop over rows every step. Instead each row
-keeps a 64-bit seed and its own step counter, and its noise is a counter-based hash of (seed, step, token id)
-computed with integer tensor ops on device (the idea behind Philox, with a cheaper mixer). Sampling is the
-exponential race `argmax(p / q)`, `q ~ Exp(1)`, which picks token i with probability p_i (same as Gumbel-max).
-So a seeded request draws the same tokens whatever batch it is in and wherever it sits in it. Unseeded rows
-get a seed from torch's default generator at admission (so `torch.manual_seed` makes a whole run repeatable).
+keeps a 64-bit seed and its own step counter, and its uniform u is a counter-based hash of (seed, step)
+computed with integer tensor ops on device (the idea behind Philox, with a cheaper mixer). Sampling inverts
+the row's CDF: the first token whose cumulative probability exceeds u x total, which picks token i with
+probability p_i. One uniform a row, so the noise costs nothing next to the (B, V) softmax and prefix sum (a
+hash per (row, token), as an exponential race needs, was ~15 passes over (B, V) int64: at B=256, V=200k,
+several milliseconds of a GPU step and seconds on a CPU). A seeded request draws the same tokens whatever
+batch it is in and wherever it sits in it. Unseeded rows get a seed from torch's default generator at
+admission (so `torch.manual_seed` makes a whole run repeatable).
 """
 from __future__ import annotations
 
@@ -35,11 +38,9 @@ _MASK32 = 0xFFFFFFFF
 # overflow is not something to lean on). Both pass an avalanche test at the noise floor of 65k samples, as
 # good as lowbias32's constants (which are above 2**31).
 _MUL1, _MUL2 = 0x7FC6690F, 0x24149299
-# Uniforms are (2k + 1) / 2**24 for the hash's top 23 bits k: every value is exact in float32 and lies in
-# [2**-24, 1 - 2**-24]. (Using 24 bits, (k + 0.5) / 2**24 rounds to 1.0 at the top, q = -log(1) = 0 and p / q
-# turns into inf or nan: with V = 200k that hits about one (row, token) per step at B = 64.)
-_U_BITS = 23
-_Q_MIN = 1e-12  # floor on q in case a fast-math log returns 0 just below 1; far below any real q (>= 6e-8)
+# Uniforms are (2k + 1) / 2**25 for the hash's top 24 bits k: every value is exact in float32 and lies in
+# [2**-25, 1 - 2**-25], strictly inside (0, 1); 24 bits is float32's precision near 1, where a CDF ends.
+_U_BITS = 24
 
 
 @dataclass(frozen=True)
@@ -195,19 +196,24 @@ def _row_keys(seeds: Tensor, steps: Tensor) -> Tensor:
     return _mix32(_mix32(k ^ (steps & _MASK32)) ^ 0x85EBCA6B)
 
 
-def exponential_noise(seeds: Tensor, steps: Tensor, vocab_hash: Tensor) -> Tensor:
-    """q ~ Exp(1), i.i.d. over (row, token): (B, V) float32, a pure function of (seed, step, token id).
-
-    vocab_hash is `_mix32(arange(V))`, precomputed so each step costs a single mixer pass over (B, V).
-    """
-    bits = _mix32(_row_keys(seeds, steps)[:, None] ^ vocab_hash[None, :])  # (B, V) in [0, 2**32)
-    return _exponential(bits)
+def row_uniforms(seeds: Tensor, steps: Tensor) -> Tensor:
+    """u ~ U(0, 1), one per row: (B,) float32, a pure function of (seed, step)."""
+    bits = _row_keys(seeds, steps) >> (32 - _U_BITS)  # (B,) the key's top bits
+    return (bits * 2 + 1).float() / float(1 << (_U_BITS + 1))
 
 
-def _exponential(bits: Tensor) -> Tensor:
-    """32-bit hash values -> Exp(1) samples by inversion, -log(u) with u strictly inside (0, 1)."""
-    u = ((bits >> (32 - _U_BITS)) * 2 + 1).float() / float(1 << (_U_BITS + 1))
-    return (-torch.log(u)).clamp_min_(_Q_MIN)
+def inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
+    """Token i of each row with probability weights_i / sum(weights): (B, V) non-negative float32 (need not
+    sum to 1) and u (B,) in (0, 1) -> (B,) int64. The first index whose prefix sum exceeds u x total."""
+    cdf = weights.cumsum(dim=-1)  # (B, V), non-decreasing
+    total = cdf[:, -1:]
+    # u < 1, but u x total may round up to total: keep the target strictly below it, so some index exceeds it.
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # (B, 1)
+    picked = torch.searchsorted(cdf, target, right=True).clamp_max_(weights.shape[-1] - 1)  # (B, 1)
+    # A token of zero weight has cdf equal to its neighbour's on a sequential scan, so it is never the first
+    # to exceed the target; a parallel scan may round across its blocks, so make sure.
+    ok = weights.gather(1, picked) > 0
+    return torch.where(ok, picked, weights.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
 # -------------------------------------------------------------------------------------------- batch state
@@ -235,20 +241,18 @@ class SamplingBatch:
     stop_token_ids: Tensor      # (B, S) int64, padded with -1
     prompt_mask: Tensor         # (B, V) bool: token occurs in the prompt (repetition penalty only)
     output_counts: Tensor       # (B, V) int32: times each token was generated
-    vocab_hash: Tensor          # (V,) int64, shared by every row
 
     # ---- construction
     @classmethod
     def build(cls, params: list[SamplingParams], device: torch.device | str, vocab_size: int,
               prompt_token_ids: list[list[int]], output_token_ids: list[list[int]] | None = None,
-              seeds: list[int] | None = None, vocab_hash: Tensor | None = None) -> SamplingBatch:
+              seeds: list[int] | None = None) -> SamplingBatch:
         """Validate params and upload per-row state. Host work happens here, once per admission.
 
         output_token_ids (optional): tokens each row has already generated, for rebuilding a batch mid-request
         (e.g. after preemption); they restore output_counts and the noise counter `steps`, so penalties and
         seeded draws continue as if the batch had been kept and `update`d. seeds (optional): each row's seed in
         place of its params.seed (the engine keeps one drawn for an unseeded request across preemption).
-        vocab_hash (optional): `_mix32(arange(V))` already on `device`, shared instead of recomputed.
         """
         if len(params) != len(prompt_token_ids):
             raise ValueError(f"{len(params)} SamplingParams but {len(prompt_token_ids)} prompts; pass one each")
@@ -298,8 +302,6 @@ class SamplingBatch:
             stop_token_ids=stop_ids.to(device),
             prompt_mask=prompt_mask.to(device),
             output_counts=output_counts.to(device),
-            vocab_hash=vocab_hash if vocab_hash is not None else _mix32(torch.arange(V, dtype=torch.long,
-                                                                                     device=device)),
         )
 
     def __post_init__(self) -> None:
@@ -329,16 +331,15 @@ class SamplingBatch:
 
     @classmethod
     def row_fields(cls) -> list[str]:
-        """The per-row tensor fields (every tensor but the shared vocab_hash)."""
-        return [f.name for f in fields(cls) if f.type == "Tensor" and f.name != "vocab_hash"]
+        """The per-row tensor fields."""
+        return [f.name for f in fields(cls) if f.type == "Tensor"]
 
     def select(self, rows: Sequence[int]) -> SamplingBatch:
         """A batch of just `rows` (host indices, in the order given), keeping their counts, steps, seeds."""
         rows = list(rows)
         idx = torch.tensor(rows, dtype=torch.long, device=self.seeds.device)
         picked = {n: getattr(self, n).index_select(0, idx) for n in self.row_fields()}
-        out = SamplingBatch(params=[self.params[r] for r in rows], vocab_size=self.vocab_size,
-                            vocab_hash=self.vocab_hash, **picked)
+        out = SamplingBatch(params=[self.params[r] for r in rows], vocab_size=self.vocab_size, **picked)
         return out._trim_stop_ids()
 
     def concat(self, other: SamplingBatch) -> SamplingBatch:
@@ -352,8 +353,7 @@ class SamplingBatch:
                 S = max(a.shape[1], b.shape[1])
                 a, b = (torch.nn.functional.pad(t, (0, S - t.shape[1]), value=-1) for t in (a, b))
             joined[n] = torch.cat([a, b.to(a.device)], 0)
-        return SamplingBatch(params=self.params + other.params, vocab_size=self.vocab_size,
-                             vocab_hash=self.vocab_hash, **joined)
+        return SamplingBatch(params=self.params + other.params, vocab_size=self.vocab_size, **joined)
 
     def _trim_stop_ids(self) -> SamplingBatch:
         S = max([len(p.stop_token_ids) for p in self.params] + [0])  # host-known: no sync
@@ -442,7 +442,7 @@ def apply_min_tokens(logits: Tensor, batch: SamplingBatch, num_generated: Tensor
 @dataclass
 class SampleOutput:
     tokens: Tensor                     # (B,) int64
-    logprobs: Tensor                   # (B,) float32, log-prob of the chosen token (see `sample`)
+    logprobs: Tensor | None            # (B,) float32, log-prob of the chosen token (see `sample`); None if none asked
     top_ids: Tensor | None             # (B, N) int64, N = most logprobs any row asked for; None if none asked
     top_logprobs: Tensor | None        # (B, N) float32
 
@@ -464,7 +464,6 @@ def sample(logits: Tensor, batch: SamplingBatch, step: Tensor | int | None = Non
     logits = logits.float()
     if batch.any_penalty:
         logits = apply_penalties(logits, batch)
-    logp = logits.log_softmax(dim=-1)  # (B, V)
     tokens = logits.argmax(dim=-1)
 
     if batch.any_sampled:
@@ -477,14 +476,17 @@ def sample(logits: Tensor, batch: SamplingBatch, step: Tensor | int | None = Non
             scaled = apply_min_p(scaled, batch.min_p)
         steps = batch.steps if step is None else torch.as_tensor(step, dtype=torch.long,
                                                                  device=logits.device).expand_as(batch.steps)
-        q = exponential_noise(batch.seeds, steps, batch.vocab_hash)
-        # Exponential race: argmax(p_i / q_i) is token i with probability p_i. Filtered tokens have p = 0.
-        drawn = (scaled.softmax(dim=-1) / q).argmax(dim=-1)
+        # Unnormalised probabilities (the row's best token weighs 1; filtered tokens 0): inverse_cdf divides
+        # by the total itself, so softmax's own division would be a wasted pass.
+        weights = (scaled - scaled.amax(dim=-1, keepdim=True)).exp_()  # (B, V)
+        drawn = inverse_cdf(weights, row_uniforms(batch.seeds, steps))
         tokens = torch.where(greedy, tokens, drawn)
 
-    chosen = logp.gather(1, tokens[:, None]).squeeze(1)
-    top_ids = top_lp = None
     n = batch.num_logprobs
-    if n is not None:  # n = 0 gives (B, 0): the rows asked for the chosen token's logprob only
-        top_lp, top_ids = logp.topk(n, dim=-1)
+    if n is None:  # no row reports logprobs: skip the (B, V) log-softmax
+        return SampleOutput(tokens=tokens, logprobs=None, top_ids=None, top_logprobs=None)
+    logp = logits.log_softmax(dim=-1)  # (B, V)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+    # n = 0 gives (B, 0): the rows asked for the chosen token's logprob only
+    top_lp, top_ids = logp.topk(n, dim=-1)
     return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp)

@@ -50,7 +50,6 @@ class PersistentBatch:
         self.slot: dict[Sequence, int] = {}
         self.counted: list[int] = []  # slot -> tokens its counts and noise counter hold
         self.tables: dict[str, Tensor] = {}  # SamplingBatch.row_fields() -> (capacity, ...) tensor
-        self.vocab_hash: Tensor | None = None
         self.live: tuple[SamplingBatch, Tensor] | None = None  # views of the live rows, and arange(n)
 
     def __len__(self) -> int:
@@ -106,8 +105,7 @@ class PersistentBatch:
         fresh = SamplingBatch.build([s.params for s in seqs], self.device, self.vocab_size,
                                     [s.prep.input_ids for s in seqs], [s.generated for s in seqs],
                                     seeds=[s.sampling_seed if s.params.seed is None else s.params.seed
-                                           for s in seqs], vocab_hash=self.vocab_hash)
-        self.vocab_hash = fresh.vocab_hash
+                                           for s in seqs])
         self.reserve(fresh, len(self.seqs))
         index = torch.tensor([self.slot[s] for s in seqs], dtype=torch.long, device=self.device)
         for name, t in self.tables.items():
@@ -145,7 +143,7 @@ class PersistentBatch:
         """A SamplingBatch of the live rows whose tensors are views of the tables."""
         n = len(self.seqs)
         return SamplingBatch(params=[s.params for s in self.seqs], vocab_size=self.vocab_size,
-                             vocab_hash=self.vocab_hash, **{k: t[:n] for k, t in self.tables.items()})
+                             **{k: t[:n] for k, t in self.tables.items()})
 
     def record(self, rows: Rows, tokens: Tensor) -> None:
         """Count the tokens (one per row of `rows`, in its order) just drawn, and advance their noise counters."""

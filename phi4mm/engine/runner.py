@@ -246,7 +246,7 @@ class ModelRunner:
         res = sample(picked, batch)
         drawn = res.tokens.tolist()  # the one host sync of the step
         self.sampling.record(batch_rows, res.tokens)
-        lps = res.logprobs.tolist()
+        lps = res.logprobs.tolist() if res.logprobs is not None else [None] * len(seqs)
         tops = (list(zip(res.top_ids.tolist(), res.top_logprobs.tolist())) if res.top_ids is not None
                 else [None] * len(seqs))
         toks: list[int] = [0] * len(seqs)

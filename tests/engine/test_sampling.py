@@ -1,5 +1,5 @@
 """phi4mm.sampling: each stage against a plain reference, seeded reproducibility across batch layouts, and the
-empirical distribution of the counter-hash exponential race against softmax(logits / T). CPU, a few seconds."""
+empirical distribution of the counter-hash inverse-CDF draw against softmax(logits / T). CPU, a few seconds."""
 from __future__ import annotations
 
 import math
@@ -10,10 +10,9 @@ import torch
 from phi4mm.sampling import (
     SamplingBatch,
     SamplingParams,
-    _exponential,
-    _mix32,
     apply_min_tokens,
-    exponential_noise,
+    inverse_cdf,
+    row_uniforms,
     sample,
 )
 
@@ -261,25 +260,37 @@ def test_distribution_over_steps_matches_softmax():
     assert chi2(pairs, torch.outer(probs, probs).flatten()) < 70.0  # df 35: p ~ 5e-4
 
 
-def test_noise_is_uniform_and_uncorrelated():
-    seeds = torch.arange(256)
-    steps = torch.zeros(256, dtype=torch.long)
-    q = exponential_noise(seeds, steps, _mix32(torch.arange(1024)))  # (256, 1024)
-    u = torch.exp(-q)
+def test_row_uniforms_are_uniform_and_uncorrelated():
+    """One uniform per (seed, step): over 256 seeds x 1024 steps, mean and variance of U(0, 1), and no
+    correlation between neighbouring steps or neighbouring seeds."""
+    seeds = torch.arange(256).repeat_interleave(1024)
+    steps = torch.arange(1024).repeat(256)
+    u = row_uniforms(seeds, steps).view(256, 1024)
     assert abs(float(u.mean()) - 0.5) < 0.002 and abs(float(u.var()) - 1 / 12) < 0.001
     c = torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1]
     assert abs(float(c)) < 0.01
     c = torch.corrcoef(torch.stack([u[:-1].flatten(), u[1:].flatten()]))[0, 1]
     assert abs(float(c)) < 0.01
-    assert torch.isfinite(q).all() and (q > 0).all()
+    assert bool((u > 0).all() and (u < 1).all())
 
 
-def test_noise_extremes_are_finite_and_positive():
-    """The hash's extreme outputs must give 0 < q < inf: q = 0 would let p / q = inf (or nan) beat every token,
-    which at V = 200k would happen about once a step."""
-    q = _exponential(torch.tensor([0, 1, 255, 256, (1 << 32) - 257, (1 << 32) - 1]))
-    assert torch.isfinite(q).all() and (q > 0).all()
-    assert q[0] > 15 and 0 < q[-1] < 1e-7 and q[-1] == q[-2]  # the top hash values hit u = 1 - 2**-24, not 1
+def test_inverse_cdf_never_draws_a_token_of_zero_weight():
+    """At the uniforms' extremes (u just above 0, just below 1) the draw lands on the first and last tokens of
+    positive weight, never on a filtered one (weight 0), whatever sits at either end of the row."""
+    w = torch.tensor([[0.0, 0.0, 3.0, 0.0, 1.0, 0.0],  # zero-weight tokens at both ends and between
+                      [0.0, 0.0, 0.0, 0.0, 0.0, 7.0],  # all mass on the last token
+                      [5.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # all mass on the first
+                      [1e-30, 1.0, 0.0, 0.0, 0.0, 1e-30]])  # weights below float32's resolution at both ends
+    lo = torch.full((4,), 2.0 ** -25)
+    hi = torch.full((4,), 1 - 2.0 ** -25)
+    assert inverse_cdf(w, lo).tolist() == [2, 5, 0, 1]
+    assert inverse_cdf(w, hi).tolist() == [4, 5, 0, 1]
+    # Every boundary of the cumulative sum, approached from both sides: a drawn token always has weight.
+    big = torch.rand(64, 1000, generator=torch.Generator().manual_seed(3))
+    big[big < 0.7] = 0.0
+    u = torch.rand(64, generator=torch.Generator().manual_seed(4))
+    picked = inverse_cdf(big, u)
+    assert bool((big.gather(1, picked[:, None]) > 0).all())
 
 
 # ---------------------------------------------------------------------------------------- batch state
@@ -340,4 +351,4 @@ def test_validate_accepts_edges():
                    frequency_penalty=2.0, stop=["a"] * 16, max_tokens=1).validate()
     with pytest.raises(ValueError, match="top_p"):  # build validates too
         make([SamplingParams(top_p=0.0)])
-    assert not math.isnan(sample(torch.zeros(1, V), make([SamplingParams(temperature=100.0, seed=0)])).logprobs[0])
+    assert not math.isnan(sample(torch.zeros(1, V), make([SamplingParams(temperature=100.0, seed=0, logprobs=0)])).logprobs[0])
