@@ -6,7 +6,8 @@ Writes OUT/test (the scored sets of the test split, seed 1000, as `phi4mm train 
 `--scale`: 0.5 gives 100 samples a set and 20 a voice or condition set) and OUT/heldout.json, and prints a
 Markdown table: each set's metric, score, goal and whether the voice or fonts were trained on. Each file is an
 ordinary `phi4mm eval FILE --metric M` set; this script scores them through the same function. The default model
-is the shipped micro model. At scale 0.5 the sets take ~25 s to write and ~10 minutes to score on 2 CPU cores.
+is the shipped micro model. At scale 0.5 the sets take ~1 minute to write and ~30 minutes to score on 2 CPU cores
+(use --limit or a smaller --scale for a quick look).
 """
 from __future__ import annotations
 
