@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,13 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from phi4mm.micro.voices import draw_voice
+from phi4mm.micro.voices import (  # noqa: F401 (re-exported: the micro speech API)
+    INSTALL_HINT,
+    MissingTool,
+    check_binaries,
+    draw_voice,
+    find_binary,
+)
 
 SAMPLE_RATE = 16000  # what the audio encoder expects; everything is written at this rate
 RATE_WPM = (120, 200)  # speaking rate, words per minute (the range the held-out goals name)
@@ -41,12 +46,6 @@ PAD_S = (0.0, 0.3)  # random silence before and after the speech
 # Probability of each augmentation in training; speed and level are always drawn (they have no "off").
 AUGMENT_P = {"pitch": 0.7, "noise": 0.6, "reverb": 0.4}
 MIN_S, MAX_S = 0.5, 10.0  # clip length bounds: shorter is padded, longer is an error (the text is too long)
-INSTALL_HINT = "install it (Debian/Ubuntu: apt-get install flite espeak-ng)"
-
-
-class MissingTool(OSError):
-    """A program, font or package the micro data needs is not installed; the message says what to install.
-    An OSError, so the CLI reports it in one sentence with exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -75,22 +74,6 @@ def draw_conditions(rng: random.Random) -> Conditions:
     drr = rng.uniform(*DRR_DB)
     pad = (rng.uniform(*PAD_S), rng.uniform(*PAD_S))
     return Conditions(wpm, pitch, semis, level, snr, pink, rt60, drr, pad)
-
-
-def find_binary(name: str) -> str:
-    """Path of `flite` or `espeak-ng`; env PHI4MM_FLITE / PHI4MM_ESPEAK override the PATH lookup."""
-    env = {"flite": "PHI4MM_FLITE", "espeak-ng": "PHI4MM_ESPEAK"}[name]
-    path = os.environ.get(env) or shutil.which(name)
-    if not path or not os.access(path, os.X_OK):
-        where = f"${env}={os.environ[env]!r} is not an executable" if os.environ.get(env) else f"{name} is not on PATH"
-        raise MissingTool(f"speech synthesis needs {name}, but {where}; {INSTALL_HINT}, or set ${env} to its path")
-    return path
-
-
-def check_binaries() -> None:
-    """Fail early (before any worker starts) when a synthesiser is missing."""
-    find_binary("flite")
-    find_binary("espeak-ng")
 
 
 def synthesize(text: str, engine: str, voice: str, wpm: float, espeak_pitch: int, tmp: Path,

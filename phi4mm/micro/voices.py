@@ -11,10 +11,36 @@ variant sits in exactly one of train, held-out or excluded, so a newer espeak-ng
 """
 from __future__ import annotations
 
+import os
 import random
 import re
+import shutil
 import subprocess
 from functools import cache
+
+INSTALL_HINT = "install it (Debian/Ubuntu: apt-get install flite espeak-ng)"
+
+
+class MissingTool(OSError):
+    """A program, font or package the micro data needs is not installed; the message says what to install.
+    An OSError, so the CLI reports it in one sentence with exit code 2."""
+
+
+def find_binary(name: str) -> str:
+    """Path of `flite` or `espeak-ng`; env PHI4MM_FLITE / PHI4MM_ESPEAK override the PATH lookup."""
+    env = {"flite": "PHI4MM_FLITE", "espeak-ng": "PHI4MM_ESPEAK"}[name]
+    path = os.environ.get(env) or shutil.which(name)
+    if not path or not os.access(path, os.X_OK):
+        where = f"${env}={os.environ[env]!r} is not an executable" if os.environ.get(env) else f"{name} is not on PATH"
+        raise MissingTool(f"speech synthesis needs {name}, but {where}; {INSTALL_HINT}, or set ${env} to its path")
+    return path
+
+
+def check_binaries() -> None:
+    """Fail early (before any worker starts) when a synthesiser is missing."""
+    find_binary("flite")
+    find_binary("espeak-ng")
+
 
 # ---- espeak-ng English accents (the gmw/en* voice files) ----------------------------------------------------
 # en-gb-x-rp was the held-out voice of the first recipe; en-us-nyc was never trained on by any recipe.
@@ -96,7 +122,6 @@ def set_name(engine: str, voice: str) -> str:
 # ---- what this machine has ----------------------------------------------------------------------------------
 def _espeak_list(kind: str) -> list[tuple[str, str]]:
     """(language, file) rows of `espeak-ng --voices=<kind>`."""
-    from phi4mm.micro.speech import find_binary
     out = subprocess.run([find_binary("espeak-ng"), f"--voices={kind}"], capture_output=True, text=True,
                          check=True).stdout.splitlines()[1:]
     rows = []
@@ -122,6 +147,5 @@ def installed_espeak_variants() -> tuple[str, ...]:
 
 @cache
 def installed_flite_voices() -> tuple[str, ...]:
-    from phi4mm.micro.speech import find_binary
     out = subprocess.run([find_binary("flite"), "-lv"], capture_output=True, text=True, check=True).stdout
     return tuple(sorted(out.split(":", 1)[1].split()))
