@@ -2,9 +2,12 @@
 
     paths = generate("data/micro", "train", seed=0)   # {task: JSONL path}; media under data/micro/media/
 
-Tasks: asr / ast / sqa (synthetic speech, see micro.speech), ocr (rendered words), shapes (counting and
-colour questions on drawn scenes), scene (every shape of a scene named, top to bottom), caption (scikit-image's
-bundled photos), vsqa (a scene plus a spoken question), text (small talk, repetition, translation, facts, arithmetic) and tools (function calling).
+Tasks: asr / ast / sqa (synthetic speech, see micro.speech), ocr and ocr_line (a rendered word or line of words,
+see micro.render), shapes (counting and colour questions on drawn scenes), count (only the counting ones), scene
+(every shape of a scene named, top to bottom), caption (scikit-image's bundled photos), vsqa (a scene plus a
+spoken question), text (small talk, repetition, translation, facts, arithmetic) and tools (function calling).
+The test split adds held-out speech sets: asr_heldout_voice and vsqa_heldout_voice (voices no training sample
+uses, micro.voices), one set per voice (VOICE_SETS) and one per recording condition (CONDITION_SETS).
 Every item is built from its own `random.Random(f"{seed}-{split}-{task}-{i}")`, so the output does not depend
 on the number of workers, and a second run gives byte-identical files. Sentences come from a small grammar
 over VOCAB; a stable hash holds out ~10% of them (`is_heldout`): the train split never uses those, the test
@@ -21,15 +24,32 @@ import os
 import random
 import shutil
 import tempfile
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from phi4mm.micro.speech import MissingTool, check_binaries, speak
+from phi4mm.micro.render import (  # noqa: F401 (re-exported: the micro data API)
+    LINE_FONT_SIZES,
+    OCR_FONT_SIZES,
+    OCR_SIZE,
+    OCR_TEST_SIZES,
+    OCR_WORDS,
+    fonts,
+    line_text,
+    render_text,
+)
+from phi4mm.micro.speech import (
+    RATE_WPM,
+    Conditions,
+    MissingTool,
+    check_binaries,
+    speak,
+    speak_as,
+)
 from phi4mm.micro.text import (  # noqa: F401 (re-exported: the micro data API)
     ARTISTS,
     CITIES,
@@ -65,20 +85,10 @@ from phi4mm.micro.text import (  # noqa: F401 (re-exported: the micro data API)
     tool_args,
     tool_spec,
 )
+from phi4mm.micro.voices import draw_voice, heldout_voices, set_name, trained_voices
 
 # ---- images -----------------------------------------------------------------------------------------------
 CANVAS = 448  # longest image side: one 448x448 crop of the vision encoder, no tiling
-OCR_SIZE = (448, 112)
-OCR_TEST_SIZES = (27, 33, 40, 48, 56)
-# Training draws every other whole size of 22-62 pt: with six trained sizes the encoder read the training words
-# but not the sizes between them (an OCR probe: 25-30% held-out exact, docs/micro-model.md). The test sizes are
-# still never trained on.
-OCR_FONT_SIZES = {"train": tuple(s for s in range(22, 63) if s not in OCR_TEST_SIZES), "test": OCR_TEST_SIZES}
-OCR_EXTRA = ["about", "above", "after", "air", "all", "also", "always", "animal", "answer", "apple", "ask", "away", "baby", "back", "bad", "bag", "bank", "bed", "before", "begin", "best", "better", "body", "bread", "bring", "build", "busy", "buy", "call", "camp", "card", "care", "catch", "cheap", "child", "class", "clean", "clear", "close", "cloud", "coat", "cold", "come", "cook", "cool", "corn", "count", "country", "cover", "cross", "dark", "day", "deep", "desk", "dinner", "door", "down", "draw", "dream", "dress", "drink", "drive", "dry", "earth", "east", "easy", "eat", "egg", "end", "enough", "even", "evening", "face", "fall", "family", "far", "fast", "father", "field", "fill", "fine", "fire", "first", "floor", "flower", "fly", "food", "foot", "friend", "front", "fruit", "full", "funny", "game", "gate", "gift", "girl", "give", "glass", "gold", "good", "great", "ground", "group", "grow", "hair", "hand", "happy", "hard", "head", "hear", "heart", "heavy", "help", "here", "high", "hill", "hold", "home", "hope", "hot", "hour", "idea", "island", "jacket", "juice", "keep", "key", "kind", "king", "lake", "lamp", "land", "large", "last", "late", "laugh", "leaf", "learn", "left", "letter", "light", "line", "lion", "list", "long", "look", "love", "low", "lunch", "make", "man", "map", "market", "milk", "money", "moon", "morning", "mother", "mountain", "music", "name", "new", "next", "nice", "night", "north", "nose", "number", "ocean", "open", "page", "paper", "party", "pencil", "people", "piano", "picture", "place", "plant", "plate", "pocket", "queen", "quiet", "rain", "read", "ready", "right", "ring", "road", "rock", "room", "round", "salt", "sand", "sea", "seat", "shirt", "shoe", "short", "sing", "sister", "sky", "sleep", "slow", "smile", "snow", "soft", "song", "soon", "sound", "south", "space", "spring", "star", "start", "stone", "story", "sugar", "summer", "sun", "sweet", "table", "talk", "teacher", "thank", "thing", "think", "time", "town", "toy", "train", "travel", "true", "turn", "voice", "wall", "warm", "watch", "water", "west", "wheel", "wind", "window", "winter", "wood", "word", "work", "world", "write", "year", "zoo"]
-OCR_WORDS = tuple(sorted({*VOCAB, *OCR_EXTRA}))
-FONT_DIRS = ("/usr/share/fonts/truetype/dejavu",)
-FONT_NAMES = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSansMono", "DejaVuSansMono-Bold",
-              "DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-Italic")
 SHAPE_COLOURS = {"red": (220, 30, 30), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 30),
                  "purple": (140, 50, 180), "orange": (250, 140, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -105,45 +115,28 @@ NO_FLIP = {"page", "text", "logo", "clock"}
 # ---- tasks ------------------------------------------------------------------------------------------------
 PROMPTS = {"asr": "Transcribe the audio clip into text.", "ast": f"Translate the audio to {LANGUAGE}.",
            "sqa": "Answer the question in the audio.", "ocr": "What word is written in the image?",
-           "caption": "Describe the image.", "scene": "List the shapes from top to bottom."}
-TRAIN_COUNTS = {"asr": 6000, "ast": 3000, "sqa": 2000, "ocr": 12000, "shapes": 5000, "scene": 5000, "caption": 500,
-                "vsqa": 2000, "text": 4000, "tools": 1500}
-TEST_COUNTS = {t: 200 for t in ("asr", "asr_heldout_voice", "ast", "sqa", "ocr", "shapes", "scene", "caption",
-                                "vsqa", "text", "tools")}
+           "ocr_line": "What text is written in the image?", "caption": "Describe the image.",
+           "scene": "List the shapes from top to bottom."}
+# "count" asks only how many (all or of one colour): counting was what the shapes questions missed most. asr is
+# twice the first recipe's 6,000: ~100 training voices instead of 11, and the speech branch of the recipe is the
+# shorter one in every phase, so more speech costs no wall time on two GPUs.
+TRAIN_COUNTS = {"asr": 12000, "ast": 3000, "sqa": 2000, "ocr": 12000, "ocr_line": 6000, "shapes": 5000,
+                "count": 3000, "scene": 5000, "caption": 500, "vsqa": 2000, "text": 4000, "tools": 1500}
+# Held-out speech sets, test split only. One per voice (`micro.voices`: every held-out voice, and the trained
+# accents, numbered variants and flite voices to compare with), each the same sentences at SCORING_WPM with no
+# augmentation; and one per recording condition, on held-out voices, so a run shows what each augmentation paid.
+VOICE_SETS = {set_name(e, v): (e, v) for e, v in heldout_voices() + trained_voices()}
+CONDITION_SETS = {"asr_rate120": Conditions(wpm=RATE_WPM[0]), "asr_rate200": Conditions(wpm=RATE_WPM[1]),
+                  "asr_pitch_low": Conditions(semitones=-3.0), "asr_pitch_high": Conditions(semitones=3.0),
+                  "asr_quiet": Conditions(level_dbfs=-35.0), "asr_noise": Conditions(snr_db=15.0),
+                  "asr_reverb": Conditions(rt60_s=0.5, drr_db=3.0)}
+SPEECH_SET_ITEMS = 40
+TEST_COUNTS = {**{t: 200 for t in ("asr", "asr_heldout_voice", "ast", "sqa", "ocr", "ocr_line", "shapes", "count",
+                                   "scene", "caption", "vsqa", "vsqa_heldout_voice", "text", "tools")},
+               **{t: SPEECH_SET_ITEMS for t in (*VOICE_SETS, *CONDITION_SETS)}}
 COUNTS = {"train": TRAIN_COUNTS, "test": TEST_COUNTS}
-SPEECH_TASKS = {"asr", "asr_heldout_voice", "sqa", "vsqa"}
+SPEECH_TASKS = {"asr", "asr_heldout_voice", "sqa", "vsqa", "vsqa_heldout_voice", *VOICE_SETS, *CONDITION_SETS}
 MIN_ITEMS = 2
-
-
-@cache
-def fonts() -> tuple[str, ...]:
-    """Font files (sorted by name, so index i is the same font on every machine that has it) plus "default"."""
-    dirs = list(FONT_DIRS)
-    # matplotlib bundles DejaVu; find its folder without importing matplotlib (slow, and not needed here).
-    from importlib.util import find_spec
-    spec = find_spec("matplotlib")
-    if spec is not None and spec.origin:
-        dirs.insert(0, str(Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf"))
-    found = {}
-    for name in FONT_NAMES:
-        for d in dirs:
-            if (Path(d) / f"{name}.ttf").is_file():
-                found[name] = str(Path(d) / f"{name}.ttf")
-                break
-    try:  # Pillow's own scalable font (Pillow >= 10.1 with FreeType); a bitmap fallback would ignore the size
-        default = isinstance(ImageFont.load_default(12), ImageFont.FreeTypeFont)
-    except TypeError:
-        default = False
-    out = [found[n] for n in sorted(found)] + (["default"] if default else [])
-    if not out:
-        raise MissingTool("no fonts for the OCR task: install matplotlib (it bundles DejaVu) or the fonts-dejavu-core "
-                           "package, and a Pillow built with FreeType")
-    return tuple(out)
-
-
-@lru_cache(maxsize=64)
-def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size) if path == "default" else ImageFont.truetype(path, size)
 
 
 @cache
@@ -155,7 +148,7 @@ def _caption_image(name: str) -> Image.Image | None:
         raise MissingTool(f"the caption task needs scikit-image's sample images ({e}); pip install scikit-image")
     try:
         arr = getattr(skimage.data, name)()
-    except Exception:  # not bundled with this version (it would need pooch and a download): leave it out
+    except Exception:  # noqa: BLE001 (not bundled with this version: it would need pooch and a download)
         return None
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
@@ -207,10 +200,12 @@ def _scene(rng: random.Random) -> tuple[Image.Image, list[tuple[str, str]], list
     return img, items, tops
 
 
-def _scene_question(rng: random.Random, items: list[tuple[str, str]]) -> tuple[str, str]:
+def _scene_question(rng: random.Random, items: list[tuple[str, str]], kinds: tuple[str, ...] | None = None,
+                    ) -> tuple[str, str]:
+    """A question about the scene and its answer; `kinds` limits which kinds may be asked."""
     shapes = [s for s in SHAPES if sum(s == a for a, _ in items) == 1]
     colours = [c for c in SHAPE_COLOURS if sum(c == b for _, b in items) == 1]
-    kinds = ["count", "count_colour"] + (["colour_of"] if shapes else []) + (["shape_of"] if colours else [])
+    kinds = kinds or ("count", "count_colour", *(["colour_of"] if shapes else []), *(["shape_of"] if colours else []))
     kind = rng.choice(kinds)
     if kind == "count":
         return "How many shapes are there?", NUMERALS[len(items)]
@@ -283,21 +278,29 @@ def _sqa(task: str, i: int) -> dict[str, Any]:
 
 
 def _ocr(task: str, i: int) -> dict[str, Any]:
+    """A rendered word (ocr) or a line of 2-4 words (ocr_line), in the split's fonts and sizes (micro.render)."""
     rng = _rng(task, i)
-    word, path = rng.choice(OCR_WORDS), rng.choice(fonts())
-    img = Image.new("RGB", OCR_SIZE, tuple(rng.randint(200, 255) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    sizes = OCR_FONT_SIZES[_CTX["split"]]
-    for size in sorted(sizes[:sizes.index(rng.choice(sizes)) + 1], reverse=True):  # shrink until it fits
-        font = _font(path, size)
-        l, t, r, b = draw.textbbox((0, 0), word, font=font)
-        if r - l <= OCR_SIZE[0] - 8 and b - t <= OCR_SIZE[1] - 8:
-            break
-    x, y = rng.randint(4 - l, OCR_SIZE[0] - 4 - r), rng.randint(4 - t, OCR_SIZE[1] - 4 - b)
-    draw.text((x, y), word, font=font, fill=tuple(rng.randint(0, 80) for _ in range(3)))
+    split = _CTX["split"]
+    if task == "ocr":
+        text = rng.choice(OCR_WORDS)
+        img = render_text(rng, text, split, OCR_FONT_SIZES[split])
+    else:
+        text = line_text(rng)
+        img = render_text(rng, text, split, LINE_FONT_SIZES[split])
     name = _media_name(task, i, "png")
     img.save(Path(_CTX["out"]) / name)
-    return _chat([_part("image", name)], PROMPTS["ocr"], word)
+    return _chat([_part("image", name)], PROMPTS[task], text)
+
+
+def _asr_set(task: str, i: int) -> dict[str, Any]:
+    """Held-out speech: item i of a voice set (the same sentence in every voice, clean, at SCORING_WPM) or of a
+    condition set (a held-out voice under that one condition)."""
+    rng = _rng("asr_set" if task in VOICE_SETS else task, i)
+    text = split_sentence(rng, _CTX["split"])
+    engine, voice = VOICE_SETS[task] if task in VOICE_SETS else draw_voice(rng, True)
+    name = _media_name(task.replace("@", "_").replace("+", "_"), i, "flac")
+    speak_as(text, Path(_CTX["out"]) / name, engine, voice, CONDITION_SETS.get(task, Conditions()), rng, _tmp())
+    return _chat([_part("audio", name)], PROMPTS["asr"], text)
 
 
 def _shapes(task: str, i: int) -> dict[str, Any]:
@@ -308,10 +311,11 @@ def _shapes(task: str, i: int) -> dict[str, Any]:
     img.save(Path(_CTX["out"]) / name)
     if task == "scene":
         return _chat([_part("image", name)], PROMPTS["scene"], scene_description(items, tops))
-    q, a = _scene_question(rng, items)
-    if task == "shapes":
+    q, a = _scene_question(rng, items, ("count", "count_colour") if task == "count" else None)
+    if task in ("shapes", "count"):
         return _chat([_part("image", name)], q, a)
-    return _chat([_part("image", name), _part("audio", _speak(task, i, q, rng))], None, a)  # vsqa
+    heard = _speak(task, i, q, rng, task == "vsqa_heldout_voice")
+    return _chat([_part("image", name), _part("audio", heard)], None, a)  # vsqa
 
 
 def scene_description(items: list[tuple[str, str]], tops: list[tuple[float, float]]) -> str:
@@ -394,8 +398,9 @@ def _tools(task: str, i: int) -> dict[str, Any]:
     return {"messages": msgs, "tools": [tool_spec(n) for n in offered]}
 
 
-MAKERS = {"asr": _asr, "asr_heldout_voice": _asr, "ast": _ast, "sqa": _sqa, "ocr": _ocr, "shapes": _shapes,
-          "scene": _shapes, "vsqa": _shapes, "caption": _caption, "text": _text, "tools": _tools}
+MAKERS = {"asr": _asr, "asr_heldout_voice": _asr, "ast": _ast, "sqa": _sqa, "ocr": _ocr, "ocr_line": _ocr,
+          "shapes": _shapes, "count": _shapes, "scene": _shapes, "vsqa": _shapes, "vsqa_heldout_voice": _shapes,
+          "caption": _caption, "text": _text, "tools": _tools, **{t: _asr_set for t in (*VOICE_SETS, *CONDITION_SETS)}}
 
 
 def _run(job: tuple[str, int]) -> str:
@@ -428,7 +433,7 @@ def generate(out: str | Path, split: str, seed: int, scale: float = 1.0, workers
         counts = {t: n for t, n in counts.items() if t in tasks or (t == "asr" and "ast" in tasks)}
     if SPEECH_TASKS & set(counts):
         check_binaries()  # fail here, with the install hint, rather than in a worker
-    fonts(), caption_names()  # same for fonts and scikit-image
+    fonts(split), caption_names()  # same for fonts and scikit-image
     out = Path(out)
     (out / "media").mkdir(parents=True, exist_ok=True)
     paths = {t: out / f"{t}.jsonl" for t in counts}

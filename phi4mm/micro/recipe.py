@@ -130,7 +130,7 @@ def run_recipe(out: str | Path, device: str = "cuda", seed: int = 0, scale: floa
     The vision and speech chains train disjoint tensors from the same text checkpoint, so on a GPU they run
     at once in two processes (the 12 M-parameter model leaves most of an H100 idle) and `merge_branches`
     joins them exactly; on a CPU they run one after the other (parallel: force either way).
-    scale: data set size factor (1.0: 29k training samples); epochs_scale: epochs factor (CPU smoke runs use
+    scale: data set size factor (1.0: ~50k training samples); epochs_scale: epochs factor (CPU smoke runs use
     tiny values of both). max_minutes: a wall-clock budget for data + training, shared between the stages
     by planned seconds (a stage ends early when its share runs out); stop_after: stop after this stage's
     phase (re-run without it to continue).

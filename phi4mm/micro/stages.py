@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from phi4mm.micro.data import CONDITION_SETS
+from phi4mm.micro.voices import heldout_voices, set_name, trained_voices
+
 
 @dataclass(frozen=True)
 class MicroStage:
@@ -24,7 +27,9 @@ class MicroStage:
 
 # "scene" names every shape of a scene: the shapes questions alone left circle, square and triangle nearly
 # untold apart (0.61), one question naming one shape per image.
-IMAGE_TASKS = ("ocr", "shapes", "scene", "caption")
+# "ocr_line" and "count" (lines of words; how-many questions) feed the goals the first recipe missed: reading
+# and counting.
+IMAGE_TASKS = ("ocr", "ocr_line", "shapes", "count", "scene", "caption")
 SPEECH_TASKS = ("asr", "ast", "sqa")
 RECIPE = (
     # Every later stage builds on this decoder, and it is cheap (~45 s on an H200): a budget never cuts it. Cut
@@ -36,7 +41,7 @@ RECIPE = (
     # 30% of held-out words in 2,500 probe steps); scenes and photos by their caption labels, words and
     # colour-shape pairs (train.ctc.LabelHead; probe: held-out scenes' exact label sets 0.76 in 1,650 steps,
     # where raster-read CTC scene lists reached 0.14 and stopped OCR learning). Capped at 150 s on a GPU.
-    MicroStage("vision-ctc", "vision-ctc", ("ocr", "scene", "caption"), 30, 1e-3, phase=0, branch="vision",
+    MicroStage("vision-ctc", "vision-ctc", ("ocr", "ocr_line", "scene", "caption"), 30, 1e-3, phase=0, branch="vision",
                keep_plan=True, warmup=100, max_seconds=150.0),
     MicroStage("vision-projector", "vision-projector", IMAGE_TASKS, 1, 1e-3, phase=1, branch="vision"),
     MicroStage("vision-encoder", "vision-encoder", IMAGE_TASKS, 12, 5e-4, phase=1, branch="vision",
@@ -60,20 +65,26 @@ RECIPE = (
     # and "what shape is <colour>" to 49/50 with projector + LoRA_V at lr 1e-3 on scenes alone; more of the
     # recipe's own mix (OCR is half of it and still unread) gave 0.68. The towers stay frozen. Typed questions
     # only: spoken questions about scenes (vsqa, same LoRA_V) fell from 0.29 to 0.01 when vsqa was in.
-    MicroStage("vision-focus", "vision-projector", ("shapes", "scene"), 14, 1e-3, phase=4, branch="vision",
+    MicroStage("vision-focus", "vision-projector", ("shapes", "count", "scene"), 14, 1e-3, phase=4, branch="vision",
                with_lora=True, warmup=50, max_seconds=400.0),
 )
 # Seconds per sample pass on one H200 of a 2-GPU recipe run (docs/micro-model.md#training-time: each
 # stage's seconds over its samples x epochs, rounded per kind), used to plan a --max-minutes budget. The old
 # H100 profile (GPU step time only) underestimated image stages ~1.9x and speech ~1.3x: loading and start-up.
-_COST = {"text": 0.5e-3, "tools": 0.75e-3, "ocr": 3.0e-3, "shapes": 3.0e-3, "scene": 3.0e-3,
+_COST = {"text": 0.5e-3, "tools": 0.75e-3, "ocr": 3.0e-3, "ocr_line": 3.0e-3, "shapes": 3.0e-3, "count": 3.0e-3,
+         "scene": 3.0e-3,
          "caption": 3.0e-3, "vsqa": 3.4e-3,
          "asr": 1.45e-3, "ast": 1.45e-3, "sqa": 1.45e-3}
-# Held-out sets: (file, metric, goal, higher is better); the goals are the bar the shipped model is held to.
+# Held-out sets: (file, metric, goal, higher is better); None: reported, no goal. Speech is held to WER 0.05 on every
+# held-out voice (micro.voices) and on the trained ones; the recording-condition sets (micro.data.CONDITION_SETS)
+# have no goal of their own: they say which augmentation paid.
 GOALS = (
-    ("asr", "wer", 0.10, False), ("asr_heldout_voice", "wer", 0.25, False), ("ast", "bleu", 60.0, True),
-    ("ocr", "exact", 0.90, True), ("shapes", "exact", 0.90, True), ("tools", "tool", 0.95, True),
+    ("asr", "wer", 0.10, False), ("asr_heldout_voice", "wer", 0.05, False), ("ast", "bleu", 60.0, True),
+    ("ocr", "exact", 0.90, True), ("ocr_line", "exact", 0.70, True), ("shapes", "exact", 0.90, True),
+    ("count", "exact", 0.80, True), ("tools", "tool", 0.95, True), ("vsqa_heldout_voice", "exact", 0.80, True),
     ("sqa", "exact", None, True), ("vsqa", "exact", None, True), ("text", "exact", None, True),
+    *((set_name(e, v), "wer", 0.05, False) for e, v in heldout_voices() + trained_voices()),
+    *((name, "wer", None, False) for name in CONDITION_SETS),
 )
 
 
