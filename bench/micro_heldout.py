@@ -1,6 +1,6 @@
 """Write the micro recipe's held-out sets and score a model on them: one table row per set.
 
-    python scripts/micro_heldout.py OUT [--model DIR] [--scale 0.5] [--limit N] [--device cpu]
+    python bench/micro_heldout.py OUT [--model DIR] [--scale 0.5] [--limit N] [--device cpu]
 
 Writes OUT/test (the scored sets of the test split, seed 1000, as `phi4mm train --recipe micro` writes them, at
 `--scale`: 0.5 gives 100 samples a set and 20 a voice or condition set) and OUT/heldout.json, and prints a
