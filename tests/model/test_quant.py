@@ -353,7 +353,7 @@ def test_static_decode_path_runs_the_quantized_head(head_models):
     m = head_models["fp8"]  # the graph code is the same for both methods; the kernels are checked above
     want = m.generate_ids(PROMPT, max_new_tokens=3)
     eng = Engine(m, num_blocks=64, static_decode=True)
-    out = eng.generate([dict(prompt=PROMPT, params=SamplingParams(max_tokens=3))])
+    out = eng.generate([{"prompt": PROMPT, "params": SamplingParams(max_tokens=3)}])
     assert out[0]["token_ids"] == want and eng.graphs.steps > 0
 
 
