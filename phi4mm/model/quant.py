@@ -14,8 +14,9 @@ The numbers, kept as compressed-tensors stores them so a checkpoint written here
 
 Compute: on CUDA, `quant_kernels.qmm` reads the quantized weight and dequantizes in registers (decode sizes);
 from DENSE_MIN_ROWS rows (prefill) fp8 quantizes the activations per token and runs `torch._scaled_mm` on the
-fp8 tensor cores (compute capability >= 8.9), int4 dequantizes the weight once and runs a bf16 GEMM. Elsewhere (CPU, autograd, older GPUs for fp8) the weight is
-dequantized to the activation dtype and multiplied: slow, but the same numbers.
+fp8 tensor cores (compute capability >= 8.9), int4 dequantizes the weight once and runs a bf16 GEMM (not for
+the head: see QuantEmbedding). Elsewhere (CPU, autograd, older GPUs for fp8) the weight is dequantized to the
+activation dtype and multiplied: slow, but the same numbers.
 """
 from __future__ import annotations
 
