@@ -20,7 +20,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from phi4mm.config import ConfigError
-from phi4mm.model.quant import QuantizationError, check_method, int4_group, quantize_weight
+from phi4mm.model.quant import (
+    QuantizationError,
+    check_method,
+    int4_group,
+    quantize_weight,
+)
 from phi4mm.model.quant_format import STORED_HEAD, STORED_WEIGHT, quantization_config
 from phi4mm.model.weights import CheckpointError, shard_files
 
