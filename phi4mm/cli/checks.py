@@ -198,7 +198,6 @@ def check_train(args: Any) -> None:
 def check(args: Any) -> None:
     """Every check that needs no model, for args.cmd."""
     check_common(args)
-    check_quantize_head(args)
     if args.cmd == "serve":
         check_serve(args)
     elif args.cmd == "train":
@@ -220,3 +219,4 @@ def check(args: Any) -> None:
                 raise UserError(f"{f}: no such file")
         args.tool_list = read_tools(args.tools) if args.tools is not None else None
         args.tool_choice = tool_choice(args.tool_choice, args.tool_list)
+    check_quantize_head(args)  # last: `serve MODEL` sets --model above
