@@ -1,7 +1,8 @@
 """Quantized weights against bf16 in one run: memory, decode speed, load-time quantization and quality
 (full-size random weights, one GPU).
 
-usage: python bench/bench_quant.py [--quick] [--work /tmp/phi4mm_bench] [--out bench/results/quant.json]
+usage: python bench/bench_quant.py [--quick] [--methods bf16,int4,int4+head] [--work /tmp/phi4mm_bench]
+                                   [--out bench/results/quant.json]
 
 Each method runs in its own child process (memory after load is then that method's alone; a hang or crash
 costs one step, not the run), under a timeout per step; results are written after every step. Measures:
@@ -10,7 +11,8 @@ costs one step, not the run), under a timeout per step; results are written afte
   with finish_reason "length");
 - quality: mean KL(fp32 || method) over >= 2,000 prompt positions of text, image, audio and image+audio
   prompts, and top-1 agreement with fp32 (bf16 beside it: the goal is a ratio to bf16's KL).
---quick: shorter decode runs; the whole run fits in ~4 minutes on an H200, model creation included.
+--quick: shorter decode runs; the whole run fits in ~4 minutes on an H200 for the three plain methods, model
+creation included (the two "+head" variants, the tied embedding/head quantized too, add about two more).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-METHODS = ("bf16", "fp8", "int4")
+METHODS = ("bf16", "fp8", "int4", "fp8+head", "int4+head")  # "+head": quantize_head=True as well
+HEAD_SUFFIX = "+head"
 TEXT = ("The harbour was quiet in the early morning, and the fishing boats rocked gently on the grey water "
         "while the gulls circled overhead. ")
 
@@ -46,7 +49,10 @@ def allocated_gib() -> float | None:
 def load(ckpt: str, method: str):
     import phi4mm
     dtype = torch.float32 if method == "fp32" else torch.bfloat16
-    return phi4mm.load(ckpt, device=DEVICE, dtype=dtype, quantization=None if method in ("bf16", "fp32") else method)
+    head = method.endswith(HEAD_SUFFIX)
+    base = method.removesuffix(HEAD_SUFFIX)
+    return phi4mm.load(ckpt, device=DEVICE, dtype=dtype, quantization=None if base in ("bf16", "fp32") else base,
+                       quantize_head=head)
 
 
 def speed(ckpt: str, method: str, quick: bool) -> dict:
@@ -144,7 +150,7 @@ def emit(row: dict) -> None:
 
 def child(args) -> None:
     if args.child == "quality":
-        quality(args.ckpt, list(METHODS))
+        quality(args.ckpt, args.methods.split(","))
     else:
         speed(args.ckpt, args.child, args.quick)
 
@@ -154,18 +160,24 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/phi4mm_bench")
     ap.add_argument("--out", default=str(ROOT / "bench/results/quant.json"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)} "
+                    "(bf16 is the baseline the ratios need)")
     ap.add_argument("--step-timeout", type=float, default=None, help="seconds per child step (default 150 quick, 600)")
     ap.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: a smoke run (with "
                     "PHI4MM_BENCH_DEVICE=cpu), not a measurement")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"--methods: {', '.join(unknown)} unknown; use {', '.join(METHODS)}")
     if args.child:
         return child(args)
     from phi4mm.tasks.make_checkpoint import make_checkpoint
     ckpt = Path(args.work) / ("official" if args.size == "full" else "official_tiny")
     res = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__,
-           "size": args.size, "quick": args.quick,
+           "size": args.size, "quick": args.quick, "methods": methods,
            "speed": [], "quality": [], "errors": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,11 +188,12 @@ def main() -> None:
     timeout = args.step_timeout or (150 if args.quick else 600)
     # The repo first, then whatever the caller's PYTHONPATH holds (packages installed to a side folder).
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    for step in (*METHODS, "quality"):
-        cmd = [sys.executable, __file__, "--child", step, "--ckpt", str(ckpt)] + (["--quick"] if args.quick else [])
+    for step in (*methods, "quality"):
+        cmd = [sys.executable, __file__, "--child", step, "--ckpt", str(ckpt), "--methods", args.methods] + \
+            (["--quick"] if args.quick else [])
         rows: dict = {}
         try:
-            limit = timeout * (2 if step == "quality" else 1)  # four loads, one of them fp32
+            limit = timeout * (1 + len(methods)) // 2 if step == "quality" else timeout  # fp32 + a load a method
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit, check=False)
             text, err = r.stdout, (r.stderr[-1500:] if r.returncode else "")
         except subprocess.TimeoutExpired as e:
@@ -208,7 +221,7 @@ def summarize(res: dict) -> None:
     res["ratios"] = {}
     print("\n| method | memory GiB | quantize s | decode b=1 | decode b=64 | KL / bf16 KL | top-1 vs fp32 |")
     print("|---|---|---|---|---|---|---|")
-    for m in METHODS:
+    for m in res.get("methods", METHODS):
         s, q = speed.get(m, {}), qual.get(m, {})
 
         def ratio(key, a=s, b=base):

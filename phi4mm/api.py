@@ -145,13 +145,15 @@ def resolve_model(model: str | Path) -> Path:
 
 
 def load(path: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | str | None = None,
-         adapters: bool = True, quantization: str | None = None) -> Model:
+         adapters: bool = True, quantization: str | None = None, quantize_head: bool = False) -> Model:
     """Load a checkpoint: a folder (the official layout, the transformers-native one, or Phi-4-mini) or a Hugging
     Face id such as "microsoft/Phi-4-multimodal-instruct" (cache first, else downloaded).
 
     device "auto": CUDA, else Apple MPS, else CPU. adapters=False skips the LoRA adapters (text-only use of a
     multimodal checkpoint's decoder). quantization: "fp8" or "int4" quantizes the decoder's linears while
     loading (docs/quantization.md); a checkpoint written by `phi4mm quantize` is loaded quantized without it.
+    quantize_head: with quantization, also the tied embedding/output head (one stored matrix: lookups
+    dequantize only the rows they read); a checkpoint written with `--quantize-head` loads that way by itself.
     Raises ConfigError / CheckpointError / QuantizationError (ValueError subclasses) with a message naming
     the file at fault, or what to use instead.
     """
@@ -159,6 +161,8 @@ def load(path: str | Path, device: str | torch.device = "auto", dtype: torch.dty
     device = pick_device(device)
     dt = _dtype(dtype, device)
     check_method(quantization)
+    if not isinstance(quantize_head, bool):
+        raise QuantizationError(f"quantize_head (--quantize-head) is True or False; got {quantize_head!r}")
     cfg = ModelConfig.from_dir(path)
     if cfg.layout == "phi4_multimodal" and adapters:
         cfg.loras = lora_configs_from_folders(path)
@@ -181,19 +185,27 @@ def load(path: str | Path, device: str | torch.device = "auto", dtype: torch.dty
         if quantization is not None and {quantization} != stored.methods:
             raise QuantizationError(f"{path} is already quantized to {'/'.join(sorted(stored.methods))}; load it "
                                     f"without quantization=, or quantize the unquantized checkpoint to {quantization}")
+        if quantize_head and not stored.head:
+            raise QuantizationError(f"quantize_head (--quantize-head) cannot be added to {path}, whose head was "
+                                    "written unquantized; load it without the flag, or write a checkpoint with "
+                                    "`phi4mm quantize --quantize-head` from the unquantized one")
         convert(net, stored)
-        quantization = next(iter(stored.methods))
+        quantization, quantize_head = next(iter(stored.methods)), stored.head
+    elif quantize_head and quantization is None:
+        raise QuantizationError("quantize_head (--quantize-head) quantizes the tied embedding/head with the "
+                                "decoder's method; give quantization (--quantization) fp8 or int4 with it")
     quantizer = None
     if quantization is not None:
         note = device_note(quantization, device)
         if note:
             warnings.warn(note, stacklevel=2)
         if stored is None or not stored.modules:
-            quantizer = LoadTimeQuantizer(Plan.decoder(net, quantization))
+            quantizer = LoadTimeQuantizer(Plan.decoder(net, quantization, head=quantize_head))
     load_weights(net, path, cfg.layout, str(device), dt, skip_lora=not adapters, quantizer=quantizer)
     net.eval()
     model = Model(net, cfg, tok, device, dt)
     model.quantization = quantization
+    model.quantized_head = bool(quantize_head)
     if adapters and (path / f"{TEXT_ADAPTER}-lora" / "adapter_config.json").is_file():
         # A text fine-tune saved beside the checkpoint (`phi4mm train --stage text` writes text-lora/): loaded
         # strictly, and text-only prompts then run through it (processor.prepare).
@@ -215,6 +227,8 @@ class Model:
         self.path: Path | None = None
         # SamplingParams fields from the checkpoint's generation_config.json (sampling.generation_defaults).
         self.sampling_defaults: dict[str, Any] = {}
+        self.quantization: str | None = None  # "fp8" / "int4": the decoder's linears are stored quantized
+        self.quantized_head = False  # the tied embedding/head is stored quantized too
 
     @property
     def hub_ids(self) -> list[str]:
@@ -224,7 +238,6 @@ class Model:
     def sampling_params(self, **given: Any) -> SamplingParams:
         """SamplingParams from the checkpoint's defaults, overridden by the fields given (None: not given)."""
         return SamplingParams(**{**self.sampling_defaults, **{k: v for k, v in given.items() if v is not None}})
-        self.quantization: str | None = None  # "fp8" / "int4": the decoder's linears are stored quantized
 
     @cached_property
     def decodable(self) -> int:

@@ -125,6 +125,8 @@ def parser() -> Parser:
                         "bfloat16, float16 or float32")
         sp.add_argument("--quantization", choices=["fp8", "int4"], default=None, help="quantize the decoder's "
                         "linears while loading: less memory, faster decoding on a GPU (docs/quantization.md)")
+        sp.add_argument("--quantize-head", action="store_true", help="with --quantization, also quantize the tied "
+                        "embedding/output head: 0.57 GiB (fp8) or 0.85 GiB (int4) less on the full model")
         if not engine:
             return
         sp.add_argument("--max-model-len", type=int, default=None, help="context per sequence, prompt and reply "
@@ -165,11 +167,14 @@ def parser() -> Parser:
     mk.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda: seconds at full size)")
 
     qz = sub.add_parser("quantize", help="write a pre-quantized (fp8/int4) copy of a checkpoint",
-                        description="Quantize the decoder's linears of checkpoint IN into OUT, in compressed-tensors' "
+                        description="Quantize the decoder's linears (and with --quantize-head the embedding/head) of checkpoint IN into OUT, in compressed-tensors' "
                         "format (phi4mm, vLLM and transformers load it); everything else is copied.")
     qz.add_argument("src", type=Path, metavar="IN")
     qz.add_argument("out", type=Path, metavar="OUT")
     qz.add_argument("--method", choices=["fp8", "int4"], required=True)
+    qz.add_argument("--quantize-head", action="store_true", help="also quantize the tied embedding/output head "
+                    "(one 200064 x 3072 matrix) with --method: 0.57 GiB (fp8) or 0.85 GiB (int4) less on the full "
+                    "model; OUT's config records it, and OUT then loads that way")
     qz.add_argument("--device", default="cpu", help="where the arithmetic runs (cuda: seconds at full size)")
 
     ch = sub.add_parser("chat", help="chat: one-shot with a prompt, interactive without one",

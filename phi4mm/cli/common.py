@@ -8,7 +8,8 @@ def load_model(args: Any) -> Any:
     """Load --model (the embedded micro model when none was given) with --device / --dtype."""
     import phi4mm
     return phi4mm.load(args.model, device=args.device, dtype=args.dtype,
-                       quantization=getattr(args, "quantization", None))
+                       quantization=getattr(args, "quantization", None),
+                       quantize_head=getattr(args, "quantize_head", False))
 
 
 def engine_options(args: Any, **changes: Any) -> Any:

@@ -72,7 +72,7 @@ def _batch(args: Any) -> int:
     r = run_batch(args.model, args.data, args.out, defaults=defaults, replicas=args.replicas,
                   gpus_per_replica=args.gpus_per_replica, batch_size=args.batch_size, device=args.device,
                   dtype=args.dtype, max_batch=args.max_batch, merge_adapter=args.merge_adapter,
-                  ray_address=args.ray_address, quantization=args.quantization)
+                  ray_address=args.ray_address, quantization=args.quantization, quantize_head=args.quantize_head)
     print(f"{r['lines']} lines, {r['errors']} errors -> {r['out']}")
     return 0
 
@@ -80,7 +80,8 @@ def _batch(args: Any) -> int:
 def _eval(args: Any) -> int:
     from phi4mm.tasks.evaluate import evaluate
     from phi4mm.tasks.evaluate import load_model as load_eval_model
-    model = load_eval_model(args.model, args.device, args.dtype, args.text_adapter, args.quantization)
+    model = load_eval_model(args.model, args.device, args.dtype, args.text_adapter, args.quantization,
+                            args.quantize_head)
     results = {}
     for d in args.data:
         r = evaluate(args.model, d, args.metric, max_tokens=args.max_tokens, text_adapter=args.text_adapter,
@@ -226,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "quantize":
             from phi4mm.tasks.quantize import quantize_checkpoint
-            r = quantize_checkpoint(args.src, args.out, args.method, args.device)
-            print(f"quantized {r['quantized']} linears to {r['method']} in {r['seconds']:.1f} s: "
+            r = quantize_checkpoint(args.src, args.out, args.method, args.device, head=args.quantize_head)
+            what = f"{r['quantized'] - 1} linears and the embedding/head" if r["head"] else f"{r['quantized']} linears"
+            print(f"quantized {what} to {r['method']} in {r['seconds']:.1f} s: "
                   f"{r['bytes_before'] / 2**30:.2f} -> {r['bytes_after'] / 2**30:.2f} GiB of shards; wrote {r['out']}")
             return 0
         _resolve(args)

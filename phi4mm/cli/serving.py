@@ -106,9 +106,10 @@ def serve(args: Any, options: Any) -> int:
     for line in ignored_flags(args):
         _say(line)
     if args.replicas is not None:
-        if args.quantization:
-            raise UserError("--quantization does not reach Ray replicas yet; write a quantized checkpoint with "
-                            "`phi4mm quantize` and serve that")
+        if args.quantization or args.quantize_head:
+            flag = "--quantization" if args.quantization else "--quantize-head"
+            raise UserError(f"{flag} does not reach Ray replicas yet; write a quantized checkpoint with "
+                            "`phi4mm quantize` (--quantize-head for the head) and serve that")
         from phi4mm.serve.replicas import serve_forever
         serve_forever(args.model, args.replicas, gpus_per_replica=args.gpus_per_replica, host=args.host,
                       port=args.port, device=args.device, dtype=args.dtype, api_key=args.api_key,

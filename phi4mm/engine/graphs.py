@@ -231,7 +231,7 @@ class DecodeGraphs:
             x = mlp.down_proj(kernels.silu_mul(mlp.gate_up_proj(h[:, None], plan)[:, 0])[:, None], plan)[:, 0]
         h, _ = kernels.add_rms_norm(x, residual, net.norm.weight, eps)
         logits = self._logits_out(g.rows, h.dtype)  # (R, V)
-        torch.matmul(h, net.output_weight.t(), out=logits)  # F.linear's product, into the shared buffer
+        net.head(h, out=logits)  # into the shared buffer (a quantized head through its kernels)
         mask_padded_vocab(logits, self.decodable)
         return logits, logits.argmax(-1)  # (R, V), (R,): greedy rows need only the second
 
@@ -239,7 +239,7 @@ class DecodeGraphs:
         """(rows, V) of one buffer every bucket writes its logits into. Per-graph outputs would keep
         rows x V values alive for each of the dozens of graphs (~1.6 GB in bf16 for a warmed 256-row server);
         one step runs at a time and its logits are consumed before the next, so they can share."""
-        vocab = self.net.output_weight.shape[0]
+        vocab = self.net.cfg.text.vocab_size  # the head's rows (its weight may be stored quantized)
         if self._logits is None or self._logits.shape[0] < rows or self._logits.dtype != dtype:
             if self.graphs and any(g.graph is not None for g in self.graphs.values()) and self._logits is not None:
                 raise RuntimeError("the shared logits buffer cannot grow once graphs read it")
@@ -340,7 +340,7 @@ class PrefillGraphs:
 
     def _build(self, tokens: int, adapter: str | None, long: bool) -> _Prefill:
         cfg = self.net.cfg.text
-        g = _Prefill(tokens, cfg.hidden_size, self.net.embed_tokens.weight.dtype, self.device)
+        g = _Prefill(tokens, cfg.hidden_size, self.net.dtype, self.device)
         g.ints[:tokens] = self.scratch * self.pool.block_size  # warm-up and capture write only scratch slots
         if self.capture:
             g.graph, (g.logits, g.greedy) = _capture(lambda: self._forward(g, adapter, long), self._pool_handle)

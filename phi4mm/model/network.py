@@ -6,6 +6,7 @@ stopping and cache ownership belong to the caller (the reference loop in `api.py
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -20,6 +21,7 @@ from phi4mm.model.decoder import (
     attention_mask,
 )
 from phi4mm.model.lora import NO_ADAPTER, AdapterPlan
+from phi4mm.model.quant import QuantEmbedding
 
 
 class Phi4MM(nn.Module):
@@ -69,9 +71,27 @@ class Phi4MM(nn.Module):
         return x
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The model dtype (activations, norms); the embedding may be stored in another (quantized)."""
+        return self.norm.weight.dtype
+
+    @property
     def output_weight(self) -> torch.Tensor:
-        """The vocabulary projection: embed_tokens.weight when tied (the published model)."""
+        """The vocabulary projection (vocab, hidden): embed_tokens.weight when tied (the published model).
+        A quantized head is dequantized whole here (a full bf16 copy): the model's own paths use `head`."""
+        if isinstance(self.embed_tokens, QuantEmbedding) and self.lm_head is None:
+            return self.embed_tokens.dense_weight()
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def head(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of final-norm states: h (..., hidden) -> (..., vocab), written into `out` when given (a buffer
+        of h's dtype and the output's shape). A quantized tied head runs the decoder linears' kernels on its
+        stored weight."""
+        if isinstance(self.embed_tokens, QuantEmbedding) and self.lm_head is None:
+            return self.embed_tokens.project(h, out)
+        if out is None:
+            return F.linear(h, self.output_weight)
+        return torch.matmul(h, self.output_weight.t(), out=out)  # F.linear's product, into the caller's buffer
 
     def hidden(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                plan: AdapterPlan = NO_ADAPTER, key_mask: torch.Tensor | None = None,
@@ -112,4 +132,4 @@ class Phi4MM(nn.Module):
             x = x[0, last_only][:, None]  # (N, 1, hidden): the chosen rows of a packed (1, T) batch
         elif last_only:
             x = x[:, -1:]
-        return torch.nn.functional.linear(self.norm(x), self.output_weight)
+        return self.head(self.norm(x))

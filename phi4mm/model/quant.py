@@ -1,9 +1,10 @@
 """Quantized decoder weights: fp8 (e4m3, one scale per output channel) and int4 (groups of 128, symmetric).
 
 What is quantized: the decoder's base linears (qkv, o, gate_up, down: 3.2 of the full model's 5.6 billion
-parameters, and every byte a decode step reads). The LoRA adapters, norms, embedding and the vision/audio
-towers stay in the model dtype: the adapters are small low-rank corrections whose error would add to the base
-weight's, and the towers run once per image/audio clip (compute-bound prefill work, not per-token reads).
+parameters), and, when asked (`head=True`), the tied embedding/output head (0.61 billion, read whole by every
+decode step's logits). The LoRA adapters, norms and the vision/audio towers stay in the model dtype: the
+adapters are small low-rank corrections whose error would add to the base weight's, and the towers run once
+per image/audio clip (compute-bound prefill work, not per-token reads).
 
 The numbers, kept as compressed-tensors stores them so a checkpoint written here loads in vLLM/transformers:
 - fp8: `q = fp8_e4m3(w / s)`, `s = max|w_row| / 448` (one per output row), rounded to bf16 before use.
@@ -13,8 +14,9 @@ The numbers, kept as compressed-tensors stores them so a checkpoint written here
 
 Compute: on CUDA, `quant_kernels.qmm` reads the quantized weight and dequantizes in registers (decode sizes);
 from DENSE_MIN_ROWS rows (prefill) fp8 quantizes the activations per token and runs `torch._scaled_mm` on the
-fp8 tensor cores (compute capability >= 8.9), int4 dequantizes the weight once and runs a bf16 GEMM. Elsewhere (CPU, autograd, older GPUs for fp8) the weight is
-dequantized to the activation dtype and multiplied: slow, but the same numbers.
+fp8 tensor cores (compute capability >= 8.9), int4 dequantizes the weight once and runs a bf16 GEMM (not for
+the head: see QuantEmbedding). Elsewhere (CPU, autograd, older GPUs for fp8) the weight is dequantized to the
+activation dtype and multiplied: slow, but the same numbers.
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ FP8_MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada, Hopper and later
 DENSE_MIN_ROWS = 256
 TINY = torch.finfo(torch.float32).tiny  # an all-zero row/group gets this scale instead of 0 (no 0/0)
 QUANT_LEAVES = ("weight", "weight_packed", "weight_scale", "weight_shape")  # stored names under a linear
+HEAD_MODULE = "embed_tokens"  # the tied embedding / output head, quantized only when asked (`head=True`)
+HEAD_CHUNK = 16384  # vocabulary rows dequantized at a time by the head's torch path (~100 MB in bf16 at full size)
 
 
 class QuantizationError(ValueError):
@@ -158,31 +162,38 @@ def _scaled_mm_fp8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tor
     return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale.float().view(1, -1), out_dtype=x.dtype)
 
 
-class QuantLoraLinear(LoraLinear):
-    """`LoraLinear` whose base weight is stored quantized; the LoRA adapters stay in the model dtype.
+class QuantizedWeight:
+    """A (out, in) weight stored quantized, under compressed-tensors' names, and its products.
 
-    Buffers (the stored names, so the state dict reads and writes compressed-tensors checkpoints):
+    Shared by the decoder linears (`QuantLoraLinear`) and the tied embedding/head (`QuantEmbedding`), so the
+    head's matmul runs exactly the kernels and fallbacks the linears do. Buffers:
     fp8: `weight` float8_e4m3fn (out, in), `weight_scale` (out, 1);
     int4: `weight_packed` int32 (out, in/8), `weight_scale` (out, in/group), `weight_shape` int64 [out, in].
     """
 
-    def __init__(self, in_features: int, out_features: int, loras: dict[str, LoraConfig], method: str,
-                 group: int | None = None):
-        super().__init__(in_features, out_features, loras)
+    in_features: int
+    out_features: int
+    method: str
+    group: int
+    # Prefill-sized int4 products dequantize the whole weight once (a transient the size of the bf16 weight),
+    # then run cuBLAS: right for a decoder linear, not for the 1.2 GB head whose memory is the point.
+    DEQUANTIZE_FOR_PREFILL = True
+
+    def init_quant(self, in_features: int, out_features: int, method: str, group: int | None) -> None:
+        """Register the empty buffers of `method` (an nn.Module's __init__ calls this)."""
         self.method = check_method(method)
-        del self.weight  # the dense parameter: replaced by the buffers below
         if method == "fp8":
             self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8_DTYPE))
             self.register_buffer("weight_scale", torch.empty(out_features, 1))
             self.group = in_features
-        else:
-            self.group = int4_group(in_features) if group is None else group
-            if self.group < MIN_GROUP or self.group & (self.group - 1) or in_features % self.group:
-                raise QuantizationError(f"int4 group size {self.group} does not fit a layer of {in_features} "
-                                        f"inputs: it must be a power of two >= {MIN_GROUP} dividing them")
-            self.register_buffer("weight_packed", torch.empty(out_features, in_features // 8, dtype=torch.int32))
-            self.register_buffer("weight_scale", torch.empty(out_features, in_features // self.group))
-            self.register_buffer("weight_shape", torch.empty(2, dtype=torch.int64))
+            return
+        self.group = int4_group(in_features) if group is None else group
+        if self.group < MIN_GROUP or self.group & (self.group - 1) or in_features % self.group:
+            raise QuantizationError(f"int4 group size {self.group} does not fit a layer of {in_features} "
+                                    f"inputs: it must be a power of two >= {MIN_GROUP} dividing them")
+        self.register_buffer("weight_packed", torch.empty(out_features, in_features // 8, dtype=torch.int32))
+        self.register_buffer("weight_scale", torch.empty(out_features, in_features // self.group))
+        self.register_buffer("weight_shape", torch.empty(2, dtype=torch.int64))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -198,33 +209,106 @@ class QuantLoraLinear(LoraLinear):
             return dequantize_fp8(self.weight, self.weight_scale, self.dtype)
         return dequantize_int4(self.weight_packed, self.weight_scale, self.dtype)
 
+    def dense_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Only the selected output rows, dequantized: rows (...) ids or a slice -> (..., in) in the model dtype.
+        Each row is computed as `dense_weight` computes it, so the values are equal bit for bit."""
+        scale = self.weight_scale[rows]
+        if self.method == "fp8":
+            q = self.weight.view(torch.uint8)[rows].view(FP8_DTYPE)  # gather the bytes: fp8 has no index kernel
+            return dequantize_fp8(q, scale, self.dtype)
+        packed = self.weight_packed[rows]
+        lead = packed.shape[:-1]
+        flat = dequantize_int4(packed.reshape(-1, packed.shape[-1]), scale.reshape(-1, scale.shape[-1]), self.dtype)
+        return flat.view(*lead, self.in_features)
+
+    def dense_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, in) @ dequant(W).T in plain torch (CPU, autograd, GPUs without fp8): the same numbers, slowly."""
+        return F.linear(x, self.dense_weight().to(x.dtype))
+
+    def quant_matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x (M, in) contiguous rows -> (M, out) in x's dtype, written into `out` (M, out) when given."""
+        y = self._product(x, out)
+        if out is not None and y is not out:
+            out.copy_(y)
+            return out
+        return y
+
+    def _product(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        if torch.is_grad_enabled() or not kernels.available(x):
+            return self.dense_product(x)  # autograd, CPU: plain torch
+        from phi4mm.model import quant_kernels  # imports Triton: only where it runs
+        if self.method == "fp8":
+            if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < FP8_MIN_CAPABILITY:
+                return self.dense_product(x)  # no fp8 in hardware: weight-only upcast
+            if x.shape[0] >= DENSE_MIN_ROWS and x.shape[0] % 16 == 0 and x.device.type == "cuda" \
+                    and x.dtype == torch.bfloat16:
+                return _scaled_mm_fp8(x, self.weight, self.weight_scale)
+            return quant_kernels.qmm(x, self.weight, self.weight_scale, False, self.group, self.out_features, out)
+        packed = self.weight_packed.view(torch.uint8)  # (out, in/2): the int32 words' bytes
+        if x.shape[0] >= DENSE_MIN_ROWS and self.DEQUANTIZE_FOR_PREFILL:  # dequantize once, then cuBLAS
+            return F.linear(x, quant_kernels.dequantize_int4(packed, self.weight_scale, self.group, x.dtype))
+        return quant_kernels.qmm(x, packed, self.weight_scale, True, self.group, self.out_features, out)
+
+
+class QuantLoraLinear(QuantizedWeight, LoraLinear):
+    """`LoraLinear` whose base weight is stored quantized (`QuantizedWeight`'s buffers); the LoRA adapters stay
+    in the model dtype."""
+
+    def __init__(self, in_features: int, out_features: int, loras: dict[str, LoraConfig], method: str,
+                 group: int | None = None):
+        super().__init__(in_features, out_features, loras)
+        del self.weight  # the dense parameter: replaced by the buffers
+        self.init_quant(in_features, out_features, method, group)
+
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out) through the quantized weight."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        y = self._matmul(x2)
-        return y.view(*lead, self.out_features)  # (M, out) -> (..., out)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or not kernels.available(x):
-            return F.linear(x, self.dense_weight().to(x.dtype))  # autograd, CPU: plain torch
-        from phi4mm.model import quant_kernels  # imports Triton: only where it runs
-        if self.method == "fp8":
-            if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < FP8_MIN_CAPABILITY:
-                return F.linear(x, self.dense_weight().to(x.dtype))  # no fp8 in hardware: weight-only upcast
-            if x.shape[0] >= DENSE_MIN_ROWS and x.shape[0] % 16 == 0 and x.device.type == "cuda" \
-                    and x.dtype == torch.bfloat16:
-                return _scaled_mm_fp8(x, self.weight, self.weight_scale)
-            return quant_kernels.qmm(x, self.weight, self.weight_scale, False, self.group, self.out_features)
-        packed = self.weight_packed.view(torch.uint8)  # (out, in/2): the int32 words' bytes
-        if x.shape[0] >= DENSE_MIN_ROWS:  # prefill: dequantize once (a transient), then a cuBLAS GEMM
-            return F.linear(x, quant_kernels.dequantize_int4(packed, self.weight_scale, self.group, x.dtype))
-        return quant_kernels.qmm(x, packed, self.weight_scale, True, self.group, self.out_features)
+        return self.quant_matmul(x2).view(*lead, self.out_features)  # (M, out) -> (..., out)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.method}, group={self.group}"
+
+
+class QuantEmbedding(QuantizedWeight, nn.Module):
+    """The tied token embedding / output head, stored once, quantized like a decoder linear (vocab, hidden).
+
+    A lookup dequantizes only the rows it reads; `project` is the head's matmul through the same kernels as the
+    linears. The full bf16 matrix never exists: off the GPU kernels the head is dequantized HEAD_CHUNK rows at a
+    time."""
+
+    DEQUANTIZE_FOR_PREFILL = False
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, method: str, group: int | None = None):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.in_features, self.out_features = embedding_dim, num_embeddings  # as the head (a linear) sees it
+        self.init_quant(embedding_dim, num_embeddings, method, group)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (...) -> (..., hidden) in the model dtype."""
+        return self.dense_rows(ids)
+
+    def project(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The output head: h (..., hidden) -> logits (..., vocab) in h's dtype (into `out` when given)."""
+        lead = h.shape[:-1]
+        x2 = h.reshape(-1, self.in_features)  # (M, hidden)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        if out is not None:
+            self.quant_matmul(x2, out.view(-1, self.out_features))
+            return out
+        return self.quant_matmul(x2).view(*lead, self.out_features)
+
+    def dense_product(self, x: torch.Tensor) -> torch.Tensor:
+        # In slices of the vocabulary: a whole dequantized copy would cost what quantizing the head saves.
+        return torch.cat([F.linear(x, self.dense_rows(slice(a, a + HEAD_CHUNK)).to(x.dtype))
+                          for a in range(0, self.out_features, HEAD_CHUNK)], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.method}, group={self.group}"
 
 
 # ------------------------------------------------------------------------------------------ whole models
@@ -243,10 +327,19 @@ class Plan:
     modules: dict[str, Spec]
 
     @staticmethod
-    def decoder(net: nn.Module, method: str) -> Plan:
-        """Every decoder base linear (LoraLinear) of `net`."""
+    def decoder(net: nn.Module, method: str, head: bool = False) -> Plan:
+        """Every decoder base linear (LoraLinear) of `net`; head: also the tied embedding/head (HEAD_MODULE)."""
         check_method(method)
-        return Plan({n: Spec(method) for n, m in net.named_modules() if isinstance(m, LoraLinear)})
+        modules = {n: Spec(method) for n, m in net.named_modules() if isinstance(m, LoraLinear)}
+        if head:
+            check_head(net)
+            modules[HEAD_MODULE] = Spec(method)
+        return Plan(modules)
+
+    @property
+    def head(self) -> bool:
+        """Whether the tied embedding/head is quantized too."""
+        return HEAD_MODULE in self.modules
 
     @property
     def methods(self) -> set[str]:
@@ -257,16 +350,30 @@ class Plan:
         return {f"{n}.weight" for n in self.modules}
 
 
+def check_head(net: nn.Module) -> None:
+    """Raise unless `net` has a tied embedding/head to quantize (one matrix serving both)."""
+    if getattr(net, "lm_head", None) is not None:
+        raise QuantizationError("quantize_head quantizes the tied embedding/head, but this model has a separate "
+                                "lm_head (tie_word_embeddings is false); load it without quantize_head")
+    if not isinstance(getattr(net, HEAD_MODULE, None), (nn.Embedding, QuantEmbedding)):
+        raise QuantizationError(f"quantize_head needs a token embedding ({HEAD_MODULE}); this model has none")
+
+
 def convert(net: nn.Module, plan: Plan) -> None:
-    """Swap each planned LoraLinear for a QuantLoraLinear sharing its adapters (built on the model's device,
-    e.g. meta before loading). The base weight's values are not carried over: load or `quantize_into` them."""
+    """Swap each planned LoraLinear for a QuantLoraLinear sharing its adapters, and the planned embedding for a
+    QuantEmbedding (built on the model's device, e.g. meta before loading). The base weight's values are not
+    carried over: load or `quantize_into` them."""
     for name, spec in plan.modules.items():
         parent_name, _, leaf = name.rpartition(".")
         parent = net.get_submodule(parent_name) if parent_name else net
         old = parent.get_submodule(leaf)
-        if isinstance(old, QuantLoraLinear):
+        if isinstance(old, QuantizedWeight):
             continue
         device = next(iter(old.parameters())).device
+        if isinstance(old, nn.Embedding):
+            with torch.device(device):
+                setattr(parent, leaf, QuantEmbedding(old.num_embeddings, old.embedding_dim, spec.method, spec.group))
+            continue
         with torch.device(device):
             new = QuantLoraLinear(old.in_features, old.out_features, {}, spec.method, spec.group)
         new.lora_A, new.lora_B = old.lora_A, old.lora_B
@@ -295,18 +402,18 @@ class LoadTimeQuantizer:
         return {f"{module}.{leaf}": t for leaf, t in out.items()}
 
 
-def quantize_model(net: nn.Module, method: str) -> int:
-    """Quantize a loaded model's decoder linears in place -> bytes saved. (Loading with `quantization=`
-    does this while reading the checkpoint instead, without the dense copy.)"""
-    plan = Plan.decoder(net, method)
+def quantize_model(net: nn.Module, method: str, head: bool = False) -> int:
+    """Quantize a loaded model's decoder linears (head: and its tied embedding/head) in place -> bytes saved.
+    (Loading with `quantization=` does this while reading the checkpoint instead, without the dense copy.)"""
+    plan = Plan.decoder(net, method, head)
     dense = {n: net.get_submodule(n).weight.detach() for n in plan.modules
-             if not isinstance(net.get_submodule(n), QuantLoraLinear)}
+             if not isinstance(net.get_submodule(n), QuantizedWeight)}
     before = sum(w.numel() * w.element_size() for w in dense.values())
     convert(net, Plan({n: plan.modules[n] for n in dense}))
     after = 0
     for name, w in dense.items():
         mod = net.get_submodule(name)
-        for leaf, t in quantize_weight(method, w, w.dtype).items():
+        for leaf, t in quantize_weight(method, w, w.dtype, mod.group if method == "int4" else None).items():
             setattr(mod, leaf, t)
             after += t.numel() * t.element_size()
     if net.training:
@@ -315,6 +422,6 @@ def quantize_model(net: nn.Module, method: str) -> int:
 
 
 def quantized_bytes(net: nn.Module) -> int:
-    """Bytes held by quantized base weights and their scales."""
-    return sum(b.numel() * b.element_size() for m in net.modules() if isinstance(m, QuantLoraLinear)
+    """Bytes held by quantized weights (decoder linears, and the head when quantized) and their scales."""
+    return sum(b.numel() * b.element_size() for m in net.modules() if isinstance(m, QuantizedWeight)
                for b in m.buffers(recurse=False))

@@ -6,6 +6,9 @@ each quantized linear `<module>` stores, instead of `<module>.weight`:
 - int4 ("pack-quantized"): `weight_packed` int32 (out, in/8), `weight_scale` (out, in/group), `weight_shape`;
 - fp8 ("float-quantized"): `weight` float8_e4m3fn (out, in), `weight_scale` (out, 1).
 
+With `--quantize-head` the tied embedding (`model.embed_tokens`) is stored the same way (its rows are the
+output channels) and targeted by its exact name.
+
 phi4mm writes symmetric int4 in groups and per-channel fp8 (declared with dynamic per-token activations, the
 scheme vLLM runs on fp8 tensor cores), and reads exactly those; anything else in a config (zero points,
 activation ordering, static activation scales, per-tensor scales, other bit widths) is refused by name rather
@@ -17,6 +20,7 @@ import re
 from typing import Any
 
 from phi4mm.model.quant import (
+    HEAD_MODULE,
     INT4_GROUP,
     METHODS,
     MIN_GROUP,
@@ -32,6 +36,9 @@ READABLE_FORMATS = {"float-quantized": "fp8", "naive-quantized": "fp8", "pack-qu
 # keeps PEFT's in-place wrapping, so its plain linear is `base_layer`).
 DECODER_LINEAR = r"model\.layers\.\d+\.(?:self_attn\.(?:qkv|o)_proj|mlp\.(?:gate_up|down)_proj)"
 STORED_WEIGHT = re.compile(rf"({DECODER_LINEAR}(?:\.base_layer)?)\.weight")
+# The tied embedding/head, quantized only with `--quantize-head`: targeted by its exact name, so a
+# checkpoint's config says by itself whether the head is quantized (loading needs no flag).
+STORED_HEAD = "model.embed_tokens"
 
 
 def _weights_args(method: str, group: int | None) -> dict[str, Any]:
@@ -64,10 +71,11 @@ def quantization_config(method: str, groups: dict[int | None, list[str]], versio
     return out
 
 
-def _matches(target: str, name: str) -> bool:
+def _matches(target: str, name: str, kind: str) -> bool:
+    """kind: the module's class as compressed-tensors names it ("Linear", "Embedding"); targets may name it."""
     if target.startswith("re:"):
         return re.match(target[3:], name) is not None
-    return target == name or target == "Linear"  # a class name: every decoder linear is an nn.Linear
+    return target in (name, kind)
 
 
 def _spec(where: str, group: dict[str, Any], default_format: str | None) -> Spec:
@@ -104,7 +112,8 @@ def _spec(where: str, group: dict[str, Any], default_format: str | None) -> Spec
 def read_plan(config: dict[str, Any], stored_modules: dict[str, str], where: str) -> Plan | None:
     """The quantized modules a checkpoint declares: our module name -> Spec, or None if not quantized.
 
-    stored_modules: our decoder-linear module name -> its stored module name; where: the config's path."""
+    stored_modules: our decoder-linear module name (and HEAD_MODULE for a tied embedding) -> its stored module
+    name; where: the config's path."""
     qc = config.get("quantization_config")
     if qc is None:
         return None
@@ -121,12 +130,16 @@ def read_plan(config: dict[str, Any], stored_modules: dict[str, str], where: str
     ignore = qc.get("ignore") or []
     plan = {}
     for ours, stored in stored_modules.items():
-        if any(_matches(t, stored) for t in ignore):
+        kind = "Embedding" if ours == HEAD_MODULE else "Linear"
+        if any(_matches(t, stored, kind) for t in ignore):
             continue
         for targets, spec in specs.values():
-            if any(_matches(t, stored) for t in targets):
+            if any(_matches(t, stored, kind) for t in targets):
                 plan[ours] = spec
                 break
     if len({s.method for s in plan.values()}) > 1:
         raise QuantizationError(f"{where}: mixes fp8 and int4 decoder layers; phi4mm reads one method a model")
+    if HEAD_MODULE in plan and len(plan) == 1:
+        raise QuantizationError(f"{where}: quantizes the embedding but no decoder linear; phi4mm quantizes the "
+                                "head only with the decoder (`phi4mm quantize --quantize-head`)")
     return Plan(plan)

@@ -160,14 +160,19 @@ def _int4_block_k(bk: int, group: int, K: int) -> int:
 
 
 def qmm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, int4: bool, group: int,
-        out_features: int) -> torch.Tensor:
+        out_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) contiguous rows -> (M, out_features) in x's dtype.
 
     weight: fp8 (N, K), or int4 bytes (N, K/2) uint8; scale: (N, 1) fp8, or (N, K/group) int4.
+    out: an (M, N) tensor of x's dtype with unit column stride to write into (the engine's shared logits
+    buffer: the quantized head writes there as the bf16 head's matmul does), else a new one.
     """
     M, K = x.shape
     N = out_features
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if out is not None and (out.shape != (M, N) or out.dtype != x.dtype or out.stride(1) != 1):
+        raise ValueError(f"qmm out must be ({M}, {N}) {x.dtype} with unit column stride; got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype) if out is None else out
     if M <= GEMV_MAX_ROWS:
         bn, bk, warps = GEMV_CONFIG
         bk = _int4_block_k(bk, group, K) if int4 else bk

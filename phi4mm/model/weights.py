@@ -20,7 +20,13 @@ from safetensors import safe_open
 from phi4mm.config import ConfigError, ModelConfig
 from phi4mm.model.lora import LoraLinear
 from phi4mm.model.network import Phi4MM
-from phi4mm.model.quant import LoadTimeQuantizer, Plan, QuantizationError, convert
+from phi4mm.model.quant import (
+    HEAD_MODULE,
+    LoadTimeQuantizer,
+    Plan,
+    QuantizationError,
+    convert,
+)
 from phi4mm.model.quant_format import read_plan
 
 MAIN = "main"  # the shards; an adapter name ("vision"/"speech") means that adapter's PEFT folder
@@ -32,7 +38,7 @@ QUANT_DTYPES = (torch.float8_e4m3fn, torch.int32, torch.int64)  # stored as they
 IMAGE_PREFIX = "model.embed_tokens_extend.image_embed."
 AUDIO_PREFIX = "model.embed_tokens_extend.audio_embed."
 _TEXT_COMMON = [
-    (r"embed_tokens\.weight", "model.embed_tokens.weight"),
+    (r"embed_tokens" + _BASE, r"model.embed_tokens.\1"),  # dense, or quantized with the head
     (r"norm\.weight", "model.norm.weight"),
     (r"lm_head\.weight", "lm_head.weight"),
     (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"model.layers.\1.\2.weight"),
@@ -180,9 +186,10 @@ def load_weights(model: Phi4MM, path: Path, layout: str, device: str, dtype: tor
                                                   "config.json does not declare (vision_lora/speech_lora)")
                         if re.search(r"\.weight_(packed|scale|shape|zero_point)$|\.input_scale$", stored):
                             raise CheckpointError(f"{p}: quantized tensor {stored!r} is not a decoder linear "
-                                                  "that config.json's quantization_config targets; phi4mm "
-                                                  "quantizes only the decoder's linears (qkv, o, gate_up, "
-                                                  "down), symmetric, without static activation scales")
+                                                  "(or the embedding) that config.json's quantization_config "
+                                                  "targets; phi4mm quantizes only the decoder's linears (qkv, "
+                                                  "o, gate_up, down) and, with --quantize-head, the tied "
+                                                  "embedding, symmetric, without static activation scales")
                         raise CheckpointError(f"{p}: unexpected tensor {stored!r}: this file does not match a "
                                               f"{layout!r} checkpoint with this config.json")
                     want = expected[ours]
@@ -232,6 +239,8 @@ def prequantized_plan(model: Phi4MM, path: Path, layout: str) -> Plan | None:
         raise ConfigError(f"{f} cannot be read as JSON ({e})") from None
     stored = {n: rename_key(f"{n}.weight", RENAMES[layout]).rpartition(".")[0]
               for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    if model.lm_head is None:  # tied: the embedding may be stored quantized (`phi4mm quantize --quantize-head`)
+        stored[HEAD_MODULE] = rename_key(f"{HEAD_MODULE}.weight", RENAMES[layout]).rpartition(".")[0]
     try:
         return read_plan(config, stored, str(f))
     except QuantizationError as e:

@@ -101,10 +101,11 @@ class BatchReplica:
     """One model and one engine: a Ray Data actor (`map_batches`), or the whole job on one machine."""
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str | None = None, max_batch: int = 64,
-                 merge_adapter: str | None = None, quantization: str | None = None):
+                 merge_adapter: str | None = None, quantization: str | None = None, quantize_head: bool = False):
         import phi4mm
         from phi4mm.engine.engine import Engine, cpu_kv_blocks
-        self.model = phi4mm.load(model_dir, device=device, dtype=dtype, quantization=quantization)
+        self.model = phi4mm.load(model_dir, device=device, dtype=dtype, quantization=quantization,
+                                 quantize_head=quantize_head)
         self.engine = Engine(self.model, num_blocks=cpu_kv_blocks(self.model.device), max_batch=max_batch,
                              merge_adapter=merge_adapter)
 
@@ -124,7 +125,7 @@ def run_batch(model_dir: str | Path, data: str | Path, out: str | Path, *, defau
               batch_size: int = 64,
               device: str = "cpu", dtype: str | None = None, max_batch: int = 64,
               merge_adapter: str | None = None, ray_address: str | None = None,
-              progress: bool = True, quantization: str | None = None) -> dict:
+              progress: bool = True, quantization: str | None = None, quantize_head: bool = False) -> dict:
     """Generate a reply for every line of `data` and write them to `out` (JSONL, input order).
 
     replicas=None runs here on one engine; replicas=N runs on a Ray cluster (`ray_address`, default: the one
@@ -138,12 +139,12 @@ def run_batch(model_dir: str | Path, data: str | Path, out: str | Path, *, defau
         raise ValueError(f"out {out} is the input file; write the results to a new file")
     if replicas is None:
         import torch
-        rep = BatchReplica(str(model_dir), device, dtype, max_batch, merge_adapter, quantization)
+        rep = BatchReplica(str(model_dir), device, dtype, max_batch, merge_adapter, quantization, quantize_head)
         with torch.inference_mode():
             results = generate_rows(rep.model, rep.engine, rows, progress=progress)
     else:
         results = _on_ray(str(model_dir), rows, replicas, gpus_per_replica, cpus_per_replica, batch_size, device,
-                          dtype, max_batch, merge_adapter, ray_address, quantization)
+                          dtype, max_batch, merge_adapter, ray_address, quantization, quantize_head)
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out, results)
     return {"lines": len(results), "errors": sum(r["error"] is not None for r in results), "out": str(out)}
@@ -151,7 +152,7 @@ def run_batch(model_dir: str | Path, data: str | Path, out: str | Path, *, defau
 
 def _on_ray(model_dir: str, rows: list[dict], replicas: int, gpus: float, cpus: float, batch_size: int, device: str,
             dtype: str | None, max_batch: int, merge_adapter: str | None, address: str | None,
-            quantization: str | None = None) -> list[dict]:
+            quantization: str | None = None, quantize_head: bool = False) -> list[dict]:
     from phi4mm.tasks.cluster import connect
     if replicas < 1 or batch_size < 1:
         raise ValueError(f"replicas and batch_size must be >= 1; got {replicas} and {batch_size}")
@@ -160,7 +161,7 @@ def _on_ray(model_dir: str, rows: list[dict], replicas: int, gpus: float, cpus: 
         ds = ray.data.from_items(rows).map_batches(
             BatchReplica, fn_constructor_kwargs=dict(model_dir=model_dir, device=device, dtype=dtype,
                                                      max_batch=max_batch, merge_adapter=merge_adapter,
-                                                     quantization=quantization),
+                                                     quantization=quantization, quantize_head=quantize_head),
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=replicas), num_gpus=gpus or None,
             num_cpus=cpus, batch_format="numpy")
         results = [json.loads(r["result"]) for r in ds.iter_rows()]

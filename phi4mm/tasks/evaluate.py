@@ -96,12 +96,12 @@ def score(metric: str, answers: list[list[str]], hyps: list[str]) -> float:
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: str | None = None,
-               text_adapter: str | None = None, quantization: str | None = None) -> Any:
+               text_adapter: str | None = None, quantization: str | None = None, quantize_head: bool = False) -> Any:
     """The model to evaluate, with `text_adapter` loaded from `model_dir/<name>-lora/` when it did not load
     by itself (a `text-lora/` folder does)."""
     from phi4mm import api
     from phi4mm.model.adapters import load_adapter
-    model = api.load(model_dir, device, dtype, quantization=quantization)
+    model = api.load(model_dir, device, dtype, quantization=quantization, quantize_head=quantize_head)
     if text_adapter is not None and text_adapter not in model.config.loras:
         load_adapter(model, Path(model_dir) / f"{text_adapter}-lora", text_adapter)
     return model

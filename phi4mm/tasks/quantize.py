@@ -2,8 +2,10 @@
 format (quant_format.py), that phi4mm loads directly and vLLM / transformers can read.
 
 Every decoder linear (qkv, o, gate_up, down) is quantized exactly as `phi4mm.load(..., quantization=)` does at
-load time, so loading OUT gives the same tensors as quantizing IN while loading. Everything else (towers,
-norms, embedding, the LoRA adapter folders, tokenizer and processor files) is copied unchanged. The shards are
+load time, so loading OUT gives the same tensors as quantizing IN while loading; with head=True
+(`--quantize-head`) the tied embedding/head is too, and config.json's quantization_config targets it by name,
+so OUT loads with its head quantized without the flag. Everything else (towers, norms, the embedding unless
+asked, the LoRA adapter folders, tokenizer and processor files) is copied unchanged. The shards are
 processed one at a time: memory holds one shard, not the model.
 """
 from __future__ import annotations
@@ -18,8 +20,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from phi4mm.config import ConfigError
-from phi4mm.model.quant import check_method, int4_group, quantize_weight
-from phi4mm.model.quant_format import STORED_WEIGHT, quantization_config
+from phi4mm.model.quant import (
+    QuantizationError,
+    check_method,
+    int4_group,
+    quantize_weight,
+)
+from phi4mm.model.quant_format import STORED_HEAD, STORED_WEIGHT, quantization_config
 from phi4mm.model.weights import CheckpointError, shard_files
 
 INDEX = "model.safetensors.index.json"
@@ -33,9 +40,11 @@ def _targets(layout_names: set[str]) -> list[str]:
     return [r"re:.*layers\.\d+\.(self_attn|mlp)\." + k + tail for k in kinds]
 
 
-def quantize_checkpoint(src: str | Path, out: str | Path, method: str, device: str = "cpu") -> dict:
+def quantize_checkpoint(src: str | Path, out: str | Path, method: str, device: str = "cpu",
+                        head: bool = False) -> dict:
     """Write the quantized copy of checkpoint `src` to `out` -> a summary (tensors quantized, bytes before
-    and after, seconds). `device`: where the arithmetic runs (cuda: seconds for the full model)."""
+    and after, seconds, whether the head was). `device`: where the arithmetic runs (cuda: seconds for the
+    full model); head: also the tied embedding/head (a model with a separate lm_head is refused)."""
     src, out = Path(src), Path(out)
     check_method(method)
     cfg_path = src / "config.json"
@@ -46,6 +55,9 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, device: s
     if "quantization_config" in config:
         raise CheckpointError(f"{src} is already quantized ({config['quantization_config'].get('format')}); "
                               "quantize the unquantized (bf16) checkpoint instead")
+    if head and not config.get("tie_word_embeddings", True):  # transformers' default is tied
+        raise QuantizationError(f"--quantize-head quantizes the tied embedding/head, but {cfg_path} has "
+                                "tie_word_embeddings false (a separate lm_head); quantize without --quantize-head")
     if out.resolve() == src.resolve():
         raise CheckpointError("OUT must be a new directory, not IN itself")
     if out.exists() and any(out.iterdir()):
@@ -57,6 +69,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, device: s
                     ignore=lambda d, names: [n for n in names if Path(d) == src and
                                              (n.endswith(".safetensors") or n == INDEX)])
     weight_map, groups, before, after, n_quant = {}, {}, 0, 0, 0
+    head_group: list[int | None] = []  # the head's int4 group (None for fp8), once it is written
     for p in shards:
         tensors = {}
         with safe_open(str(p), framework="pt", device=device) as f:
@@ -64,12 +77,16 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, device: s
                 t = f.get_tensor(name)
                 before += t.numel() * t.element_size()
                 m = STORED_WEIGHT.fullmatch(name)
-                if m is None:
+                is_head = head and name == f"{STORED_HEAD}.weight"
+                if m is None and not is_head:
                     tensors[name] = t
                     continue
-                module = m.group(1)
+                module = STORED_HEAD if is_head else m.group(1)
                 group = int4_group(t.shape[1]) if method == "int4" else None
-                groups.setdefault(group, set()).add(module)
+                if is_head:
+                    head_group.append(group)
+                else:
+                    groups.setdefault(group, set()).add(module)
                 # Scales are stored in bf16 (compressed-tensors' choice for bf16 models): quantize_weight
                 # already rounds them there, so this cast is exact.
                 for leaf, q in quantize_weight(method, t, torch.bfloat16, group).items():
@@ -83,14 +100,19 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, device: s
     if n_quant == 0:
         shutil.rmtree(out)
         raise CheckpointError(f"{src} holds no decoder linear weights (model.layers.N.<proj>.weight) to quantize")
+    if head and not head_group:
+        shutil.rmtree(out)
+        raise CheckpointError(f"{src} holds no {STORED_HEAD}.weight to quantize with --quantize-head")
     (out / INDEX).write_text(json.dumps({"metadata": {"total_size": after}, "weight_map": weight_map}, indent=2))
     try:
         import compressed_tensors
         version = compressed_tensors.__version__
     except ImportError:  # the format needs no library; the version is informative
         version = None
-    config["quantization_config"] = quantization_config(
-        method, {g: _targets(names) for g, names in groups.items()}, version)
+    targets = {g: _targets(names) for g, names in groups.items()}
+    for g in head_group:  # its exact name: what says, in the checkpoint itself, that the head is quantized
+        targets.setdefault(g, []).append(STORED_HEAD)
+    config["quantization_config"] = quantization_config(method, targets, version)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    return {"out": str(out), "method": method, "quantized": n_quant, "bytes_before": before, "bytes_after": after,
-            "seconds": time.perf_counter() - t0}
+    return {"out": str(out), "method": method, "quantized": n_quant, "head": bool(head_group),
+            "bytes_before": before, "bytes_after": after, "seconds": time.perf_counter() - t0}

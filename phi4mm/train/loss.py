@@ -39,7 +39,7 @@ class LossModule(nn.Module):
         # Only target positions reach the vocabulary projection: (N, vocab) instead of (B, T, vocab).
         targets = batch.labels[:, 1:].to(dev)  # (B, T-1): position t predicts token t+1
         keep = targets != IGNORE
-        logits = F.linear(net.norm(x[:, :-1][keep]), net.output_weight)  # (N, vocab)
+        logits = net.head(net.norm(x[:, :-1][keep]))  # (N, vocab)
         if fused_train.enabled(logits):
             return fused_train.cross_entropy_sum(logits, targets[keep])
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")

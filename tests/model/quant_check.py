@@ -58,6 +58,24 @@ def main(device: str) -> int:
         slow = lin(x, plan)  # grad mode: the plain torch path
         err = ((fast - slow).abs().max() / slow.abs().max()).item()
         good &= check(f"QuantLoraLinear {method} kernels vs torch", err < tol, f"rel err {err:.1e}")
+    # The quantized tied head: the same kernels, writing into a caller's buffer (the engine's shared logits),
+    # at one row (the GEMV kernel) and a few (tensor-core tiles); lookups dequantize only their rows.
+    vocab, hidden = 200, 128
+    for method in quant.METHODS:
+        emb = quant.QuantEmbedding(vocab, hidden, method).to(device)
+        for leaf, t in quant.quantize_weight(method, torch.randn(vocab, hidden, generator=g), torch.float32).items():
+            setattr(emb, leaf, t.to(device))
+        for rows in (1, 5):
+            h = torch.randn(rows, hidden, generator=g).to(device)
+            buf = torch.full((rows, vocab), float("nan"), device=device)
+            with torch.inference_mode():
+                fast = emb.project(h, out=buf)
+            slow = h @ emb.dense_weight().T
+            err = ((fast - slow).abs().max() / slow.abs().max()).item()
+            good &= check(f"QuantEmbedding {method} head rows={rows} into a buffer", fast is buf and err < tol,
+                          f"rel err {err:.1e}")
+        ids = torch.tensor([[0, vocab - 1, 7], [7, 3, 0]], device=device)
+        good &= check(f"QuantEmbedding {method} lookup", torch.equal(emb(ids), emb.dense_weight()[ids]))
     return 0 if good else 1
 
 

@@ -105,7 +105,7 @@ def test_triton_kernels_match_torch_under_the_interpreter():
     r = subprocess.run([sys.executable, str(ROOT / "tests/model/quant_check.py"), "cpu"], env=env,
                        capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert "FAIL" not in r.stdout and r.stdout.count("ok ") == 11
+    assert "FAIL" not in r.stdout and r.stdout.count("ok ") == 17
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +230,163 @@ def test_schemes_phi4mm_does_not_run_are_refused_by_name(quantized_dirs):
     bad = {"quantization_config": {"quant_method": "gptq"}}
     with pytest.raises(quant.QuantizationError, match="'gptq' is not supported"):
         read_plan(bad, modules, "config.json")
+
+
+# ------------------------------------------------------------------------------------------ the quantized head
+def _stored_bytes(net: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in net.state_dict().values())
+
+
+@pytest.fixture(scope="module")
+def head_dir(tiny_official, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_int4_head")
+    shutil.rmtree(d)
+    assert cli.main(["quantize", str(tiny_official), str(d), "--method", "int4", "--quantize-head"]) == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def head_models(tiny_official, head_dir, models):
+    out = {m: phi4mm.load(tiny_official, quantization=m, quantize_head=True) for m in quant.METHODS}
+    out["pre_int4"] = phi4mm.load(head_dir)
+    for m in out.values():  # the same tokenizer: its id -> bytes table (~2 s to build) is shared
+        m.decodable = models["fp32"].decodable
+    return out
+
+
+@pytest.mark.parametrize("method", quant.METHODS)
+def test_embedding_rows_are_the_dequantized_rows(head_models, models, method):
+    emb = head_models[method].net.embed_tokens
+    assert isinstance(emb, quant.QuantEmbedding) and head_models[method].quantized_head
+    assert not models[method].quantized_head  # the flag is off by default
+    dense = emb.dense_weight()  # (vocab, hidden)
+    ids = torch.tensor([[0, 5, 200063], [17, 17, 199999]])
+    rows = emb(ids)
+    assert rows.shape == (2, 3, dense.shape[1]) and rows.dtype == dense.dtype
+    assert torch.equal(rows, dense[ids])  # bit for bit
+    ref = models["fp32"].net.embed_tokens.weight
+    assert not torch.equal(rows, ref[ids])  # the rows really are quantized
+
+
+@pytest.mark.parametrize("method", quant.METHODS)
+def test_head_logits_match_the_dequantized_reference_within_the_format_bound(head_models, models, method):
+    q = head_models[method]
+    ids = q.prepare(PROMPT).input_ids
+    # The same decoder with a dense head holding the dequantized matrix: equal up to summation order.
+    ref = models[method]
+    saved = ref.net.embed_tokens.weight.data
+    try:
+        ref.net.embed_tokens.weight.data = q.net.embed_tokens.dense_weight()
+        want = ref.logits(PROMPT)
+    finally:
+        ref.net.embed_tokens.weight.data = saved
+    got = q.logits(PROMPT)
+    assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max().item()), (got - want).abs().max()
+    # Against the unquantized head, on the same final states: |dlogit_v| <= |h| |dw_v| (Cauchy-Schwarz), with
+    # |dw_v| bounded element by element by the format (the bounds of the error tests above).
+    net = q.net
+    with torch.no_grad():
+        pos = torch.arange(len(ids))[None]
+        h = net.norm(net.hidden(net.embed(torch.tensor([ids])), pos))[0]  # (T, hidden)
+        w = models["fp32"].net.embed_tokens.weight  # (vocab, hidden)
+        err = (net.head(h) - h @ w.T).abs()  # (T, vocab)
+        s = net.embed_tokens.weight_scale.float()
+        if method == "fp8":
+            per = torch.maximum(w.abs() * 2 ** -4, s * 2 ** -10) * 1.01
+        else:
+            per = (s * (0.5 + 7 * 2 ** -8)).repeat_interleave(net.embed_tokens.group, dim=1)
+        bound = h.norm(dim=1)[:, None] * per.norm(dim=1)[None, :]  # (T, vocab)
+    assert (err <= bound * 1.001 + 1e-6).all()
+    assert err.max() > 0.05 * bound.max()  # the bound is not vacuous
+
+
+def test_quantized_head_saves_the_expected_bytes(head_models, models):
+    vocab, hidden = models["fp32"].net.embed_tokens.weight.shape
+    scale = 4  # fp32 scales in this fp32 model (bf16 ones, 2 bytes, on a GPU)
+    for method in quant.METHODS:
+        group = quant.int4_group(hidden)
+        quantized = (vocab * hidden + vocab * scale if method == "fp8"
+                     else vocab * hidden // 2 + vocab * (hidden // group) * scale + 2 * 8)
+        saved = _stored_bytes(models[method].net) - _stored_bytes(head_models[method].net)
+        assert saved == vocab * hidden * 4 - quantized, method
+    # In place on a loaded module: the same saving, and a separate (untied) lm_head is refused by name.
+    net = torch.nn.Module()
+    net.embed_tokens, net.lm_head = torch.nn.Embedding(64, 32), None
+    assert quant.quantize_model(net, "fp8", head=True) == 64 * 32 * 4 - (64 * 32 + 64 * 4)
+    net.lm_head = torch.nn.Linear(32, 64)
+    with pytest.raises(quant.QuantizationError, match="separate lm_head"):
+        quant.Plan.decoder(net, "int4", head=True)
+
+
+def test_prequantized_head_checkpoint_reloads_the_same_tensors(head_dir, head_models, quantized_dirs):
+    from compressed_tensors.quantization import QuantizationConfig
+    qc = json.loads((head_dir / "config.json").read_text())["quantization_config"]
+    QuantizationConfig.model_validate(qc)
+    assert any("model.embed_tokens" in g["targets"] for g in qc["config_groups"].values())
+    stored = {k for f in head_dir.glob("model-*.safetensors") for k in load_file(str(f))}
+    assert {"model.embed_tokens.weight_packed", "model.embed_tokens.weight_scale"} <= stored
+    assert "model.embed_tokens.weight" not in stored
+    pre, at_load = head_models["pre_int4"], head_models["int4"]
+    assert pre.quantized_head and pre.quantization == "int4"  # no flag: the config says so
+    a, b = pre.net.state_dict(), at_load.net.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    # A checkpoint written without the head cannot grow one at load.
+    with pytest.raises(quant.QuantizationError, match="cannot be added"):
+        phi4mm.load(quantized_dirs["int4"], quantize_head=True)
+
+
+def test_head_checkpoint_is_strict(head_dir, tmp_path):
+    d = shutil.copytree(head_dir, tmp_path / "bad")
+    cfg = json.loads((d / "config.json").read_text())
+    for g in cfg["quantization_config"]["config_groups"].values():
+        g["targets"] = [t for t in g["targets"] if t != "model.embed_tokens"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"embed_tokens\.weight_(packed|scale).*not a decoder linear"):
+        phi4mm.load(d)
+
+
+def test_static_decode_path_runs_the_quantized_head(head_models):
+    from phi4mm.engine.engine import Engine
+    from phi4mm.sampling import SamplingParams
+    m = head_models["fp8"]  # the graph code is the same for both methods; the kernels are checked above
+    want = m.generate_ids(PROMPT, max_new_tokens=3)
+    eng = Engine(m, num_blocks=64, static_decode=True)
+    out = eng.generate([{"prompt": PROMPT, "params": SamplingParams(max_tokens=3)}])
+    assert out[0]["token_ids"] == want and eng.graphs.steps > 0
+
+
+def test_cli_quantize_head_flag_and_errors(tiny_official, head_models, tmp_path, capsys, monkeypatch):
+    from phi4mm.cli.args import parser
+    subs = parser().subcommands
+    with_method = [n for n, sp in subs.items() if "--quantization" in sp._option_string_actions]
+    assert {"chat", "serve", "batch", "eval", "bench", "transcribe", "translate"} <= set(with_method)
+    for name in [*with_method, "quantize"]:
+        assert "--quantize-head" in subs[name]._option_string_actions, name
+    # The flag reaches phi4mm.load (the model it would load is the fixture's: loading is tested above).
+    asked = {}
+
+    def fake_load(path, **kw):
+        asked.update(kw)
+        return head_models[kw["quantization"]]
+    monkeypatch.setattr(phi4mm, "load", fake_load)
+    assert cli.main(["chat", "--model", str(tiny_official), "--quantization", "fp8", "--quantize-head", "Hi",
+                     "--max-tokens", "2"]) == 0
+    assert asked["quantization"] == "fp8" and asked["quantize_head"] is True
+    monkeypatch.undo()
+    capsys.readouterr()
+    # Without a method: one sentence naming the flag, exit code 2, before anything loads.
+    assert cli.main(["chat", "--model", str(tiny_official), "--quantize-head", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert "--quantize-head" in err and "--quantization" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(quant.QuantizationError, match="quantize_head"):
+        phi4mm.load(tiny_official, quantize_head=True)
+    with pytest.raises(quant.QuantizationError, match="True or False"):
+        phi4mm.load(tiny_official, quantization="int4", quantize_head="yes")
+    # A model whose head is not tied to its embedding is refused by name.
+    untied = tmp_path / "untied"
+    untied.mkdir()
+    (untied / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    assert cli.main(["quantize", str(untied), str(tmp_path / "o"), "--method", "int4", "--quantize-head"]) == 2
+    assert "--quantize-head" in capsys.readouterr().err and not (tmp_path / "o").exists()
