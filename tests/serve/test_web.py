@@ -131,6 +131,12 @@ def wait(driver, condition, what: str, timeout: float = REPLY_TIMEOUT_S):
         time.sleep(0.1)
 
 
+def nth_job(driver, n: int):
+    """The transcribe tab's job number n (from 0), or None while there are not that many yet."""
+    jobs = driver.find_elements(_by().CSS_SELECTOR, ".job")
+    return jobs[n] if len(jobs) > n else None
+
+
 def answer_key(driver, key: str) -> None:
     by = _by()
     box = driver.find_element(by.ID, "key-input")
@@ -312,7 +318,7 @@ def test_microphone_recording_in_the_transcribe_tab(page, shots, spoken_wav):
     page.find_element(by.ID, "tab-transcribe").click()
     n = len(page.find_elements(by.CSS_SELECTOR, ".job"))
     record(page, "transcribe-record", sf.info(spoken_wav).duration)
-    job = wait(page, lambda d: (d.find_elements(by.CSS_SELECTOR, ".job") + [None] * n)[n], "the recording's job")
+    job = wait(page, lambda d: nth_job(d, n), "the recording's job")
     mime, audio = media_bytes(page, job.find_element(by.TAG_NAME, "audio"))
     recording = shots / f"recording.{extension(mime)}"
     recording.write_bytes(audio)
@@ -355,7 +361,7 @@ def test_transcribe_tab_srt_download(page, shots):
     page.find_element(by.ID, "tab-transcribe").click()
     n = len(page.find_elements(by.CSS_SELECTOR, ".job"))
     drop_files(page, "dropzone", [EXAMPLES / "spoken.flac"])
-    job = wait(page, lambda d: (d.find_elements(by.CSS_SELECTOR, ".job") + [None] * n)[n], "the dropped file's job")
+    job = wait(page, lambda d: nth_job(d, n), "the dropped file's job")
     wait(page, lambda d: job.get_attribute("data-state") in ("done", "error"), "the transcription")
     shot(page, shots, "4-transcribe.png")
     assert job.get_attribute("data-state") == "done", job.text
