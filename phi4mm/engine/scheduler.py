@@ -126,20 +126,24 @@ class Scheduler:
         """-> (sequence, number of new tokens) for this step."""
         budget = self.max_tokens_per_step
         plan: list[tuple[Sequence, int]] = []
-        # Running decodes first (oldest first); preempt the newest when blocks run out.
+        # Running decodes first (oldest first); preempt the newest when blocks run out. Membership is checked in
+        # a set, rebuilt after the (rare) preemptions: a list scan per row was O(batch^2) a step.
+        running = set(self.running)
         for seq in sorted(self.running, key=lambda s: s.arrival):
-            if seq not in self.running or seq.prefilling:
+            if seq not in running or seq.prefilling:
                 continue
             if not seq.long_rope and self.use_long_rope(seq.length):
                 seq.long_rope = True  # crossing the switch: every key must be recomputed with the long factors
                 self.preempt(seq)
+                running = set(self.running)
                 continue
             while not self.ensure_blocks(seq, seq.length):
                 victim = max(self.running, key=lambda s: s.arrival)
                 self.preempt(victim)
+                running = set(self.running)
                 if victim is seq:
                     break
-            if seq in self.running and budget > 0:
+            if seq in running and budget > 0:
                 plan.append((seq, 1))
                 budget -= 1
         # While decodes wait on this step, each prompt gets a slice of at most prefill_tokens_with_decodes: a
