@@ -42,6 +42,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from live_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_RATE = 16000
@@ -135,14 +136,6 @@ def write_clips(folder: Path, n: int, seconds: float) -> Path:
 
 
 # ---- the server ---------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def cli(*args: str) -> list[str]:
