@@ -225,6 +225,18 @@ class QuantizedWeight:
         """x (M, in) @ dequant(W).T in plain torch (CPU, autograd, GPUs without fp8): the same numbers, slowly."""
         return F.linear(x, self.dense_weight().to(x.dtype))
 
+    def project(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., in) -> (..., out) in x's dtype through the quantized weight (into `out` when given): a
+        decoder linear's base product, or the head's logits."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        if out is not None:
+            self.quant_matmul(x2, out.view(-1, self.out_features))
+            return out
+        return self.quant_matmul(x2).view(*lead, self.out_features)  # (M, out) -> (..., out)
+
     def quant_matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x (M, in) contiguous rows -> (M, out) in x's dtype, written into `out` (M, out) when given."""
         y = self._product(x, out)
@@ -262,11 +274,7 @@ class QuantLoraLinear(QuantizedWeight, LoraLinear):
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out) through the quantized weight."""
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        return self.quant_matmul(x2).view(*lead, self.out_features)  # (M, out) -> (..., out)
+        return self.project(x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.method}, group={self.group}"
@@ -275,8 +283,8 @@ class QuantLoraLinear(QuantizedWeight, LoraLinear):
 class QuantEmbedding(QuantizedWeight, nn.Module):
     """The tied token embedding / output head, stored once, quantized like a decoder linear (vocab, hidden).
 
-    A lookup dequantizes only the rows it reads; `project` is the head's matmul through the same kernels as the
-    linears. The full bf16 matrix never exists: off the GPU kernels the head is dequantized HEAD_CHUNK rows at a
+    A lookup dequantizes only the rows it reads; `project` (QuantizedWeight's) is the head's matmul through the
+    same kernels as the linears. The full bf16 matrix never exists: off the GPU kernels the head is dequantized HEAD_CHUNK rows at a
     time."""
 
     DEQUANTIZE_FOR_PREFILL = False
@@ -290,17 +298,6 @@ class QuantEmbedding(QuantizedWeight, nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (...) -> (..., hidden) in the model dtype."""
         return self.dense_rows(ids)
-
-    def project(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The output head: h (..., hidden) -> logits (..., vocab) in h's dtype (into `out` when given)."""
-        lead = h.shape[:-1]
-        x2 = h.reshape(-1, self.in_features)  # (M, hidden)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        if out is not None:
-            self.quant_matmul(x2, out.view(-1, self.out_features))
-            return out
-        return self.quant_matmul(x2).view(*lead, self.out_features)
 
     def dense_product(self, x: torch.Tensor) -> torch.Tensor:
         # In slices of the vocabulary: a whole dequantized copy would cost what quantizing the head saves.
