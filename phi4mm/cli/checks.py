@@ -70,26 +70,6 @@ def check_common(args: Any) -> None:
         raise UserError(f"--top-p must be in (0, 1]; got {top_p}")
 
 
-def check_quantize_head(args: Any) -> None:
-    """--quantize-head picks no method: it needs --quantization, unless --model was written with its head
-    quantized (its config.json then says so; a hub id or the embedded model is left to the loader)."""
-    if not getattr(args, "quantize_head", False) or getattr(args, "quantization", None) or args.cmd == "quantize":
-        return
-    model = getattr(args, "model", None)
-    config = Path(model).expanduser() / "config.json" if model is not None else None
-    if config is not None and not config.is_file():
-        return  # a hub id: phi4mm.load answers once it is resolved
-    quantized = False
-    if config is not None:
-        try:
-            quantized = "quantization_config" in json.loads(config.read_text())
-        except (OSError, ValueError):
-            return  # unreadable: the loader names the file
-    if not quantized:
-        raise UserError("--quantize-head quantizes the embedding/head with the decoder's method; add "
-                        "--quantization fp8 or int4")
-
-
 def read_tools(path: Path) -> list[dict]:
     try:
         tools = json.loads(path.read_text())
@@ -219,4 +199,3 @@ def check(args: Any) -> None:
                 raise UserError(f"{f}: no such file")
         args.tool_list = read_tools(args.tools) if args.tools is not None else None
         args.tool_choice = tool_choice(args.tool_choice, args.tool_list)
-    check_quantize_head(args)  # last: `serve MODEL` sets --model above
