@@ -101,8 +101,6 @@ def serve(args: Any, options: Any) -> int:
     from phi4mm.cli.common import load_model, make_engine
     from phi4mm.engine.memory import limit_malloc_arenas
     serve_options = guard_options(args)
-    if args.replicas is None:
-        limit_malloc_arenas()  # a server process, before loading starts threads: engine/memory.py says why
     for line in ignored_flags(args):
         _say(line)
     if args.replicas is not None:
@@ -118,6 +116,7 @@ def serve(args: Any, options: Any) -> int:
                       merge_adapter=args.merge_adapter, ray_address=args.ray_address, options=serve_options)
         return 0
     from phi4mm.serve.app import create_app, run_server
+    limit_malloc_arenas()  # a server process, before loading starts threads: engine/memory.py says why
     model = load_model(args)
     load_adapters(model, args.lora_folders, args.max_lora_rank)
     engine = make_engine(model, options)
