@@ -131,7 +131,10 @@ def apply_conditions(x: np.ndarray, sr: int, c: Conditions, rng: np.random.Gener
     speech = slice(lead + short // 2, lead + short // 2 + y.size)
     y = np.concatenate([np.zeros(lead + short // 2), y, np.zeros(trail + short - short // 2)])
     if c.rt60_s:
-        y = fft_convolve(y, room_response(c.rt60_s, c.drr_db, rng))[: y.size]  # the tail past the end is cut
+        # Imported here: every command imports this module to find the embedded model, and scipy comes with
+        # the micro extra only. A reverb tail is up to 11k taps: through the FFT.
+        from scipy.signal import fftconvolve
+        y = fftconvolve(y, room_response(c.rt60_s, c.drr_db, rng))[: y.size]  # the tail past the end is cut
     power = np.mean(y[speech] ** 2) + 1e-12  # speech power, measured without the padding that would dilute it
     if c.snr_db is not None:
         noise = pink_noise(y.size, rng) if c.pink else rng.standard_normal(y.size)
@@ -142,13 +145,6 @@ def apply_conditions(x: np.ndarray, sr: int, c: Conditions, rng: np.random.Gener
     if peak > 10 ** (-0.5 / 20):
         y *= 10 ** (-0.5 / 20) / peak
     return y.astype(np.float32)
-
-
-def fft_convolve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Full linear convolution through the FFT (numpy only; a long reverb tail is 10k taps)."""
-    n = a.size + b.size - 1
-    size = 1 << (n - 1).bit_length()
-    return np.fft.irfft(np.fft.rfft(a, size) * np.fft.rfft(b, size), size)[:n]
 
 
 def speak_as(text: str, path: str | Path, engine: str, voice: str, c: Conditions, rng: random.Random,
