@@ -120,6 +120,17 @@ def test_official_layout_loads_to_identical_logits(ours, tiny_official):
     assert torch.equal(official.logits(prompt, **media), ours.logits(prompt, **media))
 
 
+def test_last_keeps_the_last_positions_and_refuses_a_bad_count(ours):
+    prompt = "<|user|>Hello there, how are you?<|end|><|assistant|>"
+    full = ours.logits(prompt)
+    # The head's GEMM over 3 rows may round differently from the same rows among all of them.
+    assert torch.allclose(ours.logits(prompt, last=3), full[-3:], atol=1e-5, rtol=0)
+    assert ours.logits(prompt, last=10_000).shape == full.shape  # more than the prompt: every position
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="last must be a positive number of positions"):
+            ours.logits(prompt, last=bad)
+
+
 def test_mixed_adapter_batch_equals_one_at_a_time(ours):
     """One batch holding rows with no adapter, vision and speech equals each row alone."""
     net = ours.net
