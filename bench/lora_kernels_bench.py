@@ -68,6 +68,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     names = tuple(sorted(RANKS))
     layers = []
+    stacked = []
     for _ in range(LAYERS):
         lins = []
         for k, n in SHAPES:
@@ -75,6 +76,11 @@ def main() -> None:
             a = [torch.randn(RANKS[nm], k, device=dev, dtype=dt) * 0.02 for nm in names]
             b = [torch.randn(n, RANKS[nm], device=dev, dtype=dt) * 0.02 for nm in names]
             lins.append((w, a, b, lora_kernels.AdapterTable.build(a, b, [SCALES[nm] for nm in names])))
+            # Stacked storage: rows [A_0; W; A_1] in one tensor, so W, [A_0; W] and [W; A_1] are contiguous row
+            # slices (one GEMM gives the base output and one adapter's shrink), and [B_0 | B_1] side by side.
+            stk = torch.cat([a[0], w, a[1]])
+            bcat = torch.cat([b[0], b[1]], dim=1)
+            stacked.append((stk, bcat))
         layers.append(lins)
     base_bytes = sum(w.numel() * 2 for lins in layers for w, *_ in lins)
     ad_bytes = {nm: sum((a[i].numel() + b[i].numel()) * 2 for lins in layers for _, a, b, _ in lins)
@@ -91,6 +97,36 @@ def main() -> None:
             ids = torch.tensor([slots[i % len(slots)] for i in range(m)], device=dev)
             present = {names[s] for s in slots if s >= 0}
             masks = [(ids == i).to(dt)[:, None] for i in range(len(names))]
+
+            r0, r1 = RANKS[names[0]], RANKS[names[1]]
+            # one (rows, r0 + r1) multiplier per step for every layer: each row's adapter scale in its own columns
+            colmask = torch.cat([masks[0].expand(m, r0) * SCALES[names[0]], masks[1].expand(m, r1) * SCALES[names[1]]],
+                                dim=1)
+
+            def single():
+                name = next(iter(present))
+                i = names.index(name)
+                for lins in layers:
+                    for (w, a, b, t), (k, _) in zip(lins, SHAPES):
+                        torch.addmm(F.linear(xs[k], w), F.linear(xs[k], a[i]) * SCALES[name], b[i].t())
+
+            def stacked_single():
+                name = next(iter(present))
+                for lins, stk in zip(layers, [stacked[j * len(SHAPES):(j + 1) * len(SHAPES)] for j in range(LAYERS)]):
+                    for (w, a, b, t), (k, n), (s_, bc) in zip(lins, SHAPES, stk):
+                        if name == names[0]:
+                            h = F.linear(xs[k], s_[:r0 + n])
+                            torch.addmm(h[:, r0:], h[:, :r0] * SCALES[name], bc[:, :r0].t())
+                        else:
+                            h = F.linear(xs[k], s_[r0:])
+                            torch.addmm(h[:, :n], h[:, n:] * SCALES[name], bc[:, r0:].t())
+
+            def stacked_mixed():
+                for lins, stk in zip(layers, [stacked[j * len(SHAPES):(j + 1) * len(SHAPES)] for j in range(LAYERS)]):
+                    for (w, a, b, t), (k, n), (s_, bc) in zip(lins, SHAPES, stk):
+                        h = F.linear(xs[k], s_)
+                        lo = torch.cat([h[:, :r0], h[:, r0 + n:]], dim=1) * colmask
+                        torch.addmm(h[:, r0:r0 + n], lo, bc.t())
 
             def base():
                 for lins in layers:
@@ -113,9 +149,12 @@ def main() -> None:
 
             bound = (base_bytes + sum(ad_bytes[p] for p in present)) / bw
             row = {"rows": m, "adapters": mix, "bound_ms": round(bound * 1e3, 3)}
-            for label, fn in (("base", base), ("segmented", segmented), ("masked", masked)):
-                if label != "base" and mix == "none" and label == "masked":
-                    continue
+            variants = [("base", base), ("segmented", segmented)]
+            if mix != "none":
+                variants += [("masked", masked), ("stacked_mixed", stacked_mixed)]
+            if mix in ("speech", "vision"):
+                variants += [("single", single), ("stacked_single", stacked_single)]
+            for label, fn in variants:
                 try:
                     t = timed(fn)
                     row[f"{label}_ms"] = round(t * 1e3, 3)
