@@ -284,8 +284,8 @@ class QuantEmbedding(QuantizedWeight, nn.Module):
     """The tied token embedding / output head, stored once, quantized like a decoder linear (vocab, hidden).
 
     A lookup dequantizes only the rows it reads; `project` (QuantizedWeight's) is the head's matmul through the
-    same kernels as the linears. The full bf16 matrix never exists: off the GPU kernels the head is dequantized HEAD_CHUNK rows at a
-    time."""
+    same kernels as the linears. The full bf16 matrix never exists: off the GPU kernels the head is dequantized
+    HEAD_CHUNK rows at a time."""
 
     DEQUANTIZE_FOR_PREFILL = False
 
