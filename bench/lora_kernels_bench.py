@@ -1,6 +1,7 @@
 """The decoder's 128 LoRA linears alone (32 layers x qkv, o, gate_up, down at full size, random bf16), captured
 as one CUDA graph per variant: base GEMMs only, + the segmented kernels, + the former masked path (per adapter:
-shrink GEMM, scale, mask, expand GEMM). Each beside the bound: the bytes read (base weights + the adapters in
+shrink GEMM, scale, mask, expand GEMM), + one adapter unmasked, + a stacked layout ([A_0; W; A_1] in one GEMM,
+[B_0 | B_1] in one expand; whole, or one adapter's contiguous slice). Each beside the bound: the bytes read (base weights + the adapters in
 use) over the copy bandwidth measured in the same run. For tuning lora_kernels.CONFIG.
 
 usage: python bench/lora_kernels_bench.py [--rows 1,64,256] [--out bench/results/lora_kernels.json]
@@ -67,10 +68,11 @@ def main() -> None:
     del x, y
     torch.cuda.empty_cache()
     names = tuple(sorted(RANKS))
+    r0, r1 = RANKS[names[0]], RANKS[names[1]]
     layers = []
     stacked = []
     for _ in range(LAYERS):
-        lins = []
+        lins, stk = [], []
         for k, n in SHAPES:
             w = torch.randn(n, k, device=dev, dtype=dt) * 0.02
             a = [torch.randn(RANKS[nm], k, device=dev, dtype=dt) * 0.02 for nm in names]
@@ -78,10 +80,9 @@ def main() -> None:
             lins.append((w, a, b, lora_kernels.AdapterTable.build(a, b, [SCALES[nm] for nm in names])))
             # Stacked storage: rows [A_0; W; A_1] in one tensor, so W, [A_0; W] and [W; A_1] are contiguous row
             # slices (one GEMM gives the base output and one adapter's shrink), and [B_0 | B_1] side by side.
-            stk = torch.cat([a[0], w, a[1]])
-            bcat = torch.cat([b[0], b[1]], dim=1)
-            stacked.append((stk, bcat))
+            stk.append((torch.cat([a[0], w, a[1]]), torch.cat([b[0], b[1]], dim=1)))
         layers.append(lins)
+        stacked.append(stk)
     base_bytes = sum(w.numel() * 2 for lins in layers for w, *_ in lins)
     ad_bytes = {nm: sum((a[i].numel() + b[i].numel()) * 2 for lins in layers for _, a, b, _ in lins)
                 for i, nm in enumerate(names)}
@@ -98,7 +99,6 @@ def main() -> None:
             present = {names[s] for s in slots if s >= 0}
             masks = [(ids == i).to(dt)[:, None] for i in range(len(names))]
 
-            r0, r1 = RANKS[names[0]], RANKS[names[1]]
             # one (rows, r0 + r1) multiplier per step for every layer: each row's adapter scale in its own columns
             colmask = torch.cat([masks[0].expand(m, r0) * SCALES[names[0]], masks[1].expand(m, r1) * SCALES[names[1]]],
                                 dim=1)
@@ -112,8 +112,8 @@ def main() -> None:
 
             def stacked_single():
                 name = next(iter(present))
-                for lins, stk in zip(layers, [stacked[j * len(SHAPES):(j + 1) * len(SHAPES)] for j in range(LAYERS)]):
-                    for (w, a, b, t), (k, n), (s_, bc) in zip(lins, SHAPES, stk):
+                for stk in stacked:
+                    for (k, n), (s_, bc) in zip(SHAPES, stk):
                         if name == names[0]:
                             h = F.linear(xs[k], s_[:r0 + n])
                             torch.addmm(h[:, r0:], h[:, :r0] * SCALES[name], bc[:, :r0].t())
@@ -122,8 +122,8 @@ def main() -> None:
                             torch.addmm(h[:, :n], h[:, n:] * SCALES[name], bc[:, r0:].t())
 
             def stacked_mixed():
-                for lins, stk in zip(layers, [stacked[j * len(SHAPES):(j + 1) * len(SHAPES)] for j in range(LAYERS)]):
-                    for (w, a, b, t), (k, n), (s_, bc) in zip(lins, SHAPES, stk):
+                for stk in stacked:
+                    for (k, n), (s_, bc) in zip(SHAPES, stk):
                         h = F.linear(xs[k], s_)
                         lo = torch.cat([h[:, :r0], h[:, r0 + n:]], dim=1) * colmask
                         torch.addmm(h[:, r0:r0 + n], lo, bc.t())
